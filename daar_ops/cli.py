@@ -1,0 +1,41 @@
+"""The ``daar-ops`` console command.
+
+Each module in :mod:`daar_ops.commands` adds one subcommand through ``register(subparsers)``, which
+sets ``func`` (taking the parsed namespace, returning an exit code) as the parser default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import daar_ops
+import daar_ops.commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daar-ops",
+        description="Diversity-aware SFT data selection for Data-Juicer: DaaR, QDIT, DS2.",
+    )
+    parser.add_argument("--version", action="version", version=f"daar-ops {daar_ops.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(daar_ops.commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"daar_ops.commands.{info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of ``daar-ops``; each module defines ``register(subparsers)``."""

@@ -1,0 +1,245 @@
+"""Early-layer features of a causal LM, fast. No Data-Juicer import.
+
+:class:`LayerFeatureExtractor` returns, for each text and in one forward pass,
+
+* ``embedding``: the masked mean over tokens of the token-embedding layer output, and
+* ``layer``: the masked mean over tokens of the *raw* output of decoder layer ``k``, i.e. the full
+  model's ``hidden_states[k]`` (no final norm).
+
+Only the embeddings and the first ``k`` decoder layers are built and loaded; later layers are never
+executed and their weights never reach memory. The final norm is replaced by the identity: after
+truncating a model to ``k`` layers, HF applies ``model.norm`` to the last hidden state, which the
+reference code's "layer-3 feature" silently includes; we do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from daar_ops.models import model_fingerprint, resolve_model_path
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Tokens from a text are found within its first max_length * this many characters; cutting very
+# long texts before tokenizing keeps a 10 MB record from costing seconds of tokenizer time.
+_CHARS_PER_TOKEN_BOUND = 32
+
+
+@dataclass
+class LayerFeatures:
+    """Features of N texts, in input order. ``n_tokens`` counts tokens after truncation."""
+
+    embedding: np.ndarray  # [N, d] float32
+    layer: np.ndarray  # [N, d] float32
+    n_tokens: np.ndarray  # [N] int64
+    truncated: np.ndarray  # [N] bool: the text was longer than max_length tokens
+    empty: np.ndarray  # [N] bool: empty/whitespace text, encoded as a single EOS token
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+    @property
+    def n_empty(self) -> int:
+        return int(self.empty.sum())
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    return device
+
+
+class LayerFeatureExtractor:
+    """Embedding-layer and layer-k masked-mean features of a causal LM.
+
+    :param model: a short name (``smollm2-135m-instruct``), a local HF folder or a hub id.
+    :param layer: k >= 0; features are the raw output of decoder layer k (``hidden_states[k]``);
+        k = 0 loads the embedding matrix only.
+    :param max_length: tokens kept per text; longer texts are truncated and counted.
+    :param batch_size: at most this many texts per forward pass.
+    :param max_batch_tokens: at most this many (padded) tokens per forward pass. Texts are sorted by
+        length, so batches of short texts grow up to this budget instead of staying at
+        ``batch_size``: small matrices waste most of a CPU's per-token throughput.
+    :param dtype: ``float32`` (exact) or ``bfloat16``/``float16`` (faster on GPU and AMX CPUs).
+    :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        layer: int = 3,
+        max_length: int = 512,
+        batch_size: int = 64,
+        max_batch_tokens: int = 8192,
+        dtype: str = "float32",
+        device: str | None = "cpu",
+    ):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        if not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+        if max_length < 1 or batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("max_length, batch_size and max_batch_tokens must be >= 1")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model_name = str(model)
+        self.model_path = resolve_model_path(model)
+        self.layer = layer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.max_batch_tokens = max(max_batch_tokens, max_length)
+        self.dtype = DTYPES[dtype]
+        self.device = resolve_device(device)
+
+        config = AutoConfig.from_pretrained(self.model_path)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        total = text_config.num_hidden_layers
+        if layer > total:
+            raise ValueError(f"layer {layer} > the model's {total} decoder layers")
+        self.total_layers = total
+        self.hidden_size = text_config.hidden_size
+        self.fingerprint = model_fingerprint(self.model_path)
+        text_config.num_hidden_layers = layer
+        if getattr(text_config, "layer_types", None):
+            text_config.layer_types = text_config.layer_types[:layer]
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        with _quiet_transformers():
+            self.model = AutoModel.from_pretrained(self.model_path, config=config, dtype=self.dtype)
+        if hasattr(self.model, "norm"):
+            self.model.norm = torch.nn.Identity()
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self._fill_token_id = self._pick_fill_token()
+
+    def _pick_fill_token(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint or centroid file must record to reuse these features safely."""
+        return {
+            "model": self.model_name,
+            "model_path": self.model_path,
+            "model_fingerprint": self.fingerprint,
+            "layer": self.layer,
+            "feature_dim": self.hidden_size,
+            "max_length": self.max_length,
+            "pooling": "masked_mean",
+            "layer_definition": "raw output of decoder layer k (hidden_states[k], no final norm)",
+        }
+
+    def tokenize(self, texts: Sequence[Any]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """Token ids per text (truncated), truncated flags and empty flags."""
+        clean = [to_text(t) for t in texts]
+        char_cap = self.max_length * _CHARS_PER_TOKEN_BOUND
+        cut = np.array([len(t) > char_cap for t in clean], dtype=bool)
+        clean = [t[:char_cap] if c else t for t, c in zip(clean, cut)]
+        empty = np.array([not t.strip() for t in clean], dtype=bool)
+        encoded = self.tokenizer(clean, add_special_tokens=True, truncation=False)["input_ids"]
+        ids, truncated = [], np.zeros(len(clean), dtype=bool)
+        for i, row in enumerate(encoded):
+            if empty[i] or not row:
+                empty[i] = True
+                row = [self._fill_token_id]
+            if len(row) > self.max_length:
+                truncated[i] = True
+                row = row[: self.max_length]
+            ids.append(row)
+        return ids, truncated | cut, empty
+
+    def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Index batches, longest texts first, bounded by batch_size and max_batch_tokens."""
+        order = np.argsort(-lengths, kind="stable")
+        batches, start = [], 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            size = max(1, min(self.batch_size, self.max_batch_tokens // max(longest, 1)))
+            batches.append(order[start : start + size])
+            start += size
+        return batches
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[Any], progress: bool = True,
+               desc: str = "layer features") -> LayerFeatures:
+        n = len(texts)
+        d = self.hidden_size
+        emb_out = np.zeros((n, d), dtype=np.float32)
+        layer_out = np.zeros((n, d), dtype=np.float32)
+        ids, truncated, empty = self.tokenize(texts)
+        lengths = np.array([len(r) for r in ids], dtype=np.int64)
+        embed = self.model.get_input_embeddings()
+        pad_id = self._fill_token_id
+        with tqdm(total=n, desc=desc, unit="text", disable=not progress or n == 0,
+                  mininterval=1.0) as bar:
+            for batch in self.plan_batches(lengths):
+                width = int(lengths[batch].max())
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, : lengths[i]] = torch.tensor(ids[i])
+                    mask[row, : lengths[i]] = 1
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                weights = mask.unsqueeze(-1).to(torch.float32)
+                counts = weights.sum(1)
+                emb = embed(input_ids).to(torch.float32)
+                emb_out[batch] = ((emb * weights).sum(1) / counts).cpu().numpy()
+                if self.layer == 0:
+                    layer_out[batch] = emb_out[batch]
+                else:
+                    # No attention mask on purpose: padding is on the right, so under the causal
+                    # mask no real token ever attends to a pad, and outputs of real tokens are
+                    # exactly those of the unpadded text. Without a mask SDPA takes its fused
+                    # is_causal path instead of materialising a [B, 1, L, L] mask.
+                    hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+                    layer_out[batch] = ((hidden.to(torch.float32) * weights).sum(1)
+                                        / counts).cpu().numpy()
+                bar.update(len(batch))
+        if truncated.any():
+            logger.info(f"{int(truncated.sum())}/{n} texts truncated to {self.max_length} tokens")
+        if empty.any():
+            logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
+        return LayerFeatures(emb_out, layer_out, lengths, truncated, empty, meta=self.describe())
+
+    def encode_records(self, records: Iterable[Mapping[str, Any]],
+                       template: str | TextTemplate = ALPACA_TEMPLATE,
+                       progress: bool = True) -> LayerFeatures:
+        tpl = template if isinstance(template, TextTemplate) else TextTemplate(template)
+        return self.encode([tpl.render(r) for r in records], progress=progress)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    # Loading a truncated model reports every skipped weight of the later layers as "unexpected";
+    # that is the point of truncating, not a problem worth a wall of warnings.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -1,0 +1,11 @@
+"""Data-Juicer operators of daar-ops.
+
+This package is the target of the ``data_juicer.ops`` entry point: importing it imports every
+operator module below, whose ``@OPERATORS.register_module`` decorators register the ops.
+"""
+
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
