@@ -125,7 +125,7 @@ class LayerFeatureExtractor:
             self.model.norm = torch.nn.Identity()
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
-        self._fill_token_id = self._pick_fill_token()
+        self.fill_token_id = self._pick_fill_token()
 
     def _pick_fill_token(self) -> int:
         tok = self.tokenizer
@@ -158,12 +158,13 @@ class LayerFeatureExtractor:
         cut = np.array([len(t) > char_cap for t in clean], dtype=bool)
         clean = [t[:char_cap] if c else t for t, c in zip(clean, cut)]
         empty = np.array([not t.strip() for t in clean], dtype=bool)
-        encoded = self.tokenizer(clean, add_special_tokens=True, truncation=False)["input_ids"]
+        encoded = (self.tokenizer(clean, add_special_tokens=True, truncation=False)["input_ids"]
+                   if clean else [])
         ids, truncated = [], np.zeros(len(clean), dtype=bool)
         for i, row in enumerate(encoded):
             if empty[i] or not row:
                 empty[i] = True
-                row = [self._fill_token_id]
+                row = [self.fill_token_id]
             if len(row) > self.max_length:
                 truncated[i] = True
                 row = row[: self.max_length]
@@ -191,7 +192,7 @@ class LayerFeatureExtractor:
         ids, truncated, empty = self.tokenize(texts)
         lengths = np.array([len(r) for r in ids], dtype=np.int64)
         embed = self.model.get_input_embeddings()
-        pad_id = self._fill_token_id
+        pad_id = self.fill_token_id
         with tqdm(total=n, desc=desc, unit="text", disable=not progress or n == 0,
                   mininterval=1.0) as bar:
             for batch in self.plan_batches(lengths):

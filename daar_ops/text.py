@@ -44,8 +44,7 @@ class TextTemplate:
             fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         except ValueError as err:
             raise ValueError(f"invalid text template {template!r}: {err}") from err
-        if not fields or any(not f or not f.replace(".", "").replace("_", "").isalnum()
-                             for f in fields):
+        if not fields or not all(f and all(p.isidentifier() for p in f.split(".")) for f in fields):
             raise ValueError(
                 f"invalid text template {template!r}: use named fields such as '{{instruction}}'"
             )
