@@ -73,8 +73,10 @@ class LayerFeatureExtractor:
     :param max_length: tokens kept per text; longer texts are truncated and counted.
     :param batch_size: at most this many texts per forward pass.
     :param max_batch_tokens: at most this many (padded) tokens per forward pass. Texts are sorted by
-        length, so batches of short texts grow up to this budget instead of staying at
-        ``batch_size``: small matrices waste most of a CPU's per-token throughput.
+        length, so batches of long texts shrink under this budget. On CPU, per-token throughput is
+        flat from ~500 tokens per pass on while padding grows with batch size: the defaults (32
+        texts, 2,048 tokens) measured 27% less CPU time than (64, 8,192) on the shared pool. On a
+        GPU raise both.
     :param dtype: ``float32`` (exact) or ``bfloat16``/``float16`` (faster on GPU and AMX CPUs).
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
@@ -84,8 +86,8 @@ class LayerFeatureExtractor:
         model: str = "smollm2-135m-instruct",
         layer: int = 3,
         max_length: int = 512,
-        batch_size: int = 64,
-        max_batch_tokens: int = 8192,
+        batch_size: int = 32,
+        max_batch_tokens: int = 2048,
         dtype: str = "float32",
         device: str | None = "cpu",
     ):

@@ -1,0 +1,308 @@
+"""``ds2_filter``: DS2 score curation and diversity-aware selection as a Data-Juicer Filter."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from data_juicer.ops.base_op import OPERATORS, Filter
+from data_juicer.utils.constant import Fields
+from data_juicer.utils.ray_utils import is_ray_mode
+from loguru import logger
+
+from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
+                                     resolve_budget, scores_to_classes, write_ds2_report)
+from daar_ops.text import TextTemplate
+
+OP_NAME = "ds2_filter"
+RAW_KEY = "ds2_raw_score"
+CURATED_KEY = "ds2_curated_score"
+CORRUPTED_KEY = "ds2_corrupted"
+CONFIDENCE_KEY = "ds2_confidence"
+LONG_TAIL_KEY = "ds2_long_tail"
+SELECTED_KEY = "ds2_selected"
+STATS_KEYS = (RAW_KEY, CURATED_KEY, CORRUPTED_KEY, CONFIDENCE_KEY, LONG_TAIL_KEY, SELECTED_KEY)
+
+RAY_MESSAGE = (
+    f"{OP_NAME} curates scores and selects over the whole dataset (a kNN graph of all samples), "
+    "which the Ray executor cannot do. Run it with executor_type: default; the expensive "
+    "per-sample rating (ds2_rating_filter) may run under Ray in a separate recipe first.")
+
+
+def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+@OPERATORS.register_module(OP_NAME)
+class DS2Filter(Filter):
+    """DS2 (ICLR 2025): curate LLM quality scores with the geometry of the data, then keep the
+    best-scored, most long-tail samples.
+
+    Reads a score per sample from ``score_key`` (default ``__dj__stats__.ds2_score`` written by
+    ``ds2_rating_filter``; any field works, e.g. ``__dj__stats__.llm_quality_score``), maps it to
+    ``num_classes`` classes over [``score_low``, ``score_high``], embeds every sample with a
+    sentence encoder (default all-MiniLM-L6-v2; or reads vectors from ``embedding_key``), and over
+    the whole dataset: estimates the score transition matrix T and prior by HOC from 2-NN
+    consensus, detects corrupted scores (SimiFeat-rank), replaces those whose confidence >=
+    ``confidence_threshold`` by the suggested score, computes the long-tail score
+    ``tanh(mean cosine distance to the k nearest neighbours / 2)``, and keeps ``select_ratio`` /
+    ``select_num`` samples ordered by curated score, then long-tail score. Without a budget it
+    keeps every sample and only writes stats.
+
+    Stats written per sample (all float):
+
+    * ``ds2_raw_score``: the input score as a class 0..K-1 (missing/NaN -> ``missing_score``).
+    * ``ds2_curated_score``: the class after curation.
+    * ``ds2_corrupted``: 1.0 if the raw score was replaced, else 0.0.
+    * ``ds2_confidence``: confidence that the raw score is wrong (suggestion share * noisy rate).
+    * ``ds2_long_tail``: the long-tail (rarity) score in [0, tanh(1)].
+    * ``ds2_selected``: 1.0 if the sample is in the selection (always 1.0 without a budget).
+
+    With ``report_dir`` it also writes ``transition.json`` (T, prior, noise rates, class counts
+    before/after), ``transition.png`` (T heatmap) and ``score_distribution.png``.
+    Global: default executor only (fails fast under Ray).
+    """
+
+    _accelerator = "cuda"
+    _supported_exec_modes = ("default",)
+
+    def __init__(
+        self,
+        score_key: str = "__dj__stats__.ds2_score",
+        score_low: float = 0.0,
+        score_high: float = 5.0,
+        num_classes: int = 6,
+        missing_score: Optional[float] = None,
+        select_ratio: Optional[float] = None,
+        select_num: Optional[int] = None,
+        text_template: Optional[str] = None,
+        embedding_model: str = "all-minilm-l6-v2",
+        embedding_key: Optional[str] = None,
+        embed_batch_size: int = 64,
+        k: int = 10,
+        k_pool: Optional[int] = None,
+        hoc_steps: int = 1500,
+        hoc_lr: float = 0.1,
+        detection_rounds: int = 10,
+        subset_fraction: float = 0.8,
+        confidence_threshold: float = 0.5,
+        seed: int = 0,
+        report_dir: Optional[str] = None,
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param score_key: field holding the score; dotted paths reach nested fields
+            (``__dj__stats__.ds2_score``); a plain name is looked up at the top level first, then
+            in ``__dj__stats__``.
+        :param score_low: scores <= this are class 0 (DS2 on a raw 1-10 rating: 4).
+        :param score_high: scores >= this are class K-1 (DS2 on a raw 1-10 rating: 9).
+        :param num_classes: number of score classes K (DS2: 6).
+        :param missing_score: score used for missing, NaN/inf or non-numeric values (logged);
+            default ``score_low`` (DS2 counts failed ratings as the lowest class).
+        :param select_ratio: keep round(select_ratio * N) samples, in [0, 1].
+        :param select_num: keep this many samples (all if the dataset is smaller; logged).
+        :param text_template: text embedded per sample, e.g. ``"{instruction} {input} {output}"``;
+            default: the ``text_key`` field.
+        :param embedding_model: sentence-transformers model (short name or local folder).
+        :param embedding_key: a field holding precomputed embedding vectors; skips the encoder.
+        :param embed_batch_size: texts per encoder batch.
+        :param k: neighbours that vote in detection and enter the long-tail score (DS2: 10).
+        :param k_pool: neighbours computed once per sample (default 3 * k) and read by every
+            detection round.
+        :param hoc_steps: Adam steps of the HOC fit.
+        :param hoc_lr: Adam learning rate of the HOC fit.
+        :param detection_rounds: random subsets in SimiFeat-rank detection.
+        :param subset_fraction: fraction of samples drawn per detection round, in (0, 1].
+        :param confidence_threshold: replace a score when its confidence >= this (DS2: 0.5).
+        :param seed: seed of the detection subsets and ties: same data + seed -> same output.
+        :param report_dir: directory for the T heatmap / JSON / score distribution report.
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        super().__init__(*args, **kwargs)
+        if is_ray_mode():
+            raise ValueError(RAY_MESSAGE)
+        if not isinstance(score_key, str) or not score_key.strip():
+            raise ValueError(f"{OP_NAME}: score_key must be a field name, got {score_key!r}")
+        if not (math.isfinite(score_low) and math.isfinite(score_high) and score_high > score_low):
+            raise ValueError(f"{OP_NAME}: need finite score_low < score_high, got "
+                             f"{score_low}, {score_high}")
+        if int(num_classes) < 2:
+            raise ValueError(f"{OP_NAME}: num_classes must be >= 2, got {num_classes}")
+        if select_ratio is not None and select_num is not None:
+            raise ValueError(f"{OP_NAME}: give select_ratio or select_num, not both")
+        if select_ratio is not None and not 0.0 <= float(select_ratio) <= 1.0:
+            raise ValueError(f"{OP_NAME}: select_ratio must be in [0, 1], got {select_ratio}")
+        if select_num is not None and (isinstance(select_num, bool) or int(select_num) != select_num
+                                       or select_num < 0):
+            raise ValueError(f"{OP_NAME}: select_num must be an integer >= 0, got {select_num}")
+        if int(k) < 2:
+            raise ValueError(f"{OP_NAME}: k must be >= 2, got {k}")
+        if k_pool is not None and int(k_pool) < int(k):
+            raise ValueError(f"{OP_NAME}: k_pool ({k_pool}) must be >= k ({k})")
+        for name, value in (("hoc_steps", hoc_steps), ("detection_rounds", detection_rounds),
+                            ("embed_batch_size", embed_batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{OP_NAME}: {name} must be >= 1, got {value}")
+        if not hoc_lr > 0:
+            raise ValueError(f"{OP_NAME}: hoc_lr must be > 0, got {hoc_lr}")
+        if not 0.0 < subset_fraction <= 1.0:
+            raise ValueError(f"{OP_NAME}: subset_fraction must be in (0, 1], got "
+                             f"{subset_fraction}")
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"{OP_NAME}: confidence_threshold must be in [0, 1], got "
+                             f"{confidence_threshold}")
+        if missing_score is not None and not math.isfinite(float(missing_score)):
+            raise ValueError(f"{OP_NAME}: missing_score must be finite, got {missing_score}")
+        self.score_key = score_key
+        self.score_low, self.score_high = float(score_low), float(score_high)
+        self.num_classes = int(num_classes)
+        self.missing_score = missing_score
+        self.select_ratio, self.select_num = select_ratio, select_num
+        self.template = TextTemplate(text_template or self.text_key)
+        self.embedding_model, self.embedding_key = embedding_model, embedding_key
+        self.embed_batch_size = int(embed_batch_size)
+        self.curate_kwargs = dict(num_classes=self.num_classes, k=int(k), k_pool=k_pool,
+                                  hoc_steps=int(hoc_steps), hoc_lr=float(hoc_lr),
+                                  detection_rounds=int(detection_rounds),
+                                  subset_fraction=float(subset_fraction),
+                                  confidence_threshold=float(confidence_threshold),
+                                  seed=int(seed))
+        self.report_dir = report_dir
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _score(self, record: Mapping[str, Any]) -> Any:
+        value = _lookup(record, self.score_key)
+        if value is None and "." not in self.score_key:
+            value = _lookup(record.get(Fields.stats) or {}, self.score_key)
+        return value
+
+    def _embeddings(self, records: list[dict]) -> np.ndarray:
+        if self.embedding_key:
+            vectors = [_lookup(r, self.embedding_key) for r in records]
+            dims = [len(v) for v in vectors if isinstance(v, (list, tuple, np.ndarray))]
+            if not dims:
+                raise ValueError(f"{OP_NAME}: no sample has a vector in '{self.embedding_key}'")
+            dim = Counter(dims).most_common(1)[0][0]  # ties: the first length seen
+            out = np.zeros((len(records), dim), dtype=np.float32)
+            bad = 0
+            for i, v in enumerate(vectors):
+                try:
+                    arr = np.asarray(v, dtype=np.float32)
+                except (TypeError, ValueError):
+                    arr = None
+                if arr is None or arr.shape != (dim,) or not np.isfinite(arr).all():
+                    bad += 1
+                else:
+                    out[i] = arr
+            if bad:
+                logger.warning(f"{OP_NAME}: {bad} samples have a missing or malformed vector in "
+                               f"'{self.embedding_key}'; they get a zero vector")
+            return out
+        from daar_ops.encoders import encode_sentences
+
+        texts = [self.template.render(r) for r in records]
+        n_empty = sum(1 for t in texts if not t)
+        if n_empty:
+            logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are embedded "
+                           "as the empty string")
+        device = "cuda" if self.use_cuda() else "cpu"
+        return encode_sentences(texts, model=self.embedding_model,
+                                batch_size=self.embed_batch_size, device=device, progress=True)
+
+    def _curate(self, records: list[dict]) -> DS2Result:
+        n = len(records)
+        raw, invalid = scores_to_classes([self._score(r) for r in records], self.score_low,
+                                         self.score_high, self.num_classes, self.missing_score)
+        if n and invalid.all():
+            raise ValueError(f"{OP_NAME}: no sample has a numeric '{self.score_key}'; check "
+                             "score_key (e.g. __dj__stats__.ds2_score after ds2_rating_filter)")
+        if invalid.any():
+            fill = self.score_low if self.missing_score is None else self.missing_score
+            logger.warning(f"{OP_NAME}: {int(invalid.sum())}/{n} samples have a missing or "
+                           f"non-numeric '{self.score_key}'; they are scored {fill}")
+        budget = (n if self.select_ratio is None and self.select_num is None
+                  else resolve_budget(n, self.select_ratio, self.select_num))
+        if self.select_num is not None and self.select_num > n:
+            logger.warning(f"{OP_NAME}: select_num {self.select_num} > {n} samples; keeping all")
+        if n < 3:
+            logger.warning(f"{OP_NAME}: {n} samples are too few to curate (need 3); scores are "
+                           "kept as they are")
+            zeros = np.zeros(n)
+            result = DS2Result(raw=raw, curated=raw.copy(), corrupted=zeros.astype(bool),
+                               confidence=zeros, suggested=raw.copy(), noisy_rate=zeros,
+                               long_tail=zeros, transition=np.eye(self.num_classes),
+                               prior=np.bincount(raw, minlength=self.num_classes) / max(n, 1),
+                               eta=np.zeros(self.num_classes), info=dict(n=n, skipped=True))
+        else:
+            device = "cuda" if self.use_cuda() else "cpu"
+            result = curate_scores(self._embeddings(records), raw, device=device, progress=True,
+                                   **self.curate_kwargs)
+        result.selected = lexicographic_select(result.curated, result.long_tail, budget)
+        result.info["budget"] = budget
+        result.info["n_invalid_scores"] = int(invalid.sum())
+        return result
+
+    # -- Data-Juicer entry points ------------------------------------------------------------
+    def compute_stats_single(self, sample, rank=None, context=False):
+        raise RuntimeError(f"{OP_NAME} is a global op: it runs through run() on the whole "
+                           f"dataset. {RAY_MESSAGE}")
+
+    def process_single(self, sample):
+        return float(sample[Fields.stats].get(SELECTED_KEY, 1.0)) > 0.5
+
+    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        from datasets import Dataset
+
+        if is_ray_mode() or not isinstance(dataset, Dataset):
+            raise RuntimeError(RAY_MESSAGE)
+        dataset = super(Filter, self).run(dataset)  # OP.run: adds the stats column if needed
+        n = len(dataset)
+        if n == 0:
+            logger.warning(f"{OP_NAME}: empty dataset, nothing to curate or select")
+            return dataset
+        top = {self.score_key.split(".")[0], Fields.stats}
+        top |= {f.split(".")[0] for f in self.template.fields}
+        if self.embedding_key:
+            top.add(self.embedding_key.split(".")[0])
+        records = dataset.select_columns([c for c in dataset.column_names if c in top]).to_list()
+        result = self._curate(records)
+        selected = np.zeros(n, dtype=bool)
+        selected[result.selected] = True
+        columns = {RAW_KEY: result.raw, CURATED_KEY: result.curated,
+                   CORRUPTED_KEY: result.corrupted, CONFIDENCE_KEY: result.confidence,
+                   LONG_TAIL_KEY: result.long_tail, SELECTED_KEY: selected}
+        columns = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in columns.items()}
+        logger.info(f"{OP_NAME}: {int(result.corrupted.sum())}/{n} scores curated; selecting "
+                    f"{len(result.selected)}/{n}")
+        if self.report_dir:
+            paths = write_ds2_report(self.report_dir, result,
+                                     extra=dict(score_key=self.score_key,
+                                                embedding=self.embedding_key or
+                                                self.embedding_model))
+            logger.info(f"{OP_NAME}: report written to {paths}")
+
+        def write_stats(sample, idx):
+            stats = dict(sample[Fields.stats] or {})
+            for key, values in columns.items():
+                stats[key] = values[idx]
+            sample[Fields.stats] = stats
+            return sample
+
+        dataset = dataset.map(write_stats, with_indices=True, desc=f"{OP_NAME}_stats")
+        if exporter and self.stats_export_path is not None:
+            exporter.export_compute_stats(dataset, self.stats_export_path)
+        if reduce and self.process is not None:  # the Analyzer sets process to None
+            # A cheap per-sample check of the stat written above: one process is fastest.
+            dataset = dataset.filter(self.process, desc=f"{OP_NAME}_process")
+        return dataset

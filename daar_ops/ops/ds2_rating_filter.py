@@ -1,0 +1,270 @@
+"""``ds2_rating_filter``: DS2's LLM quality rating, compressed to 6 classes, as a DJ Filter."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+from data_juicer.ops.base_op import OPERATORS, Filter
+from data_juicer.utils.constant import Fields
+from data_juicer.utils.model_utils import get_model
+from loguru import logger
+
+from daar_ops.algorithms.ds2 import scores_to_classes
+from daar_ops.algorithms.rating import (DS2_RATING_PROMPT, ScoreTokenRater, build_prompt,
+                                        parse_rating)
+from daar_ops.text import TextTemplate
+
+OP_NAME = "ds2_rating_filter"
+RATING_KEY = "ds2_rating"
+SCORE_KEY = "ds2_score"
+FAILURES_KEY = "ds2_rating_failures"
+MASS_KEY = "ds2_rating_mass"
+MODES = ("probability", "generate")
+BACKENDS = ("hf", "api", "vllm")
+
+
+@dataclass(frozen=True)
+class _RaterKey:
+    """Value-hashable model key for ``get_model``: one rater per worker process and device."""
+
+    model: str
+    dtype: str
+    batch_size: int
+    max_length: int
+
+    def __call__(self, device: str = "cpu") -> ScoreTokenRater:
+        if mp.current_process().name != "MainProcess":
+            import torch
+
+            torch.set_num_threads(1)
+        return ScoreTokenRater(self.model, device=device, dtype=self.dtype,
+                               batch_size=self.batch_size, max_length=self.max_length)
+
+
+@OPERATORS.register_module(OP_NAME)
+class DS2RatingFilter(Filter):
+    """Rate each sample's quality with an LLM as DS2 does, and compress it to classes 0..5.
+
+    Two modes:
+
+    * ``generate`` (DS2): the model answers a prompt rating Rarity, Complexity, Informativeness and
+      "Overall rating" (1-10) in JSON; the overall rating of the last JSON object is parsed
+      tolerantly; an unparsable answer is retried ``try_num`` times with another seed and counts as
+      0 if all fail (as DS2). Class = ``clip(rating, 4, 9) - 4``. Backends: ``hf`` (local causal
+      LM, default the prepared SmolLM2), ``api`` (Data-Juicer's OpenAI-compatible API model) and
+      ``vllm``.
+    * ``probability`` (default; deterministic, one forward per sample): the model reads a prompt
+      asking for an overall rating 0-5 followed by ``{"Overall rating": ``; the expected score under
+      the next-token probabilities of the tokens "0".."5" is the rating; class = its rounding.
+      Local HF models only.
+
+    Stats written per sample (all float; skipped when ``ds2_score`` is already present):
+
+    * ``ds2_rating``: the raw rating (1-10 in ``generate`` mode, 0 on parse failure; the expected
+      0-5 score in ``probability`` mode).
+    * ``ds2_score``: the compressed class 0..5 that ``ds2_filter`` curates.
+    * ``ds2_rating_failures``: unparsable answers for this sample (``generate``; 0 in
+      ``probability``).
+    * ``ds2_rating_mass`` (``probability`` only): probability mass the model put on the score
+      tokens (low = the model did not follow the format).
+
+    Keeps samples whose ``ds2_score`` is in [``min_score``, ``max_score``]; with the defaults
+    (no bounds) it keeps everything and only rates.
+    """
+
+    _accelerator = "cuda"
+    _batched_op = True
+
+    def __init__(
+        self,
+        mode: str = "probability",
+        model: str = "smollm2-135m-instruct",
+        backend: str = "hf",
+        text_template: Optional[str] = None,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+        try_num: int = 3,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int = 0,
+        dtype: str = "float32",
+        model_batch_size: int = 8,
+        max_length: int = 2048,
+        max_sample_chars: int = 6000,
+        api_endpoint: Optional[str] = None,
+        api_params: Optional[Dict] = None,
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param mode: ``probability`` (deterministic expected score from the score-token
+            probabilities) or ``generate`` (DS2's JSON rating by generation, parsed tolerantly).
+        :param model: short name (``smollm2-135m-instruct``), local folder or hub id; for the
+            ``api`` backend the API model name.
+        :param backend: ``hf``, ``api`` or ``vllm`` (``generate`` mode); ``probability`` needs
+            ``hf``.
+        :param text_template: how a sample is shown to the rater, e.g. ``SAMPLE_TEMPLATE`` of
+            :mod:`daar_ops.algorithms.rating` (Alpaca fields under ``### Instruction:`` /
+            ``### Input:`` / ``### Response:`` headers); default: the ``text_key`` field.
+            Missing fields render empty.
+        :param min_score: keep samples with ``ds2_score`` >= this (None: no lower bound).
+        :param max_score: keep samples with ``ds2_score`` <= this (None: no upper bound).
+        :param try_num: generation attempts per sample until a rating parses (>= 1).
+        :param max_new_tokens: generation length of an answer.
+        :param temperature: sampling temperature of ``generate`` (0 = greedy; retries then repeat
+            the same answer).
+        :param top_p: nucleus sampling of ``generate``.
+        :param seed: base seed; attempt ``a`` uses ``seed + a``: same data + seed -> same ratings.
+        :param dtype: ``float32``, ``bfloat16`` or ``float16`` (local models).
+        :param model_batch_size: prompts per forward / generate call.
+        :param max_length: prompt tokens kept in ``probability`` mode.
+        :param max_sample_chars: a sample longer than this is cut before prompting (logged).
+        :param api_endpoint: endpoint of the API model (``api`` backend).
+        :param api_params: extra parameters of the API model (e.g. ``base_url``, ``api_key``).
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        super().__init__(*args, **kwargs)
+        if mode not in MODES:
+            raise ValueError(f"{OP_NAME}: mode must be one of {MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{OP_NAME}: backend must be one of {BACKENDS}, got {backend!r}")
+        if mode == "probability" and backend != "hf":
+            raise ValueError(f"{OP_NAME}: probability mode reads token probabilities of a local "
+                             f"model; use backend 'hf' or mode 'generate' for '{backend}'")
+        for name, value in (("min_score", min_score), ("max_score", max_score)):
+            if value is not None and not math.isfinite(float(value)):
+                raise ValueError(f"{OP_NAME}: {name} must be a finite number, got {value}")
+        if min_score is not None and max_score is not None and min_score > max_score:
+            raise ValueError(f"{OP_NAME}: min_score {min_score} > max_score {max_score}")
+        if int(try_num) < 1:
+            raise ValueError(f"{OP_NAME}: try_num must be >= 1, got {try_num}")
+        for name, value in (("max_new_tokens", max_new_tokens),
+                            ("model_batch_size", model_batch_size), ("max_length", max_length),
+                            ("max_sample_chars", max_sample_chars)):
+            if int(value) < 1:
+                raise ValueError(f"{OP_NAME}: {name} must be >= 1, got {value}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"{OP_NAME}: need temperature >= 0 and top_p in (0, 1]")
+        self.template = TextTemplate(text_template or self.text_key)
+        self.mode, self.model, self.backend = mode, str(model), backend
+        self.min_score, self.max_score = min_score, max_score
+        self.try_num, self.max_new_tokens = int(try_num), int(max_new_tokens)
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.dtype, self.model_batch_size = dtype, int(model_batch_size)
+        self.max_sample_chars = int(max_sample_chars)
+        self.api_endpoint, self.api_params = api_endpoint, dict(api_params or {})
+        if mode == "probability":
+            from daar_ops.models import resolve_model_path
+
+            self.rater_key = _RaterKey(resolve_model_path(self.model), dtype,
+                                       self.model_batch_size, int(max_length))
+            # (low, high) of the raw rating -> classes 0..5
+            self.compression = (0.0, 5.0)
+        else:
+            self.rater_key = None
+            self.compression = (4.0, 9.0)  # DS2: clip(s, 4, 9) - 4
+        if backend == "api":
+            self.accelerator = "cpu"
+
+    # -- model access ------------------------------------------------------------------------------
+    def _generator(self, rank=None):
+        from daar_ops.generation import cached_generator
+        from daar_ops.features import resolve_device
+
+        if self.backend == "api":
+            kwargs = dict(self.api_params)
+            if self.api_endpoint:
+                kwargs["endpoint"] = self.api_endpoint
+            return cached_generator("api", self.model, **kwargs)
+        device = "cpu"
+        if self.use_cuda():
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{(rank or 0) % torch.cuda.device_count()}"
+        return cached_generator(self.backend, self.model, device=resolve_device(device),
+                                dtype=self.dtype, batch_size=self.model_batch_size)
+
+    def _rate_generate(self, texts: list[str], rank=None) -> tuple[np.ndarray, np.ndarray]:
+        generator = self._generator(rank)
+        ratings = np.full(len(texts), np.nan)
+        failures = np.zeros(len(texts))
+        todo = list(range(len(texts)))
+        for attempt in range(self.try_num):
+            if not todo:
+                break
+            convs = [[{"role": "user", "content": build_prompt(texts[i], DS2_RATING_PROMPT,
+                                                               self.max_sample_chars)}]
+                     for i in todo]
+            try:
+                answers = generator.generate(convs, max_new_tokens=self.max_new_tokens,
+                                             temperature=self.temperature, top_p=self.top_p,
+                                             do_sample=self.temperature > 0,
+                                             seed=self.seed + attempt)
+            except Exception as err:  # a failed call is a failed attempt for these samples
+                logger.warning(f"{OP_NAME}: generation attempt {attempt + 1} failed: {err}")
+                answers = [""] * len(todo)
+            left = []
+            for i, answer in zip(todo, answers):
+                value = parse_rating(answer, low=1.0, high=10.0)
+                if value is None:
+                    failures[i] += 1
+                    left.append(i)
+                else:
+                    ratings[i] = value
+            todo = left
+        if todo:
+            logger.warning(f"{OP_NAME}: {len(todo)}/{len(texts)} samples got no parsable rating "
+                           f"in {self.try_num} attempts; their rating is 0 (as DS2)")
+        return np.nan_to_num(ratings, nan=0.0), failures
+
+    # -- stats -------------------------------------------------------------------------------------
+    def compute_stats_batched(self, samples, rank=None, context=False):
+        stats = samples[Fields.stats]
+        todo = [i for i in range(len(stats)) if SCORE_KEY not in stats[i]]
+        if not todo:
+            return samples
+        fields = [f for f in samples.keys() if f != Fields.stats]
+        texts = [self.template.render({f: samples[f][i] for f in fields}) for i in todo]
+        n_empty = sum(1 for t in texts if not t.strip())
+        if n_empty:
+            logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are rated "
+                           f"as shown (an empty sample)")
+        n_long = sum(1 for t in texts if len(t) > self.max_sample_chars)
+        if n_long:
+            logger.info(f"{OP_NAME}: {n_long} samples longer than {self.max_sample_chars} chars "
+                        f"are cut before rating")
+        mass = None
+        if self.mode == "probability":
+            rater = get_model(self.rater_key, rank=rank, use_cuda=self.use_cuda())
+            ratings, mass = rater.rate(texts, max_chars=self.max_sample_chars)
+            failures = np.zeros(len(texts))
+            bad = ~np.isfinite(ratings)
+            if bad.any():
+                logger.warning(f"{OP_NAME}: {int(bad.sum())} non-finite expected scores set to 0")
+                ratings = np.where(bad, 0.0, ratings)
+                failures = bad.astype(np.float64)
+        else:
+            ratings, failures = self._rate_generate(texts, rank)
+        classes, _ = scores_to_classes(ratings, *self.compression, num_classes=6)
+        for j, i in enumerate(todo):
+            stats[i][RATING_KEY] = float(ratings[j])
+            stats[i][SCORE_KEY] = float(classes[j])
+            stats[i][FAILURES_KEY] = float(failures[j])
+            if mass is not None:
+                stats[i][MASS_KEY] = float(mass[j])
+        return samples
+
+    def process_single(self, sample):
+        value = sample[Fields.stats].get(SCORE_KEY)
+        if value is None:
+            return True
+        return self.get_keep_boolean(float(value), self.min_score, self.max_score)
