@@ -1,0 +1,111 @@
+"""``daar-ops select`` end to end: outputs, nothing lost, no ground-truth leak, determinism."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from daar_ops.pipeline import SelectConfig, read_jsonl, run_select, split_pool
+
+SYNTHETIC = [
+    {"instruction": "What is the capital of Spain?", "input": "", "output": "Madrid.",
+     "domain": "common_sense"},
+    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "A banana.",
+     "domain": "common_sense"},
+    {"instruction": "If it rains the ground is wet. It rains. Is the ground wet?", "input": "",
+     "output": "Yes, by modus ponens.", "domain": "reasoning"},
+    {"instruction": "Compute 17 * 3.", "input": "", "output": "51", "domain": "mathematics"},
+    {"instruction": "Write a Python function that reverses a string.", "input": "",
+     "output": "def rev(s): return s[::-1]", "domain": "coding"},
+]
+
+
+@pytest.fixture()
+def small_pool(tmp_path, shared_pool):
+    path = tmp_path / "pool.jsonl"
+    with gzip.open(shared_pool, "rt") as src, open(path, "w") as dst:
+        for _, line in zip(range(90), src):
+            dst.write(line)
+        dst.write("{not json\n")  # a malformed line: reported, not fatal
+    syn = tmp_path / "synthetic.jsonl"
+    syn.write_text("".join(json.dumps(r) + "\n" for r in SYNTHETIC))
+    return path, syn
+
+
+def _config(tiny_llama, pool, syn, out, cache) -> SelectConfig:
+    return SelectConfig(pool=str(pool), output_dir=str(out), model=str(tiny_llama),
+                        synthetic=str(syn), probe_size=40, pool_size=None, select_ratio=0.25,
+                        epochs=2, max_length=64, cache_dir=str(cache), progress=False)
+
+
+def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_path):
+    pool, syn = small_pool
+    first = run_select(_config(tiny_llama, pool, syn, tmp_path / "a", tmp_path / "cache_a"))
+    s = first.summary
+    assert s["pool_records"] == 90 and s["malformed_lines"] == [91]
+    assert s["probe_pool"] == 40 and s["selection_pool"] == 50 and s["selected"] == 12
+    scores = [r for _, r in read_jsonl(tmp_path / "a" / "scores.jsonl")]
+    assert len(scores) == 50 and sum(r["selected"] for r in scores) == 12
+    selected = [r for _, r in read_jsonl(tmp_path / "a" / "selected.jsonl")]
+    assert len(selected) == 12
+    # Selected records are the top rewards, carried through unchanged apart from the stats.
+    threshold = min(r["__dj__stats__"]["daar_diversity_reward"] for r in selected)
+    assert all(r["daar_diversity_reward"] <= threshold for r in scores if not r["selected"])
+    assert all({"instruction", "output", "domain"} <= set(r) for r in selected)
+    for name in ("summary.json", "summary.md", "score_histogram.png", "pseudo_domains.png",
+                 "probe_pool.jsonl", "centroids/manifest.json", "checkpoint/manifest.json"):
+        assert (tmp_path / "a" / name).exists(), name
+
+    second = run_select(_config(tiny_llama, pool, syn, tmp_path / "b", tmp_path / "cache_b"))
+    for name in ("selected.jsonl", "scores.jsonl", "probe_pool.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert second.summary["selected_pseudo_domain_counts"] == s["selected_pseudo_domain_counts"]
+
+
+def test_selection_never_reads_ground_truth(tiny_llama, small_pool, tmp_path):
+    pool, syn = small_pool
+    run_select(_config(tiny_llama, pool, syn, tmp_path / "a", tmp_path / "cache"))
+    scrambled = tmp_path / "scrambled.jsonl"
+    names = ["common_sense", "reasoning", "mathematics", "coding"]
+    with open(pool) as src, open(scrambled, "w") as dst:
+        for i, line in enumerate(src):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dst.write(line)
+                continue
+            rec["domain"] = names[(i * 7) % 4]
+            dst.write(json.dumps(rec) + "\n")
+    run_select(_config(tiny_llama, scrambled, syn, tmp_path / "b", tmp_path / "cache"))
+    a = [(r["instruction"], r["__dj__stats__"]["daar_diversity_reward"])
+         for _, r in read_jsonl(tmp_path / "a" / "selected.jsonl")]
+    b = [(r["instruction"], r["__dj__stats__"]["daar_diversity_reward"])
+         for _, r in read_jsonl(tmp_path / "b" / "selected.jsonl")]
+    assert a == b
+
+
+def test_split_pool_is_disjoint_and_seeded():
+    probe, pool = split_pool(100, 30, None, seed=3)
+    assert len(set(probe) & set(pool)) == 0 and len(probe) + len(pool) == 100
+    assert (split_pool(100, 30, None, seed=3)[0] == probe).all()
+    assert len(split_pool(100, 30, 10, seed=3)[1]) == 10
+    with pytest.raises(ValueError, match="leaves no record"):
+        split_pool(10, 10, None, seed=0)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="select_ratio"):
+        SelectConfig(pool=str(tmp_path), select_ratio=0).validate()
+    with pytest.raises(FileNotFoundError, match="DAAR_OPS_POOL"):
+        SelectConfig(pool=str(tmp_path / "missing.jsonl")).validate()
+    with pytest.raises(RuntimeError, match="no synthetic sample for domains"):
+        bad = tmp_path / "syn.jsonl"
+        bad.write_text(json.dumps(SYNTHETIC[0]) + "\n")
+        pool = tmp_path / "pool.jsonl"
+        pool.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n"
+                                for i in range(20)))
+        run_select(SelectConfig(pool=str(pool), synthetic=str(bad), probe_size=5,
+                                output_dir=str(tmp_path / "o"), progress=False,
+                                model="smollm2-135m-instruct"))
