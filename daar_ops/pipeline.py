@@ -259,7 +259,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         for row, i in enumerate(pool_idx):
             stats = {"daar_diversity_reward": float(reward[row]),
                      "daar_domain_probs": [float(p) for p in probs[row]],
-                     "daar_pseudo_domain": predicted[row]}
+                     "daar_probe_domain": predicted[row]}
             scores.append({"pool_index": int(i), "selected": bool(keep[row]), **stats})
             if keep[row]:
                 rec = dict(records[i])

@@ -1,0 +1,99 @@
+"""Global score-based selection: top ratio / top k, and per-group quotas. No Data-Juicer import.
+
+Conventions shared by every function here:
+
+* Higher score = better. Ties are broken by the lower index (earlier sample first), so the result
+  is deterministic and independent of platform sort stability.
+* Non-finite scores (NaN, +-inf) rank below every finite score (NaN and -inf last of all, +inf
+  treated like NaN: it cannot come from a valid prediction).
+* ``top_ratio`` keeps ``floor(top_ratio * n)`` samples (as Data-Juicer's
+  ``topk_specified_field_selector`` does); ``top_k`` larger than ``n`` keeps all ``n``.
+* Results are boolean masks over the input order; selection never reorders data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+
+def n_from_ratio(n: int, ratio: float) -> int:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    # The epsilon keeps 0.2 * 40000 (= 7999.999...) from flooring to 7999.
+    return min(n, int(math.floor(ratio * n + 1e-9)))
+
+
+def rank_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Indices sorted best first: score descending, then index ascending; non-finite last."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    key = np.where(finite, s, -np.inf)
+    idx = np.arange(len(s))
+    # lexsort: last key is primary. Primary: non-finite after finite; then -score; then index.
+    return np.lexsort((idx, -key, ~finite))
+
+
+def top_mask(scores: Sequence[float] | np.ndarray, top_ratio: float | None = None,
+             top_k: int | None = None) -> np.ndarray:
+    """Boolean mask of the best ``top_k`` samples, or the best ``floor(top_ratio * n)``.
+
+    Exactly one of ``top_ratio`` / ``top_k`` must be given.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if (top_ratio is None) == (top_k is None):
+        raise ValueError("give exactly one of top_ratio and top_k")
+    if top_k is not None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        k = min(int(top_k), len(s))
+    else:
+        k = n_from_ratio(len(s), float(top_ratio))
+    mask = np.zeros(len(s), dtype=bool)
+    mask[rank_order(s)[:k]] = True
+    return mask
+
+
+def quota_mask(scores: Sequence[float] | np.ndarray, groups: Sequence[Hashable],
+               ratios: Mapping[Hashable, float], default_ratio: float | None = None
+               ) -> np.ndarray:
+    """Per-group top fraction: within each group g keep its best ``floor(ratios[g] * n_g)``.
+
+    DaaR's "customized" selection, e.g. ``{"coding": 0.5}`` with ``default_ratio=0.1`` keeps the
+    best half of the samples predicted as coding and the best 10% of every other group.
+    Groups missing from ``ratios`` use ``default_ratio``; if that is None they must all be listed.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    g = np.asarray(list(groups), dtype=object)
+    if len(g) != len(s):
+        raise ValueError(f"{len(s)} scores but {len(g)} group labels")
+    for name, r in ratios.items():
+        if not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"ratio of group {name!r} must be in [0, 1], got {r}")
+    mask = np.zeros(len(s), dtype=bool)
+    present = list(dict.fromkeys(g.tolist()))
+    unlisted = [x for x in present if x not in ratios]
+    if unlisted and default_ratio is None:
+        raise ValueError(f"no ratio for groups {unlisted}; list them or give a default ratio")
+    for name in present:
+        members = np.flatnonzero(g == name)
+        ratio = float(ratios.get(name, default_ratio))
+        keep = top_mask(s[members], top_ratio=ratio)
+        mask[members[keep]] = True
+    return mask
+
+
+def range_mask(scores: Sequence[float] | np.ndarray, min_score: float | None = None,
+               max_score: float | None = None) -> np.ndarray:
+    """Closed-interval threshold mask; non-finite scores never pass a threshold."""
+    s = np.asarray(scores, dtype=np.float64)
+    mask = np.ones(len(s), dtype=bool)
+    if min_score is not None:
+        mask &= s >= min_score
+    if max_score is not None:
+        mask &= s <= max_score
+    if min_score is not None or max_score is not None:
+        mask &= np.isfinite(s)
+    return mask

@@ -1,0 +1,209 @@
+"""Resumable on-disk cache of :class:`~daar_ops.features.LayerFeatureExtractor` outputs.
+
+Layout::
+
+    <root>/<namespace>/namespace.json          what the namespace key was built from
+    <root>/<namespace>/chunk-<hash>.safetensors one finished chunk of texts
+
+* The **namespace** is a hash of everything that changes the features of a given text: the model
+  fingerprint (config hash), model path, the name/size/mtime of its weight files, layer,
+  max_length, dtype, the feature definition and the text template. A different model, layer or
+  template therefore lands in another namespace and can never reuse stale features.
+* Inside a namespace, rows are keyed by the SHA-256 of the rendered text (first 16 bytes stored as
+  ``text_hash`` [n, 16] uint8), so any dataset containing an already-encoded text reuses it.
+* Missing texts are encoded ``chunk_size`` at a time; each finished chunk is written to a temporary
+  file and atomically renamed. A killed run leaves only complete chunks (plus at most one stale
+  ``.tmp``), so the next run recomputes only unfinished chunks.
+* Files are safetensors only (no pickle). A chunk that fails to parse or has inconsistent shapes is
+  logged, removed and recomputed.
+
+No Data-Juicer import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from loguru import logger
+from tqdm.auto import tqdm
+
+from daar_ops.features import LayerFeatureExtractor, LayerFeatures
+from daar_ops.models import daar_ops_home
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
+
+HASH_BYTES = 16
+CACHE_VERSION = 1
+_ARRAYS = ("embedding", "layer", "n_tokens", "truncated", "empty")
+
+
+def default_cache_dir() -> Path:
+    return daar_ops_home() / "feature_cache"
+
+
+def text_hashes(texts: Sequence[Any]) -> np.ndarray:
+    """[N, 16] uint8: the first 16 bytes of SHA-256 of each text (as :func:`to_text` renders it)."""
+    out = np.zeros((len(texts), HASH_BYTES), dtype=np.uint8)
+    for i, t in enumerate(texts):
+        digest = hashlib.sha256(to_text(t).encode("utf-8")).digest()[:HASH_BYTES]
+        out[i] = np.frombuffer(digest, dtype=np.uint8)
+    return out
+
+
+def weights_stamp(model_path: str | os.PathLike) -> list[list[Any]]:
+    """(file name, size, mtime_ns) of a local model's weight files: re-saved weights in the same
+    folder (same config, so same fingerprint) still change the cache namespace."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return []
+    files = sorted(q for q in path.iterdir()
+                   if q.suffix in (".safetensors", ".bin", ".pt", ".gguf") and q.is_file())
+    return [[q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in files]
+
+
+def namespace_key(extractor_description: Mapping[str, Any], dtype: str, template: str | None
+                  ) -> dict[str, Any]:
+    """The fields that define a cache namespace (what changes a text's features)."""
+    keys = ("model_path", "model_fingerprint", "layer", "max_length", "pooling",
+            "layer_definition", "feature_dim")
+    key = {k: extractor_description.get(k) for k in keys}
+    key.update(dtype=str(dtype), template=template, cache_version=CACHE_VERSION,
+               weights=weights_stamp(str(extractor_description.get("model_path", ""))))
+    return key
+
+
+class FeatureCache:
+    """Features of texts for one extractor + template, cached in ``root`` and resumable.
+
+    :param extractor: the feature extractor (its ``describe()`` and dtype define the namespace).
+    :param root: cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
+    :param template: the text template the texts were rendered with (part of the key), or None
+        when texts are given as-is.
+    :param chunk_size: texts encoded and saved together; a killed run loses at most one chunk.
+    """
+
+    def __init__(self, extractor: LayerFeatureExtractor, root: str | os.PathLike | None = None,
+                 template: str | None = ALPACA_TEMPLATE, chunk_size: int = 1024):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.extractor = extractor
+        self.chunk_size = chunk_size
+        self.template = template
+        self.key = namespace_key(extractor.describe(), str(extractor.dtype).replace("torch.", ""),
+                                 template)
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode())
+        self.namespace = digest.hexdigest()[:20]
+        self.dir = Path(root if root is not None else default_cache_dir()) / self.namespace
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "namespace.json"
+        if not info.exists():
+            info.write_text(json.dumps(self.key, indent=2, sort_keys=True, default=str))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _chunk_files(self) -> list[Path]:
+        return sorted(self.dir.glob("chunk-*.safetensors"))
+
+    def _index(self) -> dict[bytes, tuple[Path, int]]:
+        """text hash -> (chunk file, row). Broken chunks are removed (they will be recomputed)."""
+        from safetensors import safe_open
+
+        index: dict[bytes, tuple[Path, int]] = {}
+        for path in self._chunk_files():
+            try:
+                with safe_open(str(path), framework="numpy") as handle:
+                    hashes = handle.get_tensor("text_hash")
+                    names = set(handle.keys())
+                if not set(_ARRAYS) <= names or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES:
+                    raise ValueError(f"missing tensors or bad text_hash shape {hashes.shape}")
+            except Exception as err:  # safetensors raises its own error types
+                logger.warning(f"feature cache: dropping unreadable chunk {path.name} ({err})")
+                path.unlink(missing_ok=True)
+                continue
+            for row, h in enumerate(hashes):
+                index.setdefault(h.tobytes(), (path, row))
+        return index
+
+    def __len__(self) -> int:
+        return len(self._index())
+
+    # -- main entry --------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[Any], progress: bool = True) -> LayerFeatures:
+        """Features of ``texts`` in input order: cached rows are read, missing ones computed."""
+        from safetensors import safe_open
+
+        n = len(texts)
+        d = self.extractor.hidden_size
+        hashes = text_hashes(texts)
+        keys = [h.tobytes() for h in hashes]
+        index = self._index()
+        missing: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in index and key not in missing:
+                missing[key] = i
+        n_hit = sum(key in index for key in keys)
+        logger.info(f"feature cache {self.dir}: {n_hit}/{n} texts cached, "
+                    f"{len(missing)} unique texts to encode")
+        if missing:
+            todo = list(missing.values())
+            with tqdm(total=len(todo), desc="layer features (cached in chunks)", unit="text",
+                      disable=not progress, mininterval=1.0) as bar:
+                for start in range(0, len(todo), self.chunk_size):
+                    rows = todo[start:start + self.chunk_size]
+                    feats = self.extractor.encode([texts[i] for i in rows], progress=False)
+                    path = self._write_chunk(hashes[rows], feats)
+                    for r, i in enumerate(rows):
+                        index[keys[i]] = (path, r)
+                    bar.update(len(rows))
+
+        out = {"embedding": np.zeros((n, d), np.float32), "layer": np.zeros((n, d), np.float32),
+               "n_tokens": np.zeros(n, np.int64), "truncated": np.zeros(n, bool),
+               "empty": np.zeros(n, bool)}
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            path, row = index[key]
+            by_file.setdefault(path, []).append((i, row))
+        for path, pairs in by_file.items():
+            dst = np.array([p[0] for p in pairs])
+            src = np.array([p[1] for p in pairs])
+            with safe_open(str(path), framework="numpy") as handle:
+                for name in _ARRAYS:
+                    out[name][dst] = handle.get_tensor(name)[src]
+        meta = dict(self.extractor.describe(), cache_dir=str(self.dir), cache_hits=n_hit,
+                    template=self.template)
+        return LayerFeatures(out["embedding"], out["layer"], out["n_tokens"], out["truncated"],
+                             out["empty"], meta=meta)
+
+    def encode_records(self, records: Iterable[Mapping[str, Any]], progress: bool = True
+                       ) -> LayerFeatures:
+        """Render records with this cache's template, then :meth:`encode`."""
+        if self.template is None:
+            raise ValueError("this cache has no template; pass rendered texts to encode()")
+        tpl = TextTemplate(self.template)
+        return self.encode([tpl.render(r) for r in records], progress=progress)
+
+    def _write_chunk(self, hashes: np.ndarray, feats: LayerFeatures) -> Path:
+        from safetensors.numpy import save_file
+
+        tensors = {"text_hash": np.ascontiguousarray(hashes, dtype=np.uint8),
+                   "embedding": feats.embedding.astype(np.float32),
+                   "layer": feats.layer.astype(np.float32),
+                   "n_tokens": feats.n_tokens.astype(np.int64),
+                   "truncated": feats.truncated.astype(np.uint8).astype(bool),
+                   "empty": feats.empty.astype(bool)}
+        name = hashlib.sha256(hashes.tobytes()).hexdigest()[:24]
+        path = self.dir / f"chunk-{name}.safetensors"
+        tmp = self.dir / f".chunk-{name}.{os.getpid()}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written chunk
+        return path
+
+
+def cached_encode(extractor: LayerFeatureExtractor, texts: Sequence[Any],
+                  cache_dir: str | os.PathLike | None = None, template: str | None = None,
+                  chunk_size: int = 1024, progress: bool = True) -> LayerFeatures:
+    """``FeatureCache(extractor, cache_dir, template, chunk_size).encode(texts)`` in one call."""
+    return FeatureCache(extractor, cache_dir, template, chunk_size).encode(texts, progress)

@@ -1,0 +1,273 @@
+"""diversity_reward_filter and the global selection rules it uses."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daar_ops.algorithms.probes import TrainConfig
+from daar_ops.algorithms.selection import quota_mask, range_mask, rank_order, top_mask
+from daar_ops.probe_checkpoint import train_probe_checkpoint
+
+DOMAINS = ["coding", "math", "qa"]
+REWARD, PROBS, DOMAIN = "daar_diversity_reward", "daar_domain_probs", "daar_probe_domain"
+WORDS = {"coding": "def return list sort function code loop", "math": "12 7 84 sum solve x",
+         "qa": "capital France Paris what who where"}
+
+
+def records(n: int, seed: int = 0, label: bool = True) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        dom = DOMAINS[i % 3]
+        # some samples mix two vocabularies: they get higher entropies
+        w = WORDS[dom].split() + (WORDS[DOMAINS[(i + 1) % 3]].split() if i % 4 == 0 else [])
+        rec = {"instruction": " ".join(rng.choice(w) for _ in range(6)), "input": "",
+               "output": " ".join(rng.choice(w) for _ in range(4)), "id": i}
+        if label:
+            rec["__dj__meta__"] = {"daar_pseudo_domain": dom}
+        out.append(rec)
+    return out
+
+
+# -- selection (pure functions) --------------------------------------------------------------------
+
+def test_top_mask_ties_break_by_index_and_non_finite_rank_last():
+    scores = [0.5, 0.9, 0.5, float("nan"), 0.9, float("inf"), -0.1]
+    assert list(rank_order(scores)) == [1, 4, 0, 2, 6, 3, 5]
+    assert list(np.flatnonzero(top_mask(scores, top_k=3))) == [0, 1, 4]
+    assert top_mask(scores, top_k=100).all()  # fewer samples than asked: keep all
+    assert not top_mask([], top_ratio=0.2).any()
+
+
+def test_top_ratio_keeps_floor_of_ratio_times_n():
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 5, 99, 40000):
+        mask = top_mask(rng.random(n), top_ratio=0.2)
+        assert mask.sum() == math.floor(0.2 * n + 1e-9)
+    s = rng.random(50)
+    kept = top_mask(s, top_ratio=0.2)
+    assert s[kept].min() > s[~kept].max()
+    with pytest.raises(ValueError):
+        top_mask(s, top_ratio=0.2, top_k=3)
+    with pytest.raises(ValueError):
+        top_mask(s, top_ratio=1.5)
+
+
+def test_quota_mask_is_per_group():
+    scores = np.arange(20, dtype=float)
+    groups = ["a"] * 10 + ["b"] * 10
+    mask = quota_mask(scores, groups, {"a": 0.5}, default_ratio=0.1)
+    assert list(np.flatnonzero(mask)) == [5, 6, 7, 8, 9, 19]
+    with pytest.raises(ValueError, match="no ratio"):
+        quota_mask(scores, groups, {"a": 0.5})
+
+
+def test_range_mask_rejects_non_finite():
+    s = [0.1, 0.5, float("nan"), 0.9]
+    assert list(range_mask(s, 0.2, None)) == [False, True, False, True]
+    assert list(range_mask(s, None, 0.5)) == [True, True, False, False]
+    assert range_mask(s).all()  # no threshold: nothing dropped
+
+
+# -- the operator ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "ck"
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-3, val_fraction=0.2, hidden=[32, 16])
+    train_probe_checkpoint(records(90), out, model=str(tiny_llama), layer=2, max_length=64,
+                           config=cfg, use_cache=False, progress=False)
+    return out
+
+
+def make_op(checkpoint, **kw):
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
+
+    kw.setdefault("num_proc", 1)
+    return DiversityRewardFilter(checkpoint=str(checkpoint), **kw)
+
+
+def dataset(rows):
+    from data_juicer.core.data import NestedDataset
+
+    return NestedDataset.from_list(rows)
+
+
+def stats_of(ds):
+    return list(ds["__dj__stats__"])
+
+
+def test_op_is_registered_and_documents_its_stats():
+    from data_juicer.ops import OPERATORS
+
+    cls = OPERATORS.modules["diversity_reward_filter"]
+    for key in (REWARD, PROBS, DOMAIN):
+        assert key in cls.__doc__
+
+
+def test_stats_have_fixed_types_and_threshold_mode_drops_only_below(checkpoint):
+    op = make_op(checkpoint)
+    ds = dataset([{k: v for k, v in r.items() if k != "__dj__meta__"} for r in records(30, 1)])
+    with_stats = op.run(ds)  # no rule: every sample kept, stats added
+    assert len(with_stats) == 30
+    stats = stats_of(with_stats)
+    assert all(type(s[REWARD]) is float for s in stats)
+    assert all(len(s[PROBS]) == 3 and sum(s[PROBS]) == pytest.approx(1, abs=1e-5) for s in stats)
+    assert all(s[DOMAIN] in DOMAINS for s in stats)
+    scores = np.array([s[REWARD] for s in stats])
+    threshold = float(np.median(scores))
+    kept = make_op(checkpoint, min_score=threshold).run(ds)
+    assert list(kept["id"]) == [i for i, s in zip(ds["id"], scores) if s >= threshold]
+
+
+def test_top_ratio_is_global_and_keeps_order(checkpoint):
+    ds = dataset(records(40, 2, label=False))
+    all_scores = np.array([s[REWARD] for s in stats_of(make_op(checkpoint).run(ds))])
+    kept = make_op(checkpoint, top_ratio=0.2).run(ds)
+    expected = np.flatnonzero(top_mask(all_scores, top_ratio=0.2))
+    assert list(kept["id"]) == list(expected) and len(expected) == 8
+    again = make_op(checkpoint, top_ratio=0.2).run(ds)
+    assert list(again["id"]) == list(kept["id"])  # deterministic
+    assert len(make_op(checkpoint, top_k=500).run(ds)) == 40  # top_k > N keeps all
+
+
+def test_quota_mode_keeps_a_fraction_per_predicted_domain(checkpoint):
+    ds = dataset(records(45, 3, label=False))
+    stats = stats_of(make_op(checkpoint).run(ds))
+    doms = [s[DOMAIN] for s in stats]
+    kept = make_op(checkpoint, domain_ratios={"coding": 1.0}, top_ratio=0.0).run(ds)
+    assert list(kept["id"]) == [i for i, d in enumerate(doms) if d == "coding"]
+
+
+def test_bad_samples_get_defined_stats_and_nothing_is_lost(checkpoint):
+    rows = [{"instruction": "", "input": "", "output": ""},
+            {"instruction": None, "input": None, "output": "only output"},
+            {"instruction": "x" * 60000, "input": "", "output": "long"},
+            {"instruction": "12 7", "input": "", "output": "84"}]
+    ds = dataset(rows)
+    out = make_op(checkpoint, batch_size=2, num_proc=2).run(ds)  # also: works in 2 workers
+    assert len(out) == 4
+    for s in stats_of(out):
+        assert isinstance(s[REWARD], float) and math.isfinite(s[REWARD])
+    empty = make_op(checkpoint, top_ratio=0.2).run(dataset(rows).select([]))
+    assert len(empty) == 0
+
+
+def test_non_finite_probe_outputs_get_the_documented_value(checkpoint, monkeypatch):
+    from daar_ops.probe_checkpoint import DaarScorer
+
+    real = DaarScorer.score_texts
+
+    def with_a_nan(self, texts, progress=False):
+        reward, probs, feats = real(self, texts, progress)
+        reward[0] = np.nan
+        return reward, probs, feats
+
+    monkeypatch.setattr(DaarScorer, "score_texts", with_a_nan)
+    ds = dataset(records(5, 5, label=False))
+    stats = stats_of(make_op(checkpoint).run(ds))
+    assert stats[0][REWARD] == -1.0 and stats[0][DOMAIN] == ""
+    assert all(s[REWARD] > -1.0 for s in stats[1:])
+    kept = make_op(checkpoint, top_k=4).run(ds)
+    assert list(kept["id"]) == [1, 2, 3, 4]  # the invalid sample ranks last
+    assert 0 not in make_op(checkpoint, min_score=-10.0).run(ds)["id"]  # and passes no threshold
+
+
+def test_missing_template_fields_render_as_empty(checkpoint):
+    ds = dataset([{"text": "no alpaca fields at all"}, {"text": "another"}])
+    out = make_op(checkpoint).run(ds)
+    assert len(out) == 2 and all(isinstance(s[REWARD], float) for s in stats_of(out))
+
+
+def test_existing_stats_are_not_recomputed_and_rank_is_accepted(checkpoint):
+    op = make_op(checkpoint)
+    batch = {"instruction": ["a", "b"], "input": ["", ""], "output": ["c", "d"],
+             "__dj__stats__": [{REWARD: 7.0, PROBS: [1.0, 0.0, 0.0], DOMAIN: "coding"}, {}]}
+    out = op.compute_stats_batched(batch, 0)  # rank passed positionally, as HF datasets does
+    assert out["__dj__stats__"][0][REWARD] == 7.0
+    assert isinstance(out["__dj__stats__"][1][REWARD], float)
+    assert list(op.process_batched(out, rank=0)) == [True, True]
+
+
+def test_op_is_picklable(checkpoint):
+    import pickle
+
+    import dill
+
+    op = make_op(checkpoint, min_score=0.1)
+    clone = dill.loads(dill.dumps(op))
+    assert clone.model_key == op.model_key  # value-equal: one scorer per worker process
+    assert pickle.loads(pickle.dumps(op.model_key)) == op.model_key
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(checkpoint=""), "required"),
+    (dict(min_score=2.0, max_score=1.0), "min_score"),
+    (dict(top_ratio=1.5), "top_ratio"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=3, top_ratio=0.2), "cannot be combined"),
+    (dict(domain_ratios={"poetry": 0.5}, top_ratio=0.1), "poetry"),
+    (dict(domain_ratios={"coding": 0.5}), "lacks"),
+    (dict(domain_ratios={"coding": 2.0}, top_ratio=0.1), r"\[0, 1\]"),
+    (dict(min_score=float("nan")), "finite"),
+])
+def test_invalid_parameters_are_refused_at_init(checkpoint, kwargs, match):
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
+
+    kwargs = dict(dict(checkpoint=str(checkpoint)), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        DiversityRewardFilter(**kwargs)
+
+
+def test_checkpoint_of_another_model_is_refused(checkpoint, tiny_qwen2, tmp_path):
+    with pytest.raises(ValueError, match="model_fingerprint"):
+        make_op(checkpoint, model=str(tiny_qwen2))
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "probes.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="checksum"):
+        make_op(broken)
+
+
+def test_global_modes_fail_fast_under_ray(checkpoint, monkeypatch):
+    monkeypatch.setenv("RAY_JOB", "1")
+    with pytest.raises(ValueError, match="min_score.*topk_specified_field_selector"):
+        make_op(checkpoint, top_ratio=0.2)
+    with pytest.raises(ValueError, match="not supported with executor_type: ray"):
+        make_op(checkpoint, domain_ratios={"coding": 0.5}, top_ratio=0.1)
+    assert make_op(checkpoint, min_score=0.3).global_mode is None  # thresholds work under Ray
+
+
+@pytest.mark.integration
+def test_dj_process_recipe_keeps_the_top_20_percent(checkpoint, tmp_path):
+    rows = records(50, 4, label=False)
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "daar" / "03_diversity_reward.yaml"
+    dj = Path(sys.executable).with_name("dj-process")
+    export = tmp_path / "out" / "selected.jsonl"
+    result = subprocess.run(
+        [str(dj), "--config", str(recipe), "--dataset_path", str(data), "--export_path",
+         str(export), "--diversity_reward_filter.checkpoint", str(checkpoint),
+         "--work_dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = [json.loads(line) for line in export.read_text().splitlines() if line.strip()]
+    assert len(kept) == 10  # floor(0.2 * 50)
+    ids = [r["id"] for r in kept]
+    assert ids == sorted(ids)
+    scores = [r["__dj__stats__"][REWARD] for r in kept]
+    op_scores = np.array([s[REWARD] for s in stats_of(
+        make_op(checkpoint).run(dataset(rows)))])
+    expected = np.flatnonzero(top_mask(op_scores, top_ratio=0.2))
+    assert ids == list(expected)
+    assert scores == pytest.approx(list(op_scores[expected]), abs=1e-5)
