@@ -1,0 +1,196 @@
+"""``domain_contrastive_selector``: Section-3 contrastive pools of the DaaR paper as a DJ op."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from loguru import logger
+
+from data_juicer.ops.base_op import OPERATORS, Selector
+from data_juicer.utils.constant import Fields
+from data_juicer.utils.ray_utils import is_ray_mode
+
+from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, global_phi_intra,
+                                             label_centroids, percentile_band, phi_scores)
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+
+OP_NAME = "domain_contrastive_selector"
+STAT_INTER = "daar_phi_inter"
+STAT_INTRA = "daar_phi_intra"
+
+_EXTRACTORS: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _extractor(model: str, max_length: int, batch_size: int, dtype: str, device: str):
+    """One embedding-only LayerFeatureExtractor per process and setting (layer=0: no decoder)."""
+    from daar_ops.features import LayerFeatureExtractor
+
+    key = (model, max_length, batch_size, dtype, device)
+    with _LOCK:
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=0, max_length=max_length,
+                                                     batch_size=batch_size, dtype=dtype,
+                                                     device=device)
+        return _EXTRACTORS[key]
+
+
+def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+@OPERATORS.register_module(OP_NAME)
+class DomainContrastiveSelector(Selector):
+    """Keep a per-domain percentile band of inter- or intra-domain contrast (DaaR paper, Sec. 3).
+
+    Every sample is embedded with the LLM's embedding layer (masked mean of token embeddings of
+    ``text_template``). With one centroid per label (the label means of this dataset, or a
+    ``daar_centroids`` artifact), the op writes two float stats per sample:
+
+    - ``daar_phi_inter``: sum over the other domains j of cos(x, C_j) (Eq. 2); high = close to
+      other domains (ambiguous), low = well separated.
+    - ``daar_phi_intra``: cos(x, C_own) (Eq. 4); high = typical of its own domain.
+
+    and keeps, within every domain, the samples whose ``metric`` lies in the percentile band
+    [``lower_percentile``, ``upper_percentile``) (80-100 = the top 20%, the paper's Table 1 pools).
+    Unlabeled samples (missing/empty label, or a label absent from the centroid file) get NaN stats
+    and are kept only with ``keep_unlabeled``. The global Phi_inter (Eq. 3) and per-domain
+    Phi_intra (Eq. 5) of the input are logged. Runs on the default executor only (global op).
+    """
+
+    def __init__(
+        self,
+        label_key: str = "__dj__meta__.daar_pseudo_domain",
+        metric: str = "inter",
+        lower_percentile: float = 80.0,
+        upper_percentile: float = 100.0,
+        hf_model: str = "smollm2-135m-instruct",
+        text_template: str = ALPACA_TEMPLATE,
+        centroids_path: Optional[str] = None,
+        keep_unlabeled: bool = False,
+        max_length: int = 512,
+        feature_batch_size: int = 64,
+        dtype: str = "float32",
+        device: str = "cpu",
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param label_key: field holding the domain label, dotted for nested fields, e.g.
+            ``__dj__meta__.daar_pseudo_domain`` (pseudo-labels) or ``domain`` (ground truth, for
+            reproducing the paper's Section-3 analysis only).
+        :param metric: ``inter`` (rank by phi_inter) or ``intra`` (rank by phi_intra).
+        :param lower_percentile: lower end of the kept band, in [0, 100).
+        :param upper_percentile: upper end of the kept band, in (lower, 100].
+        :param hf_model: short model name or local HF folder whose embedding layer gives features.
+        :param text_template: record fields rendered into the text that is embedded.
+        :param centroids_path: optional ``daar_centroids`` artifact directory (feature must be
+            ``embedding`` and the model must match); default: centroids of this dataset's labels.
+        :param keep_unlabeled: keep samples without a usable label (default drop them, logged).
+        :param max_length: tokens kept per text.
+        :param feature_batch_size: texts per embedding batch.
+        :param dtype: ``float32`` or ``bfloat16``/``float16``.
+        :param device: ``cpu``, ``cuda`` or ``auto``.
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        super().__init__(*args, **kwargs)
+        if metric not in ("inter", "intra"):
+            raise ValueError(f"metric must be 'inter' or 'intra', got {metric!r}")
+        if not 0 <= float(lower_percentile) < float(upper_percentile) <= 100:
+            raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100, got "
+                             f"{lower_percentile}, {upper_percentile}")
+        if not isinstance(label_key, str) or not label_key.strip():
+            raise ValueError("label_key must be a non-empty field name")
+        if max_length < 1 or feature_batch_size < 1:
+            raise ValueError("max_length and feature_batch_size must be >= 1")
+        if is_ray_mode():
+            raise ValueError(f"{OP_NAME} needs the whole dataset at once and does not run under "
+                             "executor_type: ray; run it with the default executor "
+                             "(executor_type: default)")
+        self.label_key = label_key
+        self.metric = metric
+        self.lower_percentile = float(lower_percentile)
+        self.upper_percentile = float(upper_percentile)
+        self.hf_model = hf_model
+        self.template = TextTemplate(text_template)
+        self.centroids_path = centroids_path
+        self.keep_unlabeled = keep_unlabeled
+        self.max_length = max_length
+        self.feature_batch_size = feature_batch_size
+        self.dtype = dtype
+        self.device = device
+        self.centroid_manifest = None
+        if centroids_path is not None:
+            from daar_ops.artifacts import load_artifact
+
+            tensors, manifest = load_artifact(centroids_path, kind="daar_centroids")
+            if manifest.get("feature") != "embedding":
+                raise ValueError(f"{centroids_path}: centroids are of feature "
+                                 f"{manifest.get('feature')!r}; this op uses 'embedding'")
+            self.centroids = tensors["centroids"].astype(np.float32)
+            self.centroid_domains = [str(d) for d in manifest["domains"]]
+            self.centroid_manifest = manifest
+
+    def process(self, dataset):
+        n = len(dataset)
+        if n == 0:
+            logger.warning(f"{OP_NAME}: empty dataset, nothing to select")
+            return dataset
+        rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+        domains, label_idx = encode_labels(
+            [_lookup(r, self.label_key) for r in rows],
+            self.centroid_domains if self.centroids_path else None)
+        n_unlabeled = int((label_idx < 0).sum())
+        if n_unlabeled:
+            logger.warning(f"{OP_NAME}: {n_unlabeled}/{n} samples have no usable "
+                           f"'{self.label_key}' label; they get NaN stats and are "
+                           f"{'kept' if self.keep_unlabeled else 'dropped'}")
+        if not domains or n_unlabeled == n:
+            raise ValueError(f"{OP_NAME}: no sample has a label in '{self.label_key}'")
+
+        extractor = _extractor(self.hf_model, self.max_length, self.feature_batch_size,
+                               self.dtype, self.device)
+        if self.centroid_manifest is not None:
+            from daar_ops.artifacts import check_compatible
+
+            check_compatible(self.centroid_manifest, extractor.describe(),
+                             keys=("model_fingerprint", "feature_dim"), source="centroid file")
+        feats = extractor.encode([self.template.render(r) for r in rows], progress=True).embedding
+        if self.centroids_path:
+            centroids = self.centroids
+        else:
+            centroids = label_centroids(feats, label_idx, len(domains))
+        inter, intra = phi_scores(feats, centroids, label_idx)
+        per_domain = global_phi_intra(feats, centroids, label_idx)
+        logger.info(f"{OP_NAME}: Phi_inter (Eq. 3) = {global_phi_inter(centroids):.4f}; "
+                    "Phi_intra (Eq. 5) = "
+                    + ", ".join(f"{d}: {v:.4f}" for d, v in zip(domains, per_domain)))
+        keep = percentile_band(inter if self.metric == "inter" else intra, label_idx,
+                               self.lower_percentile, self.upper_percentile)
+        if self.keep_unlabeled:
+            keep |= label_idx < 0
+
+        inter_l, intra_l = inter.tolist(), intra.tolist()
+
+        def add_stats(sample, idx):
+            stats = dict(sample.get(Fields.stats) or {})
+            stats[STAT_INTER] = float(inter_l[idx])
+            stats[STAT_INTRA] = float(intra_l[idx])
+            sample[Fields.stats] = stats
+            return sample
+
+        dataset = dataset.map(add_stats, with_indices=True, desc=f"{OP_NAME}: stats")
+        logger.info(f"{OP_NAME}: keeping {int(keep.sum())}/{n} samples "
+                    f"({self.metric} band {self.lower_percentile:g}-{self.upper_percentile:g} "
+                    f"per domain over {len(domains)} domains)")
+        return dataset.select(np.flatnonzero(keep).tolist())
