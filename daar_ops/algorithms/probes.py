@@ -336,6 +336,10 @@ def train_daar_probes(features: np.ndarray, labels: Sequence[int] | np.ndarray,
                     "psi_dom (cross-entropy)", progress)
     probs = softmax(predict(dom, x_np, cfg.eval_batch_size))
     targets = entropy_nats(probs)
+    with torch.no_grad():
+        # Start psi_div at the mean training entropy: with few optimisation steps (small probe
+        # pools, low lr) a zero-initialised head otherwise stays far worse than predicting the mean.
+        div.net[-1].bias.fill_(float(targets[train_idx].mean()))
     div_hist = _fit(div, x, torch.from_numpy(targets), "mse", train_idx, val_idx, cfg,
                     "psi_div (MSE on entropy)", progress)
     pred_h = predict(div, x_np, cfg.eval_batch_size)[:, 0]

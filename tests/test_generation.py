@@ -1,0 +1,123 @@
+"""The shared generation interface: HF backend (tiny random model), API backend (fake client)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from daar_ops.generation import (APIGenerator, HFGenerator, TextGenerator, cached_generator,
+                                 load_generator)
+
+CONV = [{"role": "user", "content": "Write an instruction pair about math."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_llama):
+    return load_generator("hf", str(tiny_llama), batch_size=2)
+
+
+def test_hf_generates_one_string_per_conversation_in_order(tiny_gen):
+    convs = [CONV, [{"role": "user", "content": "hi"}], CONV]
+    out = tiny_gen.generate(convs, max_new_tokens=8, seed=3)
+    assert isinstance(tiny_gen, TextGenerator) and isinstance(tiny_gen, HFGenerator)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    # chat template special tokens never leak into the completion
+    assert not any("<|im_start|>" in o or "<|im_end|>" in o for o in out)
+
+
+def test_hf_seeded_generation_is_reproducible_and_seed_dependent(tiny_gen):
+    convs = [CONV] * 4
+    a = tiny_gen.generate(convs, max_new_tokens=12, seed=0)
+    b = tiny_gen.generate(convs, max_new_tokens=12, seed=0)
+    c = tiny_gen.generate(convs, max_new_tokens=12, seed=1)
+    assert a == b
+    assert a != c
+
+
+def test_hf_left_padding_keeps_batched_equal_to_single_greedy(tiny_llama):
+    gen1 = load_generator("hf", str(tiny_llama), batch_size=1)
+    gen4 = load_generator("hf", str(tiny_llama), batch_size=4)
+    convs = [CONV, [{"role": "user", "content": "x"}],
+             [{"role": "user", "content": "a much longer prompt " * 5}]]
+    single = gen1.generate(convs, max_new_tokens=6, do_sample=False)
+    batched = gen4.generate(convs, max_new_tokens=6, do_sample=False)
+    assert single == batched
+
+
+def test_bare_strings_are_user_turns_and_bad_input_is_rejected(tiny_gen):
+    assert len(tiny_gen.generate(["hello"], max_new_tokens=4)) == 1
+    assert tiny_gen.generate([], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="conversation 0"):
+        tiny_gen.generate([[{"text": "no role"}]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny_gen.generate([CONV], max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        tiny_gen.generate([CONV], top_p=0.0)
+
+
+def test_load_generator_validates_arguments(tiny_llama):
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        load_generator("nope", str(tiny_llama))
+    with pytest.raises(ValueError, match="batch_size"):
+        load_generator("hf", str(tiny_llama), batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        load_generator("hf", str(tiny_llama), dtype="int3")
+
+
+def test_cached_generator_loads_once_per_setting(tiny_llama):
+    a = cached_generator("hf", str(tiny_llama), batch_size=3)
+    b = cached_generator("hf", str(tiny_llama), batch_size=3)
+    c = cached_generator("hf", str(tiny_llama), batch_size=2)
+    assert a is b and a is not c
+
+
+def test_describe_records_model_identity(tiny_gen, tiny_llama):
+    info = tiny_gen.describe()
+    assert info["backend"] == "hf" and info["model_path"] == str(tiny_llama)
+    assert info["model_fingerprint"] not in ("", "unknown")
+
+
+class _FakeClient:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, messages, **params):
+        self.calls.append((messages, params))
+        if params["seed"] == 1:
+            raise RuntimeError("server error")
+        return f"answer {params['seed']}"
+
+
+def test_api_backend_sends_sampling_params_and_survives_failed_requests():
+    client = _FakeClient()
+    gen = load_generator("api", "some-model", client=client)
+    assert isinstance(gen, APIGenerator)
+    out = gen.generate([CONV, CONV, CONV], max_new_tokens=7, temperature=0.5, top_p=0.9, seed=0)
+    assert out == ["answer 0", "", "answer 2"]  # failed request -> "" (a malformed answer)
+    messages, params = client.calls[0]
+    assert messages == CONV
+    assert params == {"max_tokens": 7, "seed": 0, "temperature": 0.5, "top_p": 0.9}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openai") is not None, reason="openai installed")
+def test_api_backend_without_openai_is_a_clear_error_not_an_install():
+    with pytest.raises(ImportError, match="pip install openai"):
+        load_generator("api", "some-model")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed")
+def test_vllm_backend_without_vllm_is_a_clear_error():
+    with pytest.raises(ImportError, match="vllm"):
+        load_generator("vllm", "smollm2-135m-instruct")
+
+
+def test_assistant_last_turn_is_continued_not_answered(tiny_gen):
+    prefill = [*CONV, {"role": "assistant", "content": "Instruction:"}]
+    ids = tiny_gen._prompts([prefill])[0]
+    text = tiny_gen.tokenizer.decode(ids)
+    assert text.rstrip().endswith("Instruction:")  # no end-of-turn, no new assistant header
+    assert text.count("<|im_start|>assistant") == 1
+    plain = tiny_gen.tokenizer.decode(tiny_gen._prompts([CONV])[0])
+    assert plain.endswith("<|im_start|>assistant\n")
+    assert len(tiny_gen.generate([prefill], max_new_tokens=4)) == 1

@@ -1,0 +1,299 @@
+"""centroid_synthesis_mapper and domain_pseudo_label_mapper as Data-Juicer operators."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_juicer.core.data import NestedDataset
+from data_juicer.utils.constant import Fields
+
+import daar_ops.ops.centroid_synthesis_mapper as synth_mod
+from daar_ops.algorithms.centroids import (DomainSpec, embed_texts, load_centroids,
+                                           save_centroids)
+from daar_ops.artifacts import ArtifactError
+from daar_ops.features import LayerFeatureExtractor
+from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
+from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOPIC_TEXTS = {
+    "mathematics": ["Solve 12 * 7. The answer is 84.", "Compute 3 + 5 = 8.",
+                    "What is 10 / 2? It is 5."],
+    "coding": ["Write a function def add(a, b): return a + b",
+               "Input: a list of integers. Output: the sorted list, using merge sort",
+               "def f(x): return sorted(x)"],
+}
+
+
+def _centroid_file(path: Path, model: Path, names=("mathematics", "coding")) -> Path:
+    ext = LayerFeatureExtractor(str(model), layer=0)
+    texts = [t for n in names for t in TOPIC_TEXTS[n]]
+    feats = embed_texts(ext, texts, "embedding")
+    cents = np.stack([feats[i * 3:(i + 1) * 3].mean(0) for i in range(len(names))])
+    save_centroids(path, cents, [DomainSpec(n) for n in names], ext.describe(), "embedding",
+                   "{instruction} {input} {output}", [3] * len(names))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cfile(tiny_llama, tmp_path_factory) -> Path:
+    return _centroid_file(tmp_path_factory.mktemp("cent") / "c", tiny_llama)
+
+
+ROWS = [
+    {"instruction": "Solve 12 * 7.", "input": "", "output": "The answer is 84."},
+    {"instruction": "Write a function", "input": None, "output": "def add(a, b): return a + b"},
+    {"instruction": "", "input": "", "output": ""},  # empty text
+    {"instruction": "   ", "input": None, "output": None},  # whitespace / missing parts
+]
+
+
+# ------------------------------------------------------------------------- pseudo-label op
+
+def test_pseudo_label_op_writes_typed_meta_and_stats(cfile, tiny_llama):
+    op = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama), num_proc=1)
+    out = op.run(NestedDataset.from_list([dict(r) for r in ROWS] + [{"instruction": "x"}]))
+    assert len(out) == len(ROWS) + 1  # nothing dropped
+    for row in out:
+        label = row[Fields.meta]["daar_pseudo_domain"]
+        sims = row[Fields.stats]["daar_domain_similarity"]
+        assert label in ("mathematics", "coding")
+        assert isinstance(sims, list) and len(sims) == 2 and all(isinstance(v, float) for v in sims)
+        assert label == ("mathematics", "coding")[int(np.argmax(sims))]
+    # non-string values in a raw batch get a label too
+    odd = op.process_batched({"instruction": [123, None], "input": [["x"], 1.5],
+                              "output": [float("nan"), {"a": 1}]})
+    assert [type(m["daar_pseudo_domain"]) for m in odd[Fields.meta]] == [str, str]
+    # exactly the texts of the centroid's own samples go to their own centroid
+    op2 = DomainPseudoLabelMapper(centroids_path=str(cfile))  # model taken from the file
+    res = op2.process_batched({"instruction": TOPIC_TEXTS["mathematics"][:1]
+                               + TOPIC_TEXTS["coding"][2:]})
+    assert [m["daar_pseudo_domain"] for m in res[Fields.meta]] == ["mathematics", "coding"]
+
+
+def test_pseudo_label_op_never_reads_the_domain_field(cfile, tiny_llama):
+    op = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama))
+    plain = op.process_batched({"instruction": ["Solve 2+2", "def f(): pass"]})
+    lying = op.process_batched({"instruction": ["Solve 2+2", "def f(): pass"],
+                                "domain": ["coding", "mathematics"]})
+    assert plain[Fields.meta] == lying[Fields.meta]
+    assert plain[Fields.stats] == lying[Fields.stats]
+
+
+def test_pseudo_label_op_keeps_existing_labels(cfile, tiny_llama):
+    op = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama))
+    batch = {"instruction": ["Solve 2+2"],
+             Fields.meta: [{"daar_pseudo_domain": "coding"}],
+             Fields.stats: [{"daar_domain_similarity": [0.0, 1.0]}]}
+    out = op.process_batched(batch)
+    assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"
+
+
+def test_pseudo_label_op_refuses_mismatched_centroids(cfile, tiny_qwen2, tmp_path):
+    with pytest.raises(ArtifactError, match="model_fingerprint"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_qwen2))
+    with pytest.raises(ArtifactError, match="feature"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), feature="layer", layer=2)
+    from conftest import build_tiny_causal_lm
+
+    wide = build_tiny_causal_lm(tmp_path / "wide", "llama", hidden=48)
+    with pytest.raises(ArtifactError, match="feature_dim"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(wide))
+
+
+def test_pseudo_label_op_validates_parameters(cfile, tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        DomainPseudoLabelMapper()
+    with pytest.raises(ValueError, match="metric"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), metric="l1")
+    with pytest.raises(ValueError, match="refine_iters"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), refine_iters=-1)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        DomainPseudoLabelMapper(centroids_path=str(tmp_path / "missing"))
+
+
+def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
+    path = tmp_path / "samples.jsonl"
+    with open(path, "w") as handle:
+        for name, texts in TOPIC_TEXTS.items():
+            for t in texts:
+                handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
+    op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama))
+    assert op.domains == ["mathematics", "coding"] and op.centroids.shape == (2, 32)
+    out = op.process_batched({"instruction": ["def f(x): return sorted(x)"]})
+    assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"
+
+
+def test_pseudo_label_refinement_moves_centroids_and_is_default_executor_only(cfile, tiny_llama):
+    rows = [{"instruction": t} for texts in TOPIC_TEXTS.values() for t in texts]
+    rows += [{"instruction": t} for t in ("The cat sat on the mat.", "Plants turn light into "
+                                          "sugar.", "Paris is the capital of France.")]
+    fixed = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama))
+    refined = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama),
+                                      refine_iters=3, num_proc=1)
+    assert "ray" in fixed._supported_exec_modes
+    assert "ray" not in refined._supported_exec_modes
+    before = refined.centroids.copy()
+    out = refined.run(NestedDataset.from_list(rows))
+    assert len(out) == len(rows)
+    assert not np.allclose(before, refined.centroids)
+    assert all(len(r[Fields.stats]["daar_domain_similarity"]) == 2 for r in out)
+
+
+# ---------------------------------------------------------------------------- synthesis op
+
+class _Scripted:
+    """Stands in for a generator: a numbered on-topic pair per call (always novel)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def describe(self):
+        return {"backend": "scripted", "model": "scripted"}
+
+    def generate(self, conversations, **kwargs):
+        out = []
+        for conv in conversations:
+            self.n += 1
+            if "expertise in silence" in conv[0]["content"]:
+                out.append("...")  # this domain never yields a pair
+                continue
+            topic = "code def return" if "coding" in conv[0]["content"] else "add 12 * 7 sum"
+            out.append(f" Task number {self.n} about {topic} {'x ' * self.n}\n"
+                       f"Output: result {self.n} {topic}")
+        return out
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    gen = _Scripted()
+    monkeypatch.setattr(synth_mod, "cached_generator", lambda *a, **k: gen)
+    return gen
+
+
+def test_synthesis_op_turns_domain_rows_into_samples_and_centroids(scripted, tiny_llama,
+                                                                   tmp_path):
+    op = CentroidSynthesisMapper(samples_per_domain=3, max_attempts=10, tau=0.9999,
+                                 feature_model=str(tiny_llama), centroids_path=str(tmp_path / "c"))
+    rows = [{"domain": "mathematics", "description": "numbers", "text": "m"},
+            {"domain": "coding", "description": "programs", "text": "c"}]
+    out = op.run(NestedDataset.from_list(rows))
+    recs = out.to_list()
+    assert [r["domain"] for r in recs] == ["mathematics"] * 3 + ["coding"] * 3
+    assert all(r["instruction"] and r["output"] and r["input"] == "" for r in recs)
+    assert recs[0]["description"] == "numbers" and recs[-1]["text"] == "c"  # carried over
+    prov = recs[0][Fields.meta]["daar_synthesis"]
+    assert prov["accepted"] == 3 and prov["attempts"] >= 3 and prov["seed"] == 0
+    assert isinstance(prov["acceptance_rate"], float)
+    cents, manifest = load_centroids(tmp_path / "c")
+    assert cents.shape == (2, 32) and manifest["domains"] == ["mathematics", "coding"]
+    assert manifest["counts"] == [3, 3] and manifest["feature"] == "embedding"
+    assert manifest["descriptions"]["coding"] == "programs"
+    # the file feeds the pseudo-label op
+    op2 = DomainPseudoLabelMapper(centroids_path=str(tmp_path / "c"))
+    assert op2.model == str(tiny_llama) or Path(op2.model) == Path(tiny_llama)
+
+
+def test_synthesis_op_domains_parameter_and_paper_defaults(scripted, tiny_llama):
+    op = CentroidSynthesisMapper(domains={"a": "first", "b": "second", "coding": "code"},
+                                 samples_per_domain=1, max_attempts=3, tau=0.9999,
+                                 feature_model=str(tiny_llama))
+    out = op.run(NestedDataset.from_list([{"text": "ignored"}]))
+    assert sorted(set(out["domain"])) == ["a", "b", "coding"]
+    op = CentroidSynthesisMapper(samples_per_domain=1, max_attempts=3, tau=0.9999,
+                                 feature_model=str(tiny_llama))
+    out = op.run(NestedDataset.from_list([{"text": "no domain column"}]))
+    assert list(dict.fromkeys(out["domain"])) == ["common_sense", "reasoning", "mathematics",
+                                                  "coding"]
+
+
+def test_synthesis_op_refuses_partial_centroids_and_bad_rows(scripted, tiny_llama, tmp_path):
+    rows = [{"domain": "mathematics"}, {"domain": "coding"}, {"domain": "silence"}]
+    op = CentroidSynthesisMapper(samples_per_domain=1, max_attempts=2, tau=0.9999,
+                                 feature_model=str(tiny_llama), centroids_path=str(tmp_path / "c"))
+    with pytest.raises(RuntimeError, match="silence"):
+        op.run(NestedDataset.from_list(rows))
+    op = CentroidSynthesisMapper(feature_model=str(tiny_llama))
+    with pytest.raises(ValueError, match="at least 2"):
+        op.run(NestedDataset.from_list([{"domain": "alone"}, {"domain": "alone"}]))
+
+
+def test_synthesis_op_with_junk_model_ends_with_clear_shortfall(tiny_llama, tmp_path):
+    op = CentroidSynthesisMapper(model=str(tiny_llama), samples_per_domain=2, max_attempts=2,
+                                 max_new_tokens=6, centroids_path=str(tmp_path / "c"))
+    rows = [{"domain": "mathematics", "description": "numbers"}, {"domain": "coding"}]
+    with pytest.raises(RuntimeError, match="no accepted sample"):
+        op.run(NestedDataset.from_list(rows))
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    op = CentroidSynthesisMapper(model=str(tiny_llama), samples_per_domain=2, max_attempts=2,
+                                 max_new_tokens=6)
+    assert len(op.run(NestedDataset.from_list(rows))) <= 4  # no centroids asked: no error
+
+
+def test_synthesis_op_validates_parameters():
+    with pytest.raises(ValueError, match="backend"):
+        CentroidSynthesisMapper(backend="grpc")
+    with pytest.raises(ValueError, match="tau"):
+        CentroidSynthesisMapper(tau=1.5)
+    with pytest.raises(ValueError, match="tau"):
+        CentroidSynthesisMapper(tau={"coding": 0.0})
+    with pytest.raises(ValueError, match="samples_per_domain"):
+        CentroidSynthesisMapper(samples_per_domain=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        CentroidSynthesisMapper(domains=["only"])
+    with pytest.raises(ValueError, match="feature"):
+        CentroidSynthesisMapper(feature="logits")
+    assert "ray" not in CentroidSynthesisMapper._supported_exec_modes
+
+
+# ------------------------------------------------------------------------------ integration
+
+@pytest.mark.integration
+def test_real_smollm2_synthesis_writes_parsed_pairs_and_centroids(smollm2_path, tmp_path):
+    op = CentroidSynthesisMapper(
+        domains={"mathematics": "calculations with numbers", "coding": "write Python code"},
+        samples_per_domain=1, max_attempts=2, candidates_per_round=2, max_new_tokens=64,
+        dtype="bfloat16", generation_batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
+    rows = op.run(NestedDataset.from_list([{"text": "x"}])).to_list()  # seeded: deterministic
+    assert {r["domain"] for r in rows} == {"mathematics", "coding"}
+    for r in rows:
+        assert r["instruction"].strip() and r["output"].strip()
+        assert r[Fields.meta]["daar_synthesis"]["attempts"] <= 2
+    cents, manifest = load_centroids(tmp_path / "c")
+    assert cents.shape == (2, 576) and manifest["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.integration
+def test_pseudo_label_recipe_runs_under_dj_process(smollm2_path, shared_pool, tmp_path):
+    with gzip.open(shared_pool, "rt") as handle:
+        rows = [json.loads(line) for line in islice(handle, 40)]
+    rows[0]["output"] = ""  # a sample with a missing part
+    data = tmp_path / "slice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfile = _centroid_file(tmp_path / "cent", smollm2_path)
+    export = tmp_path / "out" / "labelled.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("dj-process")),
+           "--config", str(REPO / "recipes/daar/02_pseudo_label.yaml"),
+           "--dataset_path", str(data), "--export_path", str(export),
+           "--domain_pseudo_label_mapper.centroids_path", str(cfile)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in export.read_text().splitlines()]
+    assert len(out) == 40
+    labels = [r[Fields.meta]["daar_pseudo_domain"] for r in out]
+    assert set(labels) <= {"mathematics", "coding"}
+    assert all(len(r[Fields.stats]["daar_domain_similarity"]) == 2 for r in out)
+    # coding samples mostly go to the coding centroid
+    coding = [lab for lab, r in zip(labels, rows) if r["domain"] == "coding"]
+    assert coding and coding.count("coding") / len(coding) > 0.5
