@@ -184,11 +184,9 @@ def model_description(model: str) -> dict[str, Any]:
 
 def read_label(record: Mapping[str, Any], label_key: str) -> str | None:
     """The label at a dotted key (``__dj__meta__.daar_pseudo_domain``); None if missing/empty."""
-    value: Any = record
-    for part in label_key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
+    from daar_ops.text import lookup
+
+    value = lookup(record, label_key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     text = str(value).strip()

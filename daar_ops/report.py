@@ -39,7 +39,7 @@ from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, gl
 from daar_ops.algorithms.coverage import (entropy_from_counts, facility_location_coverage,
                                           label_distribution, mean_nearest_selected_cosine,
                                           mean_pairwise_similarity)
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 DEFAULT_LABEL_KEYS = ("domain", "__dj__meta__.daar_pseudo_domain")
 STATS_FIELD = "__dj__stats__"
@@ -91,14 +91,6 @@ def read_records(path: str | os.PathLike, limit: int | None = None) -> list[dict
             logger.warning(f"{stats_path}: {len(stats)} rows for {len(records)} records; ignored")
     return records
 
-
-def lookup(record: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 def numeric_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -52,16 +52,17 @@ class TextTemplate:
         self.fields = list(dict.fromkeys(fields))
 
     def render(self, record: Mapping[str, Any]) -> str:
-        values = {f: to_text(_lookup(record, f)) for f in self.fields}
+        values = {f: to_text(lookup(record, f)) for f in self.fields}
         return self.template.format_map(_DottedValues(values)).strip()
 
     def __repr__(self) -> str:
         return f"TextTemplate({self.template!r})"
 
 
-def _lookup(record: Mapping[str, Any], field: str) -> Any:
+def lookup(record: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (``__dj__stats__.score``); None when any part is missing."""
     value: Any = record
-    for part in field.split("."):
+    for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
             return None
         value = value[part]

@@ -14,7 +14,7 @@ from data_juicer.utils.ray_utils import is_ray_mode
 
 from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, global_phi_intra,
                                              label_centroids, percentile_band, phi_scores)
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 OP_NAME = "domain_contrastive_selector"
 STAT_INTER = "daar_phi_inter"
@@ -36,14 +36,6 @@ def _extractor(model: str, max_length: int, batch_size: int, dtype: str, device:
                                                      device=device)
         return _EXTRACTORS[key]
 
-
-def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -148,7 +140,7 @@ class DomainContrastiveSelector(Selector):
             return dataset
         rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
         domains, label_idx = encode_labels(
-            [_lookup(r, self.label_key) for r in rows],
+            [lookup(r, self.label_key) for r in rows],
             self.centroid_domains if self.centroids_path else None)
         n_unlabeled = int((label_idx < 0).sum())
         if n_unlabeled:

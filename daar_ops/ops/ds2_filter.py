@@ -14,7 +14,7 @@ from loguru import logger
 
 from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
                                      resolve_budget, scores_to_classes, write_ds2_report)
-from daar_ops.text import TextTemplate
+from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "ds2_filter"
 RAW_KEY = "ds2_raw_score"
@@ -30,14 +30,6 @@ RAY_MESSAGE = (
     "which the Ray executor cannot do. Run it with executor_type: default; the expensive "
     "per-sample rating (ds2_rating_filter) may run under Ray in a separate recipe first.")
 
-
-def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -182,14 +174,14 @@ class DS2Filter(Filter):
 
     # -- pieces ------------------------------------------------------------------------------------
     def _score(self, record: Mapping[str, Any]) -> Any:
-        value = _lookup(record, self.score_key)
+        value = lookup(record, self.score_key)
         if value is None and "." not in self.score_key:
-            value = _lookup(record.get(Fields.stats) or {}, self.score_key)
+            value = lookup(record.get(Fields.stats) or {}, self.score_key)
         return value
 
     def _embeddings(self, records: list[dict]) -> np.ndarray:
         if self.embedding_key:
-            vectors = [_lookup(r, self.embedding_key) for r in records]
+            vectors = [lookup(r, self.embedding_key) for r in records]
             dims = [len(v) for v in vectors if isinstance(v, (list, tuple, np.ndarray))]
             if not dims:
                 raise ValueError(f"{OP_NAME}: no sample has a vector in '{self.embedding_key}'")
