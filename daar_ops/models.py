@@ -166,3 +166,15 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(volatile, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_model(model: str) -> dict:
+    """A model's compatibility keys without loading its weights: the keys of
+    :meth:`LayerFeatureExtractor.describe` that artifacts are checked against."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"model": str(model), "model_path": path, "model_fingerprint": model_fingerprint(path),
+            "feature_dim": text_config.hidden_size, "num_layers": text_config.num_hidden_layers}

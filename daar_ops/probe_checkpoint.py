@@ -169,19 +169,6 @@ def checkpoint_model(manifest: Mapping[str, Any]) -> str:
     return str(manifest.get("model") or path)
 
 
-def model_description(model: str) -> dict[str, Any]:
-    """The compatibility keys of a model without loading its weights: fingerprint, feature dim."""
-    from transformers import AutoConfig
-
-    from daar_ops.models import model_fingerprint, resolve_model_path
-
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {"model": model, "model_path": path, "model_fingerprint": model_fingerprint(path),
-            "feature_dim": text_config.hidden_size, "num_layers": text_config.num_hidden_layers}
-
-
 def read_label(record: Mapping[str, Any], label_key: str) -> str | None:
     """The label at a dotted key (``__dj__meta__.daar_pseudo_domain``); None if missing/empty."""
     from daar_ops.text import lookup

@@ -160,8 +160,6 @@ def run_method(name: str, recipe_path: Path, input_path: Path, out_dir: Path, ra
     With ``reuse``, a previous successful run in the same output folder on the same slice is
     taken as is (its recorded runtime included) instead of running again.
     """
-    import yaml
-
     run_file = out_dir / "methods" / name / "run.json"
     if reuse and run_file.exists():
         previous = json.loads(run_file.read_text())

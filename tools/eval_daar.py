@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 from daar_ops.pipeline import SelectConfig, read_jsonl, run_select
 

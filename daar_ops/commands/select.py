@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "probe checkpoint and a summary. Defaults: SmolLM2 + the shared pool.")
     parser.add_argument("--quick", action="store_true",
                         help="preset for a fast run: 3 samples/domain, probe pool 800, "
-                             "selection pool 2000")
+                             "selection pool 2000, 20 probe epochs")
     defaults = SelectConfig()
     for f in dataclasses.fields(SelectConfig):
         if f.name in ("progress", "domains"):

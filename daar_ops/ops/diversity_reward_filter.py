@@ -16,8 +16,9 @@ from loguru import logger
 
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
 from daar_ops.artifacts import ArtifactError
+from daar_ops.models import describe_model
 from daar_ops.probe_checkpoint import (DaarScorer, check_checkpoint_compatible, checkpoint_model,
-                                       load_probe_checkpoint, model_description)
+                                       load_probe_checkpoint)
 from daar_ops.text import TextTemplate
 
 OP_NAME = "diversity_reward_filter"
@@ -136,7 +137,7 @@ class DiversityRewardFilter(Filter):
         self.domains = probes.domains
         model = model or checkpoint_model(manifest)
         try:
-            live = model_description(model)
+            live = describe_model(model)
             if int(manifest["layer"]) > live["num_layers"]:
                 raise ArtifactError(f"checkpoint layer {manifest['layer']} > the model's "
                                     f"{live['num_layers']} layers")

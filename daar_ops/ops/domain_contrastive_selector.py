@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 from loguru import logger

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -17,7 +16,7 @@ from daar_ops.algorithms.centroids import (METRICS, DomainSpec, assign_nearest, 
                                            compatibility_keys, compute_centroids, embed_texts,
                                            feature_description, kmeans_refine, load_centroids)
 from daar_ops.artifacts import check_compatible
-from daar_ops.models import model_fingerprint, resolve_model_path
+from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
@@ -42,15 +41,7 @@ def _extractor(model: str, layer: int, max_length: int, batch_size: int, dtype: 
 
 def _static_description(model: str, layer: int) -> dict[str, Any]:
     """The describe() keys a centroid file is checked against, without loading any weights."""
-    path = resolve_model_path(model)
-    cfg_file = Path(path) / "config.json"
-    dim = None
-    if cfg_file.exists():
-        cfg = json.loads(cfg_file.read_text())
-        cfg = cfg.get("text_config", cfg)
-        dim = cfg.get("hidden_size")
-    return {"model": model, "model_fingerprint": model_fingerprint(path), "layer": layer,
-            "feature_dim": dim}
+    return {**describe_model(model), "layer": layer}
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -81,7 +72,9 @@ class DomainPseudoLabelMapper(Mapper):
     counted in a log line. Samples that already carry both keys are left as they are.
     With ``refine_iters > 0`` the centroids first move by k-means (initialised at the synthetic
     centroids) over the whole dataset, as in the reference code; that needs the default
-    executor (under Ray, use ``refine_iters: 0``).
+    executor (under Ray, use ``refine_iters: 0``). Under Data-Juicer 1.6.1's Ray executor a
+    Filter placed after this op drops its stats column (the meta label survives): put Filters
+    first (docs/ray.md).
     """
 
     _accelerator = "cpu"

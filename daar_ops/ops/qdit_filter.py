@@ -1,0 +1,272 @@
+"""Data-Juicer adapter of QDIT quality-diversity selection (math in daar_ops.algorithms.qdit)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+from loguru import logger
+
+from data_juicer.ops.base_op import OPERATORS, Filter
+from data_juicer.utils.constant import Fields
+from data_juicer.utils.ray_utils import is_ray_mode
+
+from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QUALITY_NORMS,
+                                      SIMILARITIES, qdit_select, resolve_budget)
+from daar_ops.text import TextTemplate
+
+OP_NAME = "qdit_filter"
+GAIN_KEY = "qdit_gain"
+RANK_KEY = "qdit_rank"
+EMBEDDERS = ("sentence_transformers", "daar_features")
+RAY_MESSAGE = (f"{OP_NAME} selects over the whole dataset and cannot run under executor_type: ray. "
+               f"Run it with the default executor (executor_type: default), e.g. as a second "
+               f"recipe on the Ray job's exported output.")
+
+
+def _lookup(record: Mapping[str, Any], key: str) -> Any:
+    value: Any = record
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+@OPERATORS.register_module(OP_NAME)
+class QditFilter(Filter):
+    """QDIT quality-diversity selection (Bukharin et al. 2023): keep the samples picked by the greedy
+    ``argmax (1 - alpha) * d(a | A) / diversity_scale + alpha * q(a)`` where d is the
+    facility-location gain over clipped cosine similarity of sentence embeddings and q a
+    normalised quality score read from any numeric field or stats key.
+
+    A global op: it embeds the whole dataset, runs the greedy once (exact lazy greedy, or
+    stochastic greedy for very large N; similarity in memory-bounded blocks, dense, or kNN-sparse)
+    and keeps the selected samples in their original order. Default executor only; under Ray it
+    fails before processing.
+
+    Stats keys written for every sample:
+
+    * ``qdit_rank`` (int): 0-based selection order; -1 for samples not selected.
+    * ``qdit_gain`` (float): the objective's marginal gain when the sample was selected (the
+      combined score, in the units set by ``diversity_scale``); 0.0 for samples not selected.
+    """
+
+    _batched_op = False
+    _supported_exec_modes = ("default",)
+
+    def __init__(self,
+                 select_ratio: Optional[float] = None,
+                 select_num: Optional[int] = None,
+                 text_template: Optional[str] = None,
+                 quality_key: Optional[str] = None,
+                 alpha: float = 0.0,
+                 diversity_scale: Union[str, float] = "mean",
+                 quality_norm: str = "minmax",
+                 quality_fill: Union[str, float] = "min",
+                 method: str = "lazy",
+                 epsilon: float = 0.01,
+                 seed: int = 0,
+                 similarity: str = "blocked",
+                 knn_k: int = 50,
+                 max_memory_mb: float = 2048.0,
+                 compute_dtype: str = "float32",
+                 partition_size: Optional[int] = None,
+                 embedder: str = "sentence_transformers",
+                 embedding_model: Optional[str] = None,
+                 feature: str = "layer",
+                 feature_layer: int = 3,
+                 max_length: int = 512,
+                 embed_batch_size: int = 64,
+                 *args, **kwargs):
+        """
+        Initialization method.
+
+        :param select_ratio: fraction of the dataset to keep, in [0, 1] (rounded to the nearest
+            count). Give this or ``select_num``.
+        :param select_num: number of samples to keep (all are kept when the dataset is smaller).
+        :param text_template: what is embedded: a ``str.format`` template over fields, e.g.
+            ``"{instruction} {input}"``, or a single field name. Default: the ``text_key`` field.
+        :param quality_key: numeric field or stats key holding the quality score, nested keys
+            with dots (e.g. ``__dj__stats__.llm_quality_score``). Required when ``alpha > 0``.
+        :param alpha: quality weight in [0, 1]; 0 = pure diversity, the paper uses ~0.7.
+        :param diversity_scale: how d(a|A) is scaled against q: ``mean`` (divide by N: the average
+            coverage gain, in [0, 1]; default), ``max_singleton`` (divide by the best first gain),
+            ``none`` (raw sum) or a positive number.
+        :param quality_norm: ``minmax`` (to [0, 1], default), ``rank`` (percentile) or ``none``.
+        :param quality_fill: value for missing/non-numeric/NaN/inf quality: ``min`` (default),
+            ``median``, ``max`` of the valid scores, or a number. Counted in a log line.
+        :param method: ``lazy`` (exact greedy) or ``stochastic`` (for very large datasets).
+        :param epsilon: stochastic greedy's epsilon in (0, 1); each step samples
+            ``N / K * ln(1 / epsilon)`` candidates.
+        :param seed: seed of the stochastic greedy's sampling.
+        :param similarity: ``blocked`` (on the fly, memory bounded), ``dense`` (N x N matrix)
+            or ``knn`` (sparse: each sample covers its ``knn_k`` nearest neighbours).
+        :param knn_k: neighbours per sample with ``similarity: knn``.
+        :param max_memory_mb: memory for similarity blocks and the row cache (``blocked``).
+        :param compute_dtype: similarity matmul precision: ``float32``, ``bfloat16`` (faster on
+            AMX CPUs and GPUs, ~1e-3 error) or ``float64``.
+        :param partition_size: for very large datasets: select in seeded random parts of about
+            this many samples (GreeDi's first round; N^2/P similarity work); None = no parts.
+        :param embedder: ``sentence_transformers`` (default, all-MiniLM-L6-v2 or any
+            sentence-transformers folder) or ``daar_features`` (masked-mean features of a causal
+            LM's embedding layer or decoder layer ``feature_layer``, as DaaR uses).
+        :param embedding_model: short name or local folder of the model; default
+            ``all-minilm-l6-v2`` for sentence_transformers, ``smollm2-135m-instruct`` for
+            daar_features.
+        :param feature: with daar_features: ``layer`` (decoder layer ``feature_layer``) or
+            ``embedding`` (the token-embedding layer).
+        :param feature_layer: decoder layer k >= 1 for ``feature: layer``.
+        :param max_length: tokens kept per text with daar_features.
+        :param embed_batch_size: texts per encoder batch.
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        super().__init__(*args, **kwargs)
+        if is_ray_mode():
+            raise ValueError(RAY_MESSAGE)
+        if (select_ratio is None) == (select_num is None):
+            raise ValueError(f"{OP_NAME}: give exactly one of select_ratio and select_num")
+        resolve_budget(10, select_num, select_ratio)  # validates the values
+        if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"{OP_NAME}: alpha must be in [0, 1], got {alpha!r}")
+        if float(alpha) > 0 and not quality_key:
+            raise ValueError(f"{OP_NAME}: alpha > 0 needs quality_key (a numeric field or stats "
+                             f"key such as __dj__stats__.llm_quality_score)")
+        if quality_norm not in QUALITY_NORMS:
+            raise ValueError(f"{OP_NAME}: quality_norm must be one of {QUALITY_NORMS}")
+        if isinstance(quality_fill, str) and quality_fill not in QUALITY_FILLS:
+            raise ValueError(f"{OP_NAME}: quality_fill must be one of {QUALITY_FILLS} or a number")
+        if not isinstance(quality_fill, str) and not math.isfinite(float(quality_fill)):
+            raise ValueError(f"{OP_NAME}: quality_fill must be finite")
+        if isinstance(diversity_scale, str):
+            if diversity_scale not in ("mean", "max_singleton", "none"):
+                raise ValueError(f"{OP_NAME}: diversity_scale must be 'mean', 'max_singleton', "
+                                 f"'none' or a positive number, got {diversity_scale!r}")
+        elif not (math.isfinite(float(diversity_scale)) and float(diversity_scale) > 0):
+            raise ValueError(f"{OP_NAME}: diversity_scale must be positive, got {diversity_scale}")
+        if method not in METHODS:
+            raise ValueError(f"{OP_NAME}: method must be one of {METHODS}, got {method!r}")
+        if not 0.0 < float(epsilon) < 1.0:
+            raise ValueError(f"{OP_NAME}: epsilon must be in (0, 1), got {epsilon!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"{OP_NAME}: similarity must be one of {SIMILARITIES}")
+        if int(knn_k) < 1 or float(max_memory_mb) <= 0 or int(embed_batch_size) < 1:
+            raise ValueError(f"{OP_NAME}: knn_k, max_memory_mb and embed_batch_size must be > 0")
+        if partition_size is not None and int(partition_size) < 1:
+            raise ValueError(f"{OP_NAME}: partition_size must be >= 1")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{OP_NAME}: compute_dtype must be one of {tuple(COMPUTE_DTYPES)}")
+        if embedder not in EMBEDDERS:
+            raise ValueError(f"{OP_NAME}: embedder must be one of {EMBEDDERS}, got {embedder!r}")
+        if feature not in ("layer", "embedding"):
+            raise ValueError(f"{OP_NAME}: feature must be 'layer' or 'embedding'")
+        if embedder == "daar_features" and feature == "layer" and int(feature_layer) < 1:
+            raise ValueError(f"{OP_NAME}: feature_layer must be >= 1 for feature: layer")
+        if int(max_length) < 1:
+            raise ValueError(f"{OP_NAME}: max_length must be >= 1")
+        self.select_ratio = None if select_ratio is None else float(select_ratio)
+        self.select_num = None if select_num is None else int(select_num)
+        self.template = TextTemplate(text_template or self.text_key)
+        self.quality_key = quality_key
+        self.embedder = embedder
+        self.embedding_model = embedding_model or (
+            "all-minilm-l6-v2" if embedder == "sentence_transformers" else "smollm2-135m-instruct")
+        self.feature = feature
+        self.feature_layer = int(feature_layer) if feature == "layer" else 0
+        self.max_length = int(max_length)
+        self.embed_batch_size = int(embed_batch_size)
+        self.select_kwargs = dict(
+            alpha=float(alpha), diversity_scale=diversity_scale, quality_norm=quality_norm,
+            quality_fill=quality_fill, method=method, epsilon=float(epsilon), seed=int(seed),
+            similarity=similarity, knn_k=int(knn_k), max_memory_mb=float(max_memory_mb),
+            compute_dtype=compute_dtype,
+            partition_size=None if partition_size is None else int(partition_size))
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _device(self) -> str:
+        return "cuda" if self.use_cuda() else "cpu"
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        empty = sum(1 for t in texts if not t.strip())
+        if empty:
+            logger.warning(f"{OP_NAME}: {empty} of {len(texts)} samples have empty text; they are "
+                           f"embedded as the empty string (near-duplicates of each other)")
+        if self.embedder == "sentence_transformers":
+            from daar_ops.encoders import encode_sentences
+
+            return encode_sentences(texts, model=self.embedding_model,
+                                    batch_size=self.embed_batch_size, device=self._device())
+        from daar_ops.features import LayerFeatureExtractor
+
+        extractor = LayerFeatureExtractor(self.embedding_model, layer=self.feature_layer,
+                                          max_length=self.max_length,
+                                          batch_size=self.embed_batch_size, device=self._device())
+        feats = extractor.encode(texts)
+        if feats.n_truncated:
+            logger.info(f"{OP_NAME}: {feats.n_truncated} texts truncated to {self.max_length} tokens")
+        return feats.layer if self.feature == "layer" else feats.embedding
+
+    def select(self, records: list[Mapping[str, Any]]):
+        """Run the selection on plain records; returns a :class:`QditResult`."""
+        texts = [self.template.render(r) for r in records]
+        quality = None
+        if self.quality_key and self.select_kwargs["alpha"] > 0:
+            quality = [_lookup(r, self.quality_key) for r in records]
+        emb = self._embed(texts)
+        return qdit_select(emb, select_num=self.select_num, select_ratio=self.select_ratio,
+                           quality=quality, device=self._device(), batch=16, progress=True,
+                           **self.select_kwargs)
+
+    # -- Data-Juicer entry points --------------------------------------------------------------------
+    def compute_stats_single(self, sample, rank=None, context=False):
+        raise RuntimeError(f"{OP_NAME} is a global op: it runs through run() on the whole "
+                           f"dataset. {RAY_MESSAGE}")
+
+    def process_single(self, sample):
+        return int(sample[Fields.stats].get(RANK_KEY, -1)) >= 0
+
+    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        if is_ray_mode() or not hasattr(dataset, "select_columns"):
+            raise RuntimeError(RAY_MESSAGE)
+        dataset = super(Filter, self).run(dataset)  # OP.run: adds the stats column if needed
+        n = len(dataset)
+        if n == 0:
+            logger.warning(f"{OP_NAME}: empty dataset, nothing to select")
+            return dataset
+        budget = resolve_budget(n, self.select_num, self.select_ratio)
+        if self.select_num is not None and self.select_num > n:
+            logger.warning(f"{OP_NAME}: select_num={self.select_num} but the dataset has only {n} "
+                           f"samples; all are selected (ranked)")
+        top = {f.split(".")[0] for f in self.template.fields}
+        if self.quality_key:
+            top.add(self.quality_key.split(".")[0])
+        missing = sorted(c for c in top if c not in dataset.column_names)
+        if missing:
+            logger.warning(f"{OP_NAME}: fields {missing} are absent from the dataset; they render "
+                           f"as empty text / missing quality")
+        records = dataset.select_columns([c for c in dataset.column_names if c in top]).to_list()
+        result = self.select(records)
+        ranks = np.full(n, -1, dtype=np.int64)
+        gains = np.zeros(n, dtype=np.float64)
+        ranks[result.indices] = np.arange(len(result.indices))
+        gains[result.indices] = result.gains
+        ranks_l, gains_l = ranks.tolist(), [float(g) for g in gains]
+        logger.info(f"{OP_NAME}: selected {len(result.indices)}/{n} (budget {budget}); "
+                    f"facility-location objective {result.objective:.4f}; "
+                    f"{result.n_evaluations} gain evaluations")
+
+        def write_stats(sample, idx):
+            stats = dict(sample[Fields.stats] or {})
+            stats[RANK_KEY] = ranks_l[idx]
+            stats[GAIN_KEY] = gains_l[idx]
+            sample[Fields.stats] = stats
+            return sample
+
+        dataset = dataset.map(write_stats, with_indices=True, desc=f"{OP_NAME}_stats")
+        if exporter and self.stats_export_path is not None:
+            exporter.export_compute_stats(dataset, self.stats_export_path)
+        if reduce and self.process is not None:  # the Analyzer sets process to None
+            dataset = dataset.filter(self.process, desc=f"{OP_NAME}_process")
+        return dataset
