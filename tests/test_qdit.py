@@ -1,0 +1,215 @@
+"""QDIT greedy: exactness against apricot-select and a naive greedy, budgets, quality, modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daar_ops.algorithms.qdit import (facility_location_value, normalize_quality, qdit_select,
+                                      resolve_budget)
+
+torch.set_num_threads(1)
+
+
+def _clustered(n: int, d: int = 16, centers: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d))
+    return c[rng.integers(0, centers, n)] + 0.6 * rng.normal(size=(n, d))
+
+
+def _random(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
+    # unstructured data: facility-location gains have no structural ties (clustered data has
+    # exact ties, e.g. two points covering only each other), so any exact greedy gives one sequence
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _clipped_sim(x: np.ndarray) -> np.ndarray:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.clip(xn @ xn.T, 0.0, None)
+
+
+def _naive_greedy(sim: np.ndarray, k: int, q: np.ndarray | None, alpha: float,
+                  scale: float) -> list[int]:
+    n = sim.shape[0]
+    m = np.zeros(n)
+    chosen: list[int] = []
+    for _ in range(k):
+        score = (1 - alpha) * np.clip(sim - m, 0, None).sum(1) / scale
+        if q is not None:
+            score = score + alpha * q
+        score[chosen] = -np.inf
+        a = int(np.argmax(score))  # first maximum: ties go to the lower index
+        chosen.append(a)
+        m = np.maximum(m, sim[a])
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def apricot_reference():
+    """apricot-select's lazy facility location on the clipped cosine (it JIT-compiles per fit, so
+    it runs once for the module)."""
+    from apricot import FacilityLocationSelection
+
+    x = _random(300)
+    ref = FacilityLocationSelection(40, metric="precomputed", optimizer="lazy").fit(_clipped_sim(x))
+    return x, [int(i) for i in ref.ranking], np.asarray(ref.gains)
+
+
+@pytest.mark.parametrize("similarity", ["blocked", "dense"])
+def test_alpha0_matches_apricot_lazy_sequence(similarity, apricot_reference):
+    x, ranking, gains = apricot_reference
+    ours = qdit_select(x, select_num=40, similarity=similarity, compute_dtype="float64",
+                       max_memory_mb=0.05, batch=4, progress=False)
+    assert ours.indices.tolist() == ranking
+    np.testing.assert_allclose(ours.diversity_gains, gains, rtol=1e-9, atol=1e-9)
+    # float32 (the default) picks the same sequence here
+    ours32 = qdit_select(x, select_num=40, similarity=similarity, progress=False)
+    assert ours32.indices.tolist() == ranking
+
+
+@pytest.mark.parametrize("alpha,scale", [(0.3, "mean"), (0.7, "mean"), (0.5, "max_singleton"),
+                                         (0.5, 12.5)])
+def test_alpha_positive_matches_naive_greedy(alpha, scale):
+    x = _random(250, d=16, seed=1)
+    rng = np.random.default_rng(2)
+    raw_q = rng.normal(5, 2, size=len(x))
+    sim = _clipped_sim(x)
+    qn = (raw_q - raw_q.min()) / (raw_q.max() - raw_q.min())
+    first = sim.sum(1)
+    s = {"mean": len(x), "max_singleton": first.max()}.get(scale, scale)
+    expected = _naive_greedy(sim, 30, qn, alpha, s)
+    ours = qdit_select(x, select_num=30, quality=raw_q, alpha=alpha, diversity_scale=scale,
+                       compute_dtype="float64", progress=False)
+    assert ours.indices.tolist() == expected
+    # the reported gain is the combined score at selection time
+    m = np.zeros(len(x))
+    for a, g in zip(expected, ours.gains):
+        exact = (1 - alpha) * np.clip(sim[a] - m, 0, None).sum() / s + alpha * qn[a]
+        assert g == pytest.approx(exact, rel=1e-9)
+        m = np.maximum(m, sim[a])
+
+
+def test_ties_broken_by_lower_index():
+    base = _random(40, d=32, seed=3)
+    x = np.concatenate([base, base])  # every row has an exact duplicate 40 rows later
+    ours = qdit_select(x, select_num=6, compute_dtype="float64", progress=False)
+    assert all(i < 40 for i in ours.indices)
+    sim = _clipped_sim(x)
+    assert ours.indices.tolist() == _naive_greedy(sim, 6, None, 0.0, 1.0)
+
+
+def test_alpha1_is_a_quality_sort_with_index_ties():
+    x = _clustered(10)
+    q = [3, 5, 5, 1, None, 9, 9, 0, 2, 4]
+    r = qdit_select(x, select_num=4, quality=q, alpha=1.0, progress=False)
+    assert r.indices.tolist() == [5, 6, 1, 2]
+
+
+def test_stochastic_is_deterministic_and_close():
+    x = _clustered(1500, d=24, centers=30, seed=4)
+    exact = qdit_select(x, select_num=60, progress=False)
+    a = qdit_select(x, select_num=60, method="stochastic", epsilon=0.05, seed=7, progress=False)
+    b = qdit_select(x, select_num=60, method="stochastic", epsilon=0.05, seed=7, progress=False)
+    c = qdit_select(x, select_num=60, method="stochastic", epsilon=0.05, seed=8, progress=False)
+    assert a.indices.tolist() == b.indices.tolist()
+    assert a.indices.tolist() != c.indices.tolist()
+    assert a.n_evaluations < exact.n_evaluations
+    assert len(set(a.indices.tolist())) == 60
+    assert a.objective / exact.objective > 0.97
+    assert a.objective == pytest.approx(facility_location_value(x, a.indices), rel=1e-5)
+
+
+def test_knn_sparse_mode_covers_and_is_close():
+    x = _clustered(800, d=24, centers=20, seed=5)
+    exact = qdit_select(x, select_num=40, progress=False)
+    sparse = qdit_select(x, select_num=40, similarity="knn", knn_k=60, progress=False)
+    assert len(set(sparse.indices.tolist())) == 40
+    dense_obj = facility_location_value(x, sparse.indices)
+    assert dense_obj / exact.objective > 0.95
+    assert sparse.objective <= dense_obj + 1e-3  # truncated similarities never exceed the dense
+
+
+def test_blocked_memory_bound_does_not_change_result():
+    x = _clustered(500, seed=6)
+    big = qdit_select(x, select_num=50, max_memory_mb=512, progress=False)
+    tiny = qdit_select(x, select_num=50, max_memory_mb=0.01, progress=False)
+    assert big.indices.tolist() == tiny.indices.tolist()
+    assert big.objective == pytest.approx(facility_location_value(x, big.indices), rel=1e-5)
+
+
+def test_bfloat16_is_close_to_exact():
+    x = _clustered(600, d=32, seed=7)
+    exact = qdit_select(x, select_num=50, progress=False)
+    fast = qdit_select(x, select_num=50, compute_dtype="bfloat16", progress=False)
+    assert facility_location_value(x, fast.indices) / exact.objective > 0.99
+
+
+def test_budgets():
+    assert resolve_budget(10, select_ratio=0.25) == 3  # 2.5 rounds half up
+    assert resolve_budget(10, select_num=50) == 10
+    assert resolve_budget(0, select_ratio=0.5) == 0
+    for bad in [dict(), dict(select_num=1, select_ratio=0.1), dict(select_ratio=1.5),
+                dict(select_num=-1), dict(select_num=2.5)]:
+        with pytest.raises(ValueError):
+            resolve_budget(10, **bad)
+    x = _clustered(5)
+    r = qdit_select(x, select_num=9, progress=False)
+    assert sorted(r.indices.tolist()) == list(range(5))
+    assert qdit_select(np.zeros((0, 4)), select_ratio=0.5, progress=False).indices.size == 0
+
+
+def test_normalize_quality_defined_for_bad_values():
+    q, invalid = normalize_quality([1.0, None, float("nan"), "x", float("inf"), 3.0, 2.0])
+    assert invalid.tolist() == [False, True, True, True, True, False, False]
+    np.testing.assert_allclose(q, [0, 0, 0, 0, 0, 1, 0.5])
+    q, _ = normalize_quality([1.0, None, 3.0], fill="max")
+    np.testing.assert_allclose(q, [0, 1, 1])
+    q, _ = normalize_quality([10.0, 1.0, 1.0, 100.0], method="rank")
+    np.testing.assert_allclose(q, [2 / 3, 1 / 6, 1 / 6, 1.0])
+    q, _ = normalize_quality([None, None])
+    np.testing.assert_allclose(q, [0, 0])
+    with pytest.raises(ValueError):
+        normalize_quality([1.0], method="zscore")
+
+
+def test_bad_embeddings_and_params():
+    x = _clustered(30)
+    x[3] = np.nan
+    r = qdit_select(x, select_num=5, progress=False)
+    assert 3 not in r.indices.tolist()  # a NaN row is a zero vector: it covers nothing
+    with pytest.raises(ValueError):
+        qdit_select(x, select_num=5, alpha=0.5, progress=False)  # no quality
+    with pytest.raises(ValueError):
+        qdit_select(x, select_num=5, method="greedy", progress=False)
+    with pytest.raises(ValueError):
+        qdit_select(x, select_num=5, diversity_scale=-1, progress=False)
+    with pytest.raises(ValueError):
+        qdit_select(x, select_num=5, quality=[1.0] * 3, alpha=0.5, progress=False)
+
+
+def test_fast_bounds_are_upper_bounds_and_keep_the_sequence():
+    from daar_ops.algorithms.qdit import BF16_MARGIN, _DenseRows
+
+    x = _clustered(400, d=48, seed=8)
+    xt = torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    backend = _DenseRows(xt, torch.float32, 64)
+    bounds = backend.all_gains(torch.zeros(400), False, fast_bounds=True)
+    exact = torch.from_numpy(_clipped_sim(x).sum(1))
+    assert bool((bounds >= exact - 1e-6).all())
+    assert float((bounds - exact).max()) <= 400 * BF16_MARGIN + 1e-3
+    a = qdit_select(x, select_num=40, fast_bounds=True, progress=False)
+    b = qdit_select(x, select_num=40, fast_bounds=False, progress=False)
+    assert a.indices.tolist() == b.indices.tolist()
+
+
+def test_partitioned_selection_budget_determinism_and_quality():
+    x = _clustered(900, d=24, centers=25, seed=9)
+    exact = qdit_select(x, select_num=90, progress=False)
+    a = qdit_select(x, select_num=90, partition_size=300, seed=1, progress=False)
+    b = qdit_select(x, select_num=90, partition_size=300, seed=1, progress=False)
+    assert a.indices.tolist() == b.indices.tolist()
+    assert len(set(a.indices.tolist())) == 90
+    assert a.meta["partitions"] == 3
+    assert np.all(np.diff(a.gains) <= 1e-12)  # merged order: by marginal gain
+    assert facility_location_value(x, a.indices) / exact.objective > 0.97
