@@ -14,6 +14,7 @@ from loguru import logger
 
 from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
                                      resolve_budget, scores_to_classes, write_ds2_report)
+from daar_ops.ops._global import write_stats_and_filter
 from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "ds2_filter"
@@ -284,17 +285,4 @@ class DS2Filter(Filter):
                                                 self.embedding_model))
             logger.info(f"{OP_NAME}: report written to {paths}")
 
-        def write_stats(sample, idx):
-            stats = dict(sample[Fields.stats] or {})
-            for key, values in columns.items():
-                stats[key] = values[idx]
-            sample[Fields.stats] = stats
-            return sample
-
-        dataset = dataset.map(write_stats, with_indices=True, desc=f"{OP_NAME}_stats")
-        if exporter and self.stats_export_path is not None:
-            exporter.export_compute_stats(dataset, self.stats_export_path)
-        if reduce and self.process is not None:  # the Analyzer sets process to None
-            # A cheap per-sample check of the stat written above: one process is fastest.
-            dataset = dataset.filter(self.process, desc=f"{OP_NAME}_process")
-        return dataset
+        return write_stats_and_filter(self, dataset, columns, exporter, reduce)

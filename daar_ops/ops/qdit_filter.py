@@ -14,7 +14,8 @@ from data_juicer.utils.ray_utils import is_ray_mode
 
 from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QUALITY_NORMS,
                                       SIMILARITIES, qdit_select, resolve_budget)
-from daar_ops.text import TextTemplate
+from daar_ops.ops._global import write_stats_and_filter
+from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "qdit_filter"
 GAIN_KEY = "qdit_gain"
@@ -24,14 +25,6 @@ RAY_MESSAGE = (f"{OP_NAME} selects over the whole dataset and cannot run under e
                f"Run it with the default executor (executor_type: default), e.g. as a second "
                f"recipe on the Ray job's exported output.")
 
-
-def _lookup(record: Mapping[str, Any], key: str) -> Any:
-    value: Any = record
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -213,7 +206,7 @@ class QditFilter(Filter):
         texts = [self.template.render(r) for r in records]
         quality = None
         if self.quality_key and self.select_kwargs["alpha"] > 0:
-            quality = [_lookup(r, self.quality_key) for r in records]
+            quality = [lookup(r, self.quality_key) for r in records]
         emb = self._embed(texts)
         return qdit_select(emb, select_num=self.select_num, select_ratio=self.select_ratio,
                            quality=quality, device=self._device(), batch=16, progress=True,
@@ -257,16 +250,5 @@ class QditFilter(Filter):
                     f"facility-location objective {result.objective:.4f}; "
                     f"{result.n_evaluations} gain evaluations")
 
-        def write_stats(sample, idx):
-            stats = dict(sample[Fields.stats] or {})
-            stats[RANK_KEY] = ranks_l[idx]
-            stats[GAIN_KEY] = gains_l[idx]
-            sample[Fields.stats] = stats
-            return sample
-
-        dataset = dataset.map(write_stats, with_indices=True, desc=f"{OP_NAME}_stats")
-        if exporter and self.stats_export_path is not None:
-            exporter.export_compute_stats(dataset, self.stats_export_path)
-        if reduce and self.process is not None:  # the Analyzer sets process to None
-            dataset = dataset.filter(self.process, desc=f"{OP_NAME}_process")
-        return dataset
+        return write_stats_and_filter(self, dataset, {RANK_KEY: ranks_l, GAIN_KEY: gains_l},
+                                      exporter, reduce)
