@@ -101,7 +101,16 @@ def _peak_rss_child(kind: str, model: str, layer: int, texts: list[str], plan: d
 
         full = AutoModel.from_pretrained(resolve_model_path(model), dtype=torch.float32).eval()
         full_model_features(full, plan)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(peak_rss_of_this_process_mb())
+
+
+def peak_rss_of_this_process_mb() -> float:
+    # VmHWM belongs to the address space, which exec replaces; ru_maxrss would carry over the
+    # (larger) parent's peak into the spawned child.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss_mb(kind: str, model: str, layer: int, texts: list[str], plan: dict) -> float:

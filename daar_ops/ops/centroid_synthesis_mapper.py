@@ -236,6 +236,13 @@ class CentroidSynthesisMapper(Mapper):
                         out[k].append(samples[k][src] if src is not None else None)
         return out
 
+    def runtime_np(self):
+        # None, not 1: HF datasets >= 4 forks a worker pool even for num_proc=1, and loading the
+        # generator (a dtype cast on transformers' loader threads) in a forked child of a process
+        # whose OpenMP pool is live aborts with torch's "Invalid thread pool". The op handles K
+        # rows in one batch, so it runs in this process.
+        return None
+
     def run(self, dataset, *, exporter=None, tracer=None):
         # Everything in one batch: prompts name the other domains, centroids need all of them.
         self.batch_size = max(1, len(dataset))
