@@ -118,9 +118,10 @@ def peak_rss_mb(kind: str, model: str, layer: int, texts: list[str], plan: dict)
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(kind, model, layer, texts, plan, queue))
     proc.start()
-    value = queue.get()
     proc.join()
-    return value
+    if proc.exitcode != 0 or queue.empty():
+        raise RuntimeError(f"the '{kind}' memory probe process failed (exit code {proc.exitcode})")
+    return queue.get()
 
 
 def main() -> None:
