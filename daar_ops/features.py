@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -231,6 +232,23 @@ class LayerFeatureExtractor:
                        progress: bool = True) -> LayerFeatures:
         tpl = template if isinstance(template, TextTemplate) else TextTemplate(template)
         return self.encode([tpl.render(r) for r in records], progress=progress)
+
+
+_EXTRACTORS: dict[tuple, LayerFeatureExtractor] = {}
+_EXTRACTORS_LOCK = threading.Lock()
+
+
+def cached_extractor(model: str, layer: int = 3, max_length: int = 512, batch_size: int = 32,
+                     dtype: str = "float32", device: str | None = "cpu") -> LayerFeatureExtractor:
+    """One extractor per process and setting: operators call this so the model loads once per
+    worker while the operator object itself stays small and picklable."""
+    key = (str(model), layer, max_length, batch_size, dtype, device)
+    with _EXTRACTORS_LOCK:
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=layer, max_length=max_length,
+                                                     batch_size=batch_size, dtype=dtype,
+                                                     device=device)
+        return _EXTRACTORS[key]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_ce
                                            embed_texts, parse_domains, save_centroids,
                                            synthesize)
 from daar_ops.generation import BACKENDS, cached_generator
-from daar_ops.ops.domain_pseudo_label_mapper import _extractor
+from daar_ops.features import cached_extractor
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 OP_NAME = "centroid_synthesis_mapper"
@@ -170,7 +170,7 @@ class CentroidSynthesisMapper(Mapper):
         return f"cuda:{rank or 0}" if self.use_cuda() else "cpu"
 
     def _features(self, texts: List[str], rank: Optional[int] = None) -> np.ndarray:
-        extractor = _extractor(self.feature_model, self._feature_layer, self.max_length, 64,
+        extractor = cached_extractor(self.feature_model, self._feature_layer, self.max_length, 32,
                                self.feature_dtype, self._device(rank))
         return embed_texts(extractor, texts, self.feature)
 
@@ -280,7 +280,7 @@ class CentroidSynthesisMapper(Mapper):
         feats = self._features([tpl.render(r) for r in records])
         names = [d.name for d in domains]
         centroids, n_per = compute_centroids(feats, [r[self.domain_key] for r in records], names)
-        extractor = _extractor(self.feature_model, self._feature_layer, self.max_length, 64,
+        extractor = cached_extractor(self.feature_model, self._feature_layer, self.max_length, 32,
                                self.feature_dtype, self._device())
         synthesis = {}
         for r in records:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from loguru import logger
@@ -14,27 +13,12 @@ from data_juicer.utils.ray_utils import is_ray_mode
 
 from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, global_phi_intra,
                                              label_centroids, percentile_band, phi_scores)
+from daar_ops.features import cached_extractor
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 OP_NAME = "domain_contrastive_selector"
 STAT_INTER = "daar_phi_inter"
 STAT_INTRA = "daar_phi_intra"
-
-_EXTRACTORS: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
-
-
-def _extractor(model: str, max_length: int, batch_size: int, dtype: str, device: str):
-    """One embedding-only LayerFeatureExtractor per process and setting (layer=0: no decoder)."""
-    from daar_ops.features import LayerFeatureExtractor
-
-    key = (model, max_length, batch_size, dtype, device)
-    with _LOCK:
-        if key not in _EXTRACTORS:
-            _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=0, max_length=max_length,
-                                                     batch_size=batch_size, dtype=dtype,
-                                                     device=device)
-        return _EXTRACTORS[key]
 
 
 
@@ -150,7 +134,7 @@ class DomainContrastiveSelector(Selector):
         if not domains or n_unlabeled == n:
             raise ValueError(f"{OP_NAME}: no sample has a label in '{self.label_key}'")
 
-        extractor = _extractor(self.hf_model, self.max_length, self.feature_batch_size,
+        extractor = cached_extractor(self.hf_model, 0, self.max_length, self.feature_batch_size,
                                self.dtype, self.device)
         if self.centroid_manifest is not None:
             from daar_ops.artifacts import check_compatible

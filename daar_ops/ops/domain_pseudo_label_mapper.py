@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -16,27 +15,11 @@ from daar_ops.algorithms.centroids import (METRICS, DomainSpec, assign_nearest, 
                                            compatibility_keys, compute_centroids, embed_texts,
                                            feature_description, kmeans_refine, load_centroids)
 from daar_ops.artifacts import check_compatible
+from daar_ops.features import cached_extractor
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
-
-_EXTRACTORS: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
-
-
-def _extractor(model: str, layer: int, max_length: int, batch_size: int, dtype: str,
-               device: str) -> Any:
-    """One LayerFeatureExtractor per process and setting (the op itself stays picklable)."""
-    key = (model, layer, max_length, batch_size, dtype, device)
-    with _LOCK:
-        if key not in _EXTRACTORS:
-            from daar_ops.features import LayerFeatureExtractor
-
-            _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=layer, max_length=max_length,
-                                                     batch_size=batch_size, dtype=dtype,
-                                                     device=device)
-        return _EXTRACTORS[key]
 
 
 def _static_description(model: str, layer: int) -> dict[str, Any]:
@@ -176,7 +159,7 @@ class DomainPseudoLabelMapper(Mapper):
         device = "cpu"
         if self.use_cuda():
             device = f"cuda:{(rank or 0)}"
-        return _extractor(self.model, self._feature_layer, self.max_length,
+        return cached_extractor(self.model, self._feature_layer, self.max_length,
                           self.model_batch_size, self.dtype, device)
 
     def _centroids_from_samples(self, path: str) -> tuple[list[str], np.ndarray]:
