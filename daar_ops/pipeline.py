@@ -68,6 +68,9 @@ class SelectConfig:
     # on SmolLM2 they lift pseudo-label agreement from 0.34 to 0.60 (3 iterations).
     refine_iters: int = 3
     select_ratio: float = 0.2
+    # Keep the top select_ratio within each predicted pseudo-domain (the paper's "customized"
+    # quota selection with equal ratios) instead of over the whole pool.
+    per_domain: bool = False
     epochs: int | None = None  # None: the probe trainer's default
     seed: int = 0
     threads: int = 1
@@ -166,7 +169,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
                                                kmeans_refine, parse_domains, save_centroids,
                                                synthesize)
     from daar_ops.algorithms.probes import TrainConfig
-    from daar_ops.algorithms.selection import top_mask
+    from daar_ops.algorithms.selection import quota_mask, top_mask
     from daar_ops.feature_cache import FeatureCache
     from daar_ops.features import LayerFeatureExtractor
     from daar_ops.generation import load_generator
@@ -259,8 +262,9 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         reward, probs = scorer.probes.score(pool_feats.layer)
 
     with timer("select"):
-        keep = top_mask(reward, top_ratio=cfg.select_ratio)
         predicted = [names[k] for k in np.argmax(probs, axis=1)] if len(probs) else []
+        keep = (quota_mask(reward, predicted, {}, default_ratio=cfg.select_ratio)
+                if cfg.per_domain else top_mask(reward, top_ratio=cfg.select_ratio))
         scores, selected = [], []
         for row, i in enumerate(pool_idx):
             stats = {"daar_diversity_reward": float(reward[row]),
@@ -316,7 +320,7 @@ def _write_summary_md(out: Path, s: Mapping[str, Any]) -> None:
              f"- pool: {s['pool_records']} records ({len(s['malformed_lines'])} malformed lines "
              f"skipped); probe pool {s['probe_pool']}, selection pool {s['selection_pool']}",
              f"- selected: **{s['selected']}** (top {s['config']['select_ratio']:.0%} by "
-             f"predicted entropy)",
+             f"predicted entropy{' within each predicted domain' if s['config']['per_domain'] else ''})",
              f"- probe validation accuracy on pseudo-labels: "
              f"{s['probe_metrics'].get('dom_val_accuracy', float('nan')):.3f}", "",
              "| pseudo-domain | probe pool | selection pool | selected |", "|---|---|---|---|"]

@@ -109,3 +109,21 @@ def test_config_validation(tmp_path):
         run_select(SelectConfig(pool=str(pool), synthetic=str(bad), probe_size=5,
                                 output_dir=str(tmp_path / "o"), progress=False,
                                 model="smollm2-135m-instruct"))
+
+
+def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
+        tiny_llama, small_pool, tmp_path):
+    from collections import Counter
+
+    pool, syn = small_pool
+    cfg = _config(tiny_llama, pool, syn, tmp_path / "q", tmp_path / "cache")
+    cfg.per_domain = True
+    run_select(cfg)
+    scores = [r for _, r in read_jsonl(tmp_path / "q" / "scores.jsonl")]
+    groups = Counter(r["daar_probe_domain"] for r in scores)
+    kept = Counter(r["daar_probe_domain"] for r in scores if r["selected"])
+    assert {g: kept.get(g, 0) for g in groups} == {g: int(n * 0.25) for g, n in groups.items()}
+    for g in groups:  # within a domain, the kept records are its best rewards
+        mine = sorted((r for r in scores if r["daar_probe_domain"] == g),
+                      key=lambda r: -r["daar_diversity_reward"])
+        assert all(r["selected"] for r in mine[: kept.get(g, 0)])

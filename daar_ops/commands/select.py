@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "selection pool 2000, 20 probe epochs")
     defaults = SelectConfig()
     for f in dataclasses.fields(SelectConfig):
-        if f.name in ("progress", "domains"):
+        if f.name in ("progress", "domains", "per_domain"):
             continue
         default = getattr(defaults, f.name)
         kind = type(default) if default is not None else (
@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} "
                                  f"(default: {default})")
     parser.add_argument("--domains", default=None, help=_HELP["domains"])
+    parser.add_argument("--per-domain", action="store_true", default=None,
+                        help="keep the top --select-ratio within each predicted pseudo-domain "
+                             "(balanced quotas) instead of over the whole pool")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
 
