@@ -234,6 +234,15 @@ class LayerFeatureExtractor:
         return self.encode([tpl.render(r) for r in records], progress=progress)
 
 
+def limit_worker_threads() -> None:
+    """One torch thread inside a Data-Juicer worker process: N workers x all cores each would
+    oversubscribe the CPU. The main process keeps its setting."""
+    import multiprocessing as mp
+
+    if mp.current_process().name != "MainProcess":
+        torch.set_num_threads(1)
+
+
 _EXTRACTORS: dict[tuple, LayerFeatureExtractor] = {}
 _EXTRACTORS_LOCK = threading.Lock()
 

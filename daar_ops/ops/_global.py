@@ -1,10 +1,26 @@
-"""The tail shared by the global selection filters (``qdit_filter``, ``ds2_filter``)."""
+"""What the global selection filters (``qdit_filter``, ``ds2_filter``) share around their math."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from data_juicer.ops.base_op import Filter
 from data_juicer.utils.constant import Fields
+from data_juicer.utils.ray_utils import is_ray_mode
+from loguru import logger
+
+
+def start_global_run(op: Any, dataset: Any, ray_message: str) -> Any:
+    """Refuse Ray (a global selection needs the whole dataset in one process) and add the stats
+    column through ``OP.run``; an empty dataset is logged and returned as it is then."""
+    from datasets import Dataset
+
+    if is_ray_mode() or not isinstance(dataset, Dataset):
+        raise RuntimeError(ray_message)
+    dataset = super(Filter, op).run(dataset)
+    if len(dataset) == 0:
+        logger.warning(f"{op._name}: empty dataset, nothing to select")
+    return dataset
 
 
 def write_stats_and_filter(op: Any, dataset: Any, columns: Mapping[str, Sequence[Any]],

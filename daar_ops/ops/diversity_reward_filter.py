@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -16,6 +15,7 @@ from loguru import logger
 
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
 from daar_ops.artifacts import ArtifactError
+from daar_ops.features import limit_worker_threads
 from daar_ops.models import describe_model
 from daar_ops.probe_checkpoint import (DaarScorer, check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
@@ -41,10 +41,7 @@ class _ScorerKey:
     max_batch_tokens: int
 
     def __call__(self, device: str = "cpu") -> DaarScorer:
-        if mp.current_process().name != "MainProcess":
-            import torch
-
-            torch.set_num_threads(1)
+        limit_worker_threads()
         return DaarScorer(self.checkpoint, self.model, device=device, dtype=self.dtype,
                           batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens)
 

@@ -14,7 +14,7 @@ from loguru import logger
 
 from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
                                      resolve_budget, scores_to_classes, write_ds2_report)
-from daar_ops.ops._global import write_stats_and_filter
+from daar_ops.ops._global import start_global_run, write_stats_and_filter
 from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "ds2_filter"
@@ -255,14 +255,9 @@ class DS2Filter(Filter):
         return float(sample[Fields.stats].get(SELECTED_KEY, 1.0)) > 0.5
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        from datasets import Dataset
-
-        if is_ray_mode() or not isinstance(dataset, Dataset):
-            raise RuntimeError(RAY_MESSAGE)
-        dataset = super(Filter, self).run(dataset)  # OP.run: adds the stats column if needed
+        dataset = start_global_run(self, dataset, RAY_MESSAGE)
         n = len(dataset)
         if n == 0:
-            logger.warning(f"{OP_NAME}: empty dataset, nothing to curate or select")
             return dataset
         top = {self.score_key.split(".")[0], Fields.stats}
         top |= {f.split(".")[0] for f in self.template.fields}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -16,6 +15,7 @@ from loguru import logger
 from daar_ops.algorithms.ds2 import scores_to_classes
 from daar_ops.algorithms.rating import (DS2_RATING_PROMPT, ScoreTokenRater, build_prompt,
                                         parse_rating)
+from daar_ops.features import limit_worker_threads
 from daar_ops.text import TextTemplate
 
 OP_NAME = "ds2_rating_filter"
@@ -37,10 +37,7 @@ class _RaterKey:
     max_length: int
 
     def __call__(self, device: str = "cpu") -> ScoreTokenRater:
-        if mp.current_process().name != "MainProcess":
-            import torch
-
-            torch.set_num_threads(1)
+        limit_worker_threads()
         return ScoreTokenRater(self.model, device=device, dtype=self.dtype,
                                batch_size=self.batch_size, max_length=self.max_length)
 

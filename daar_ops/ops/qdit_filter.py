@@ -14,7 +14,7 @@ from data_juicer.utils.ray_utils import is_ray_mode
 
 from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QUALITY_NORMS,
                                       SIMILARITIES, qdit_select, resolve_budget)
-from daar_ops.ops._global import write_stats_and_filter
+from daar_ops.ops._global import start_global_run, write_stats_and_filter
 from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "qdit_filter"
@@ -221,12 +221,9 @@ class QditFilter(Filter):
         return int(sample[Fields.stats].get(RANK_KEY, -1)) >= 0
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        if is_ray_mode() or not hasattr(dataset, "select_columns"):
-            raise RuntimeError(RAY_MESSAGE)
-        dataset = super(Filter, self).run(dataset)  # OP.run: adds the stats column if needed
+        dataset = start_global_run(self, dataset, RAY_MESSAGE)
         n = len(dataset)
         if n == 0:
-            logger.warning(f"{OP_NAME}: empty dataset, nothing to select")
             return dataset
         budget = resolve_budget(n, self.select_num, self.select_ratio)
         if self.select_num is not None and self.select_num > n:
