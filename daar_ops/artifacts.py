@@ -128,3 +128,10 @@ def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().contiguous().numpy()
     return np.ascontiguousarray(value)
+
+
+def artifact_digest(directory: str | os.PathLike) -> str:
+    """SHA-256 of an artifact's manifest file: it names the tensor file's checksum too, so two
+    artifacts with the same digest hold the same tensors and settings. Stats written from an
+    artifact carry this digest; a changed artifact makes the ops recompute."""
+    return sha256_file(Path(directory) / MANIFEST)

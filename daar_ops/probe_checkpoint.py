@@ -127,11 +127,16 @@ class DaarScorer:
         checkpoint's.
     :param device: ``cpu``, ``cuda[:N]`` or ``auto``.
     :param dtype: extractor dtype; float32 reproduces training features exactly.
+    :param feature_cache: read and write layer features through the on-disk feature cache
+        (:class:`daar_ops.feature_cache.FeatureCache`, keyed by model, layer, dtype, template
+        and text), so the pipeline, the recipes and a resumed run share one set of features.
+    :param cache_dir: the cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, model: str | None = None,
                  device: str | None = "cpu", dtype: str = "float32", batch_size: int = 32,
-                 max_batch_tokens: int = 2048):
+                 max_batch_tokens: int = 2048, feature_cache: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
         from daar_ops.features import LayerFeatureExtractor
 
         self.probes, self.manifest = load_probe_checkpoint(checkpoint)
@@ -143,6 +148,11 @@ class DaarScorer:
             max_batch_tokens=max_batch_tokens, dtype=dtype, device=device)
         check_checkpoint_compatible(self.manifest, self.extractor.describe())
         self.probes.to(self.extractor.device)
+        self.cache = None
+        if feature_cache:
+            from daar_ops.feature_cache import FeatureCache
+
+            self.cache = FeatureCache(self.extractor, cache_dir, template=self.template)
 
     @property
     def domains(self) -> list[str]:
@@ -156,7 +166,10 @@ class DaarScorer:
 
     def score_texts(self, texts: list[str], progress: bool = False):
         """(reward [N], domain probabilities [N, K], LayerFeatures) for already rendered texts."""
-        feats = self.extractor.encode(texts, progress=progress, desc="daar features")
+        if self.cache is not None:
+            feats = self.cache.encode(texts, progress=progress)
+        else:
+            feats = self.extractor.encode(texts, progress=progress, desc="daar features")
         reward, probs = self.probes.score(feats.layer)
         return reward, probs, feats
 

@@ -75,9 +75,9 @@ def make(name: str, art: dict, **kw):
     from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
     from daar_ops.ops.domain_contrastive_selector import DomainContrastiveSelector
     from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
-    from daar_ops.ops.ds2_filter import DS2Filter
+    from daar_ops.ops.ds2_selector import DS2Filter
     from daar_ops.ops.ds2_rating_filter import DS2RatingFilter
-    from daar_ops.ops.qdit_filter import QditFilter
+    from daar_ops.ops.qdit_selector import QditFilter
 
     model = str(art["model"])
     kw.setdefault("batch_size", 4)

@@ -134,15 +134,6 @@ def test_operator_keep_unlabeled_and_validation(tiny_llama, monkeypatch):
         _op(tiny_llama, metric="both")
     with pytest.raises(ValueError, match="percentile"):
         _op(tiny_llama, lower_percentile=90, upper_percentile=10)
-    monkeypatch.setenv("RAY_JOB", "1")
-    from data_juicer.utils import ray_utils
-
-    monkeypatch.setattr(ray_utils, "RAY_JOB_ENV_VAR", "RAY_JOB", raising=False)
-    import daar_ops.ops.domain_contrastive_selector as mod
-
-    monkeypatch.setattr(mod, "is_ray_mode", lambda: True)
-    with pytest.raises(ValueError, match="executor_type: default"):
-        _op(tiny_llama)
 
 
 def test_operator_with_centroid_file(tiny_llama, tmp_path):

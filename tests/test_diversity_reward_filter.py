@@ -188,14 +188,24 @@ def test_missing_template_fields_render_as_empty(checkpoint):
     assert len(out) == 2 and all(isinstance(s[REWARD], float) for s in stats_of(out))
 
 
-def test_existing_stats_are_not_recomputed_and_rank_is_accepted(checkpoint):
+def test_stats_of_this_checkpoint_are_kept_and_stale_ones_recomputed(checkpoint):
+    from daar_ops.core import CHECKPOINT_SHA_KEY
+
     op = make_op(checkpoint)
-    batch = {"instruction": ["a", "b"], "input": ["", ""], "output": ["c", "d"],
-             "__dj__stats__": [{REWARD: 7.0, PROBS: [1.0, 0.0, 0.0], DOMAIN: "coding"}, {}]}
+    mine = {REWARD: 7.0, PROBS: [1.0, 0.0, 0.0], DOMAIN: "coding",
+            CHECKPOINT_SHA_KEY: op.checkpoint_sha}
+    stale = {REWARD: 8.0, PROBS: [1.0, 0.0, 0.0], DOMAIN: "coding", CHECKPOINT_SHA_KEY: "other"}
+    unrecorded = {REWARD: 9.0, PROBS: [1.0, 0.0, 0.0], DOMAIN: "coding"}
+    batch = {"instruction": ["a", "b", "c", "d", "e"], "input": [""] * 5,
+             "output": ["c", "d", "e", "f", "g"],
+             "__dj__stats__": [mine, {}, stale, unrecorded, None]}
     out = op.compute_stats_batched(batch, 0)  # rank passed positionally, as HF datasets does
-    assert out["__dj__stats__"][0][REWARD] == 7.0
-    assert isinstance(out["__dj__stats__"][1][REWARD], float)
-    assert list(op.process_batched(out, rank=0)) == [True, True]
+    stats = out["__dj__stats__"]
+    assert stats[0][REWARD] == 7.0  # produced by this checkpoint: kept
+    for s in stats[1:]:  # missing, another checkpoint's, no digest, null: (re)computed
+        assert isinstance(s[REWARD], float) and s[REWARD] not in (8.0, 9.0)
+        assert s[CHECKPOINT_SHA_KEY] == op.checkpoint_sha
+    assert list(op.process_batched(out, rank=0)) == [True] * 5
 
 
 def test_op_is_picklable(checkpoint):
@@ -238,13 +248,21 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, tiny_qwen2, tmp_path
         make_op(broken)
 
 
-def test_global_modes_fail_fast_under_ray(checkpoint, monkeypatch):
-    monkeypatch.setenv("RAY_JOB", "1")
-    with pytest.raises(ValueError, match="min_score.*topk_specified_field_selector"):
-        make_op(checkpoint, top_ratio=0.2)
-    with pytest.raises(ValueError, match="not supported with executor_type: ray"):
-        make_op(checkpoint, domain_ratios={"coding": 0.5}, top_ratio=0.1)
-    assert make_op(checkpoint, min_score=0.3).global_mode is None  # thresholds work under Ray
+def test_global_rules_build_a_selector_and_ranges_stay_a_filter(checkpoint):
+    from data_juicer.ops.base_op import Filter, Selector
+
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardSelector
+
+    for kw in (dict(top_ratio=0.2), dict(top_k=3), dict(domain_ratios={"coding": 0.5},
+                                                         top_ratio=0.1)):
+        op = make_op(checkpoint, **kw)
+        assert isinstance(op, DiversityRewardSelector) and not isinstance(op, Filter)
+        assert op._name == "diversity_reward_filter"  # traced/logged under the recipe's name
+    ranged = make_op(checkpoint, min_score=0.3)
+    assert isinstance(ranged, Filter) and not isinstance(ranged, Selector)
+    assert "ray" in ranged._supported_exec_modes  # thresholds work under Ray
+    with pytest.raises(ValueError, match="reversed_range"):
+        make_op(checkpoint, top_ratio=0.2, reversed_range=True)
 
 
 @pytest.mark.integration

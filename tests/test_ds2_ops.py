@@ -19,7 +19,7 @@ from data_juicer.utils.constant import Fields
 
 from daar_ops.algorithms.ds2 import make_synthetic_ds2
 from daar_ops.ops import ds2_rating_filter as rating_module
-from daar_ops.ops.ds2_filter import RAY_MESSAGE, STATS_KEYS, DS2Filter
+from daar_ops.ops.ds2_selector import STATS_KEYS, DS2Filter
 from daar_ops.ops.ds2_rating_filter import DS2RatingFilter
 
 torch.set_num_threads(1)
@@ -100,15 +100,6 @@ def test_ds2_filter_small_and_empty_datasets():
     assert len(out) == 30  # a budget larger than the data keeps everything
 
 
-def test_ds2_filter_analyzer_mode_keeps_all():
-    rows, _ = _synthetic_rows(n=60)
-    op = DS2Filter(score_key="quality", embedding_key="vec", select_ratio=0.1, **FAST)
-    op.process = None  # what the Analyzer does
-    out = op.run(NestedDataset.from_list(rows))
-    assert len(out) == 60
-    assert sum(s["ds2_selected"] for s in _stats(out)) == 6.0
-
-
 @pytest.mark.parametrize("kwargs", [
     dict(select_ratio=1.5), dict(select_ratio=0.2, select_num=3), dict(select_num=-1),
     dict(k=1), dict(confidence_threshold=2.0), dict(score_low=5.0, score_high=1.0),
@@ -119,12 +110,13 @@ def test_ds2_filter_validates_parameters(kwargs):
         DS2Filter(**kwargs)
 
 
-def test_ds2_filter_fails_fast_under_ray(monkeypatch):
-    assert "ray" not in DS2Filter._supported_exec_modes  # preflight rejects it too
-    monkeypatch.setenv("RAY_JOB", "1")
-    with pytest.raises(ValueError, match="executor_type: default"):
-        DS2Filter(select_ratio=0.2)
-    assert "ds2_rating_filter" in RAY_MESSAGE
+def test_ds2_filter_is_a_selector_under_its_design_card_name():
+    from data_juicer.ops.base_op import OPERATORS, Filter, Selector
+
+    op = OPERATORS.modules["ds2_filter"](select_ratio=0.2)
+    assert isinstance(op, Selector) and not isinstance(op, Filter)
+    assert op._name == "ds2_filter"
+    assert "ray" not in op._supported_exec_modes  # Data-Juicer's preflight refuses it
 
 
 def test_ds2_filter_is_rejected_by_ray_preflight():

@@ -51,7 +51,7 @@ def _records(n=40):
 
 
 def _op(**kw):
-    from daar_ops.ops.qdit_filter import QditFilter
+    from daar_ops.ops.qdit_selector import QditFilter
 
     kw.setdefault("text_key", "instruction")
     return QditFilter(**kw)
@@ -123,18 +123,6 @@ def test_small_and_empty_datasets(fake_encoder):
     assert len(empty.process(_op(select_ratio=0.5))) == 0
 
 
-def test_analyzer_mode_keeps_everything_with_stats(fake_encoder):
-    from data_juicer.core.data import NestedDataset
-
-    op = _op(select_num=3)
-    op.process = None  # what Data-Juicer's Analyzer does for stats-only runs
-    out = NestedDataset.from_list(_records(9)).process(op).to_list()
-    assert len(out) == 9
-    assert sorted(r["__dj__stats__"]["qdit_rank"] for r in out) == [-1] * 6 + [0, 1, 2]
-    assert all(r["__dj__stats__"]["qdit_gain"] == 0.0 for r in out
-               if r["__dj__stats__"]["qdit_rank"] < 0)
-
-
 def test_deterministic_stochastic_mode(fake_encoder):
     a = _run(_op(select_num=8, method="stochastic", epsilon=0.2, seed=3), _records(50))
     b = _run(_op(select_num=8, method="stochastic", epsilon=0.2, seed=3), _records(50))
@@ -155,13 +143,16 @@ def test_invalid_parameters_fail_at_construction(bad):
         _op(**bad)
 
 
-def test_fails_fast_under_ray(monkeypatch):
-    monkeypatch.setenv("RAY_JOB", "1")
-    with pytest.raises(ValueError, match="executor_type: default"):
-        _op(select_ratio=0.2)
-    from daar_ops.ops.qdit_filter import QditFilter
+def test_is_a_selector_refused_by_ray_preflight():
+    from types import SimpleNamespace
 
-    assert "ray" not in QditFilter._supported_exec_modes
+    from data_juicer.core.preflight import post_instantiation_check
+    from data_juicer.ops.base_op import Filter, Selector
+
+    op = _op(select_ratio=0.2)
+    assert isinstance(op, Selector) and not isinstance(op, Filter)
+    with pytest.raises(Exception, match="does not support executor mode 'ray'"):
+        post_instantiation_check([op], None, SimpleNamespace(executor_type="ray"))
 
 
 def test_op_is_picklable(fake_encoder):

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from daar_ops.algorithms.knn import l2_normalize
+from daar_ops.core import budget
 
 UNLABELED = -1
 
@@ -94,7 +95,7 @@ def percentile_band(scores: np.ndarray, label_idx: np.ndarray, lower: float, upp
     """[N] bool: per domain, rows whose ascending rank lies in [lower%, upper%) of that domain.
 
     Ranks use a stable sort (ties -> lower index first), so the band is deterministic and holds
-    exactly ``floor(upper/100*n_k) - floor(lower/100*n_k)`` rows of a domain of size n_k. NaN
+    exactly ``budget(n_k, upper/100) - budget(n_k, lower/100)`` rows (:func:`daar_ops.core.budget`) of a domain of size n_k. NaN
     scores rank lowest. Unlabeled rows (-1) are never in a band.
     """
     if not 0 <= lower < upper <= 100:
@@ -107,6 +108,6 @@ def percentile_band(scores: np.ndarray, label_idx: np.ndarray, lower: float, upp
         vals = np.where(np.isnan(scores[rows]), -np.inf, scores[rows])
         order = rows[np.argsort(vals, kind="stable")]
         n = len(rows)
-        lo, hi = int(np.floor(lower / 100 * n + 1e-9)), int(np.floor(upper / 100 * n + 1e-9))
+        lo, hi = budget(n, ratio=lower / 100), budget(n, ratio=upper / 100)
         keep[order[lo:hi]] = True
     return keep

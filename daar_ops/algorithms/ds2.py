@@ -34,6 +34,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from daar_ops.core import budget
 from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
 # --------------------------------------------------------------------------------------------------
@@ -260,17 +261,8 @@ def long_tail_scores(sims: np.ndarray, k: int = 10) -> np.ndarray:
 
 def resolve_budget(n: int, select_ratio: float | None = None, select_num: int | None = None
                    ) -> int:
-    """Number of rows to keep: ``select_num`` if given, else ``round(select_ratio * n)``; capped at
-    ``n`` (a request larger than the data keeps everything)."""
-    if select_num is not None:
-        if select_num < 0:
-            raise ValueError(f"select_num must be >= 0, got {select_num}")
-        return min(int(select_num), n)
-    if select_ratio is None:
-        raise ValueError("give select_ratio or select_num")
-    if not 0.0 <= select_ratio <= 1.0:
-        raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio}")
-    return min(int(math.floor(select_ratio * n + 0.5)), n)
+    """Number of rows to keep: the package's one rule, :func:`daar_ops.core.budget`."""
+    return budget(n, ratio=select_ratio, num=select_num)
 
 
 def lexicographic_select(curated: np.ndarray, long_tail: np.ndarray, budget: int) -> np.ndarray:

@@ -50,6 +50,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from daar_ops.core import budget
 from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
 METHODS = ("lazy", "stochastic")
@@ -81,16 +82,8 @@ class QditResult:
 # --------------------------------------------------------------------------------------------
 
 def resolve_budget(n: int, select_num: int | None = None, select_ratio: float | None = None) -> int:
-    """Number of rows to select from ``n``: ``select_num`` (capped at n) or ``round(ratio * n)``."""
-    if (select_num is None) == (select_ratio is None):
-        raise ValueError("give exactly one of select_num and select_ratio")
-    if select_num is not None:
-        if isinstance(select_num, bool) or int(select_num) != select_num or select_num < 0:
-            raise ValueError(f"select_num must be a non-negative integer, got {select_num!r}")
-        return min(int(select_num), n)
-    if not (isinstance(select_ratio, (int, float)) and 0.0 <= float(select_ratio) <= 1.0):
-        raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio!r}")
-    return min(n, int(math.floor(float(select_ratio) * n + 0.5)))
+    """Number of rows to select from ``n``: the package's one rule, :func:`daar_ops.core.budget`."""
+    return budget(n, ratio=select_ratio, num=select_num)
 
 
 def normalize_quality(values: Sequence[Any] | np.ndarray, method: str = "minmax",

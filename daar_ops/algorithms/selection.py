@@ -6,34 +6,21 @@ Conventions shared by every function here:
   is deterministic and independent of platform sort stability.
 * Non-finite scores (NaN, +-inf) rank below every finite score (NaN and -inf last of all, +inf
   treated like NaN: it cannot come from a valid prediction).
-* ``top_ratio`` keeps ``floor(top_ratio * n)`` samples (as Data-Juicer's
-  ``topk_specified_field_selector`` does); ``top_k`` larger than ``n`` keeps all ``n``.
+* Counts follow the package's one budget rule, :func:`daar_ops.core.budget`: ``top_ratio`` keeps
+  ``floor(top_ratio * n)`` samples (as Data-Juicer's ``topk_specified_field_selector`` does);
+  ``top_k`` larger than ``n`` keeps all ``n``.
 * Results are boolean masks over the input order; selection never reorders data.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from daar_ops.core import budget, rank_order
 
-def n_from_ratio(n: int, ratio: float) -> int:
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    # The epsilon keeps 0.2 * 40000 (= 7999.999...) from flooring to 7999.
-    return min(n, int(math.floor(ratio * n + 1e-9)))
-
-
-def rank_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Indices sorted best first: score descending, then index ascending; non-finite last."""
-    s = np.asarray(scores, dtype=np.float64)
-    finite = np.isfinite(s)
-    key = np.where(finite, s, -np.inf)
-    idx = np.arange(len(s))
-    # lexsort: last key is primary. Primary: non-finite after finite; then -score; then index.
-    return np.lexsort((idx, -key, ~finite))
+__all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask"]
 
 
 def top_mask(scores: Sequence[float] | np.ndarray, top_ratio: float | None = None,
@@ -45,12 +32,7 @@ def top_mask(scores: Sequence[float] | np.ndarray, top_ratio: float | None = Non
     s = np.asarray(scores, dtype=np.float64)
     if (top_ratio is None) == (top_k is None):
         raise ValueError("give exactly one of top_ratio and top_k")
-    if top_k is not None:
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        k = min(int(top_k), len(s))
-    else:
-        k = n_from_ratio(len(s), float(top_ratio))
+    k = budget(len(s), ratio=top_ratio, num=top_k)
     mask = np.zeros(len(s), dtype=bool)
     mask[rank_order(s)[:k]] = True
     return mask

@@ -1,77 +1,104 @@
-"""``diversity_reward_filter``: DaaR's diversity reward (predicted domain entropy) as a Filter."""
+"""DaaR's diversity reward (predicted domain entropy): per-sample scoring as a Filter
+(``diversity_reward_filter``) and the global top ratio / top k / per-domain quotas as a Selector
+(``diversity_reward_selector``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
 from data_juicer.utils.model_utils import get_model
-from data_juicer.utils.ray_utils import is_ray_mode
 from loguru import logger
 
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
-from daar_ops.artifacts import ArtifactError
-from daar_ops.features import limit_worker_threads
+from daar_ops.artifacts import ArtifactError, artifact_digest
+from daar_ops.core import CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict
 from daar_ops.models import describe_model
+from daar_ops.ops._selector import StatsSelector
 from daar_ops.probe_checkpoint import (DaarScorer, check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
 from daar_ops.text import TextTemplate
 
 OP_NAME = "diversity_reward_filter"
-REWARD_KEY = "daar_diversity_reward"
-PROBS_KEY = "daar_domain_probs"
-DOMAIN_KEY = "daar_probe_domain"
+SELECTOR_NAME = "diversity_reward_selector"
+DOMAIN_KEY = PROBE_DOMAIN_KEY
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
+GLOBAL_PARAMS = ("top_ratio", "top_k", "domain_ratios")
+RANGE_MODIFIERS = ("reversed_range", "min_closed_interval", "max_closed_interval")
 
 
 @dataclass(frozen=True)
 class _ScorerKey:
     """A value-hashable model key for Data-Juicer's ``get_model``: one scorer per worker process,
-    also after the op is pickled into a worker (a ``functools.partial`` key compares by identity).
-    """
+    also after the op is pickled into a worker (a ``functools.partial`` key compares by identity),
+    freed by ``free_models()``; ``get_model`` picks ``cuda:{rank % device_count}`` and sets up
+    the worker's threads."""
 
     checkpoint: str
     model: str
     dtype: str
     batch_size: int
     max_batch_tokens: int
+    feature_cache: bool
+    cache_dir: Optional[str]
 
     def __call__(self, device: str = "cpu") -> DaarScorer:
-        limit_worker_threads()
         return DaarScorer(self.checkpoint, self.model, device=device, dtype=self.dtype,
-                          batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens)
+                          batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
+                          feature_cache=self.feature_cache, cache_dir=self.cache_dir)
+
+
+def _check_threshold(name: str, value: Optional[float]) -> None:
+    if value is not None and not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 @OPERATORS.register_module(OP_NAME)
 class DiversityRewardFilter(Filter):
-    """Keep samples by DaaR's diversity reward: the entropy of the domain distribution predicted by
-    a trained probe (psi_div), from the frozen LM's layer-k features.
+    """Score every sample with DaaR's diversity reward: the entropy of the domain distribution
+    predicted by a trained probe (psi_div), from the frozen LM's layer-k features; keep a score
+    range.
 
-    Stats written per sample (skipped when already present):
+    Stats written per sample:
 
     * ``daar_diversity_reward`` (float): psi_div's predicted entropy in nats (higher = more
       cross-domain = more "diverse"); ``-1.0`` if the probe outputs were not finite (logged);
       such a sample ranks last and passes no threshold.
     * ``daar_domain_probs`` (list[float]): psi_dom's softmax, in the checkpoint's domain order.
     * ``daar_probe_domain`` (str): the most probable pseudo-domain.
+    * ``daar_checkpoint_sha256`` (str): digest of the checkpoint that scored the sample. Stats
+      from another checkpoint (or without a digest) are recomputed, never reused silently.
 
-    Selection, one rule at a time plus optional thresholds:
+    Keeps samples with ``min_score <= reward <= max_score`` through Data-Juicer's
+    ``get_keep_boolean``, so ``reversed_range`` / ``min_closed_interval`` /
+    ``max_closed_interval`` work as for every native Filter; without bounds it keeps every sample
+    (stats only). Runs under every executor, Ray included.
 
-    * ``min_score`` / ``max_score``: per sample, closed interval; works under every executor.
-    * ``top_ratio`` / ``top_k``: the best samples over the whole dataset (DaaR keeps the top 20%),
-      ties broken by the earlier sample. Default executor only: under Ray the op refuses to start.
-    * ``domain_ratios`` (+ ``top_ratio`` for unlisted domains): DaaR's per-pseudo-domain quotas, the
-      best fraction of the samples predicted as each domain. Default executor only.
-
-    Global rules combine with thresholds by intersection. Nothing else is dropped.
+    The global choices (``top_ratio``, ``top_k``, ``domain_ratios``) are whole-dataset decisions:
+    given here, the op is built as :class:`DiversityRewardSelector` (a Data-Juicer Selector that
+    scores, then keeps the best), so recipes written with this name keep working and the op still
+    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray preflight.
     """
 
     _accelerator = "cuda"
     _batched_op = True
+
+    def __new__(cls, *args, **kwargs):
+        if cls is DiversityRewardFilter and any(kwargs.get(k) is not None for k in GLOBAL_PARAMS):
+            modifiers = [k for k in RANGE_MODIFIERS if k in kwargs]
+            if modifiers:
+                raise ValueError(f"{OP_NAME}: {modifiers} apply to the per-sample score range; "
+                                 f"they cannot be combined with {GLOBAL_PARAMS}. Use "
+                                 f"{OP_NAME} for the range and {SELECTOR_NAME} after it for the "
+                                 f"global choice")
+            selector = DiversityRewardSelector(*args, **kwargs)
+            selector._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
+            return selector
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -85,6 +112,8 @@ class DiversityRewardFilter(Filter):
         dtype: str = "float32",
         feature_batch_size: int = 32,
         max_batch_tokens: int = 2048,
+        feature_cache: bool = True,
+        cache_dir: Optional[str] = None,
         *args,
         **kwargs,
     ):
@@ -97,150 +126,274 @@ class DiversityRewardFilter(Filter):
             hash or hidden size differs from the checkpoint's is refused.
         :param min_score: keep samples with reward >= min_score (None: no lower bound).
         :param max_score: keep samples with reward <= max_score (None: no upper bound).
-        :param top_ratio: keep the best floor(top_ratio * N) samples of the whole dataset, in
-            [0, 1]; with ``domain_ratios``, the ratio for domains not listed there.
-        :param top_k: keep the best top_k samples of the whole dataset (all if N < top_k).
-        :param domain_ratios: {pseudo-domain: fraction in [0, 1]}: keep the best fraction of the
-            samples predicted as each domain (DaaR's customized quotas).
+        :param top_ratio: global: keep the best ``floor(top_ratio * N)`` samples (the op is then
+            a :class:`DiversityRewardSelector`); with ``domain_ratios``, the ratio of the
+            domains not listed there.
+        :param top_k: global: keep the best top_k samples (all if N < top_k).
+        :param domain_ratios: global: {pseudo-domain: fraction in [0, 1]}, the best fraction of
+            the samples predicted as each domain (DaaR's customized quotas).
         :param dtype: feature extractor dtype, ``float32`` (matches training) or ``bfloat16``.
         :param feature_batch_size: texts per forward pass of the extractor.
         :param max_batch_tokens: padded tokens per forward pass of the extractor.
+        :param feature_cache: read/write layer features through the on-disk feature cache shared
+            with ``daar-ops select`` and ``train-probe``.
+        :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param args: extra args
         :param kwargs: extra args
         """
         super().__init__(*args, **kwargs)
-        if not checkpoint:
-            raise ValueError(f"{OP_NAME}: 'checkpoint' (a probe checkpoint directory written by "
-                             "`daar-ops train-probe`) is required")
-        for name, value in (("min_score", min_score), ("max_score", max_score)):
-            if value is not None and not math.isfinite(float(value)):
-                raise ValueError(f"{OP_NAME}: {name} must be a finite number, got {value}")
+        if any(v is not None for v in (top_ratio, top_k, domain_ratios)):
+            raise ValueError(f"{OP_NAME}: global rules belong to {SELECTOR_NAME}")
+        _check_threshold("min_score", min_score)
+        _check_threshold("max_score", max_score)
         if min_score is not None and max_score is not None and min_score > max_score:
             raise ValueError(f"{OP_NAME}: min_score {min_score} > max_score {max_score}")
-        if top_ratio is not None and not 0.0 <= float(top_ratio) <= 1.0:
-            raise ValueError(f"{OP_NAME}: top_ratio must be in [0, 1], got {top_ratio}")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
-            raise ValueError(f"{OP_NAME}: top_k must be an integer >= 0, got {top_k}")
-        if top_k is not None and (top_ratio is not None or domain_ratios):
-            raise ValueError(f"{OP_NAME}: top_k cannot be combined with top_ratio or "
-                             "domain_ratios; pick one global rule")
-        if feature_batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError(f"{OP_NAME}: feature_batch_size and max_batch_tokens must be >= 1")
-
-        try:
-            probes, manifest = load_probe_checkpoint(checkpoint)
-        except ArtifactError as err:
-            raise ValueError(f"{OP_NAME}: cannot use checkpoint {checkpoint!r}: {err}") from err
-        self.domains = probes.domains
-        model = model or checkpoint_model(manifest)
-        try:
-            live = describe_model(model)
-            if int(manifest["layer"]) > live["num_layers"]:
-                raise ArtifactError(f"checkpoint layer {manifest['layer']} > the model's "
-                                    f"{live['num_layers']} layers")
-            check_checkpoint_compatible(manifest, dict(live, layer=manifest["layer"]))
-        except (ArtifactError, OSError) as err:
-            raise ValueError(f"{OP_NAME}: checkpoint {checkpoint!r} does not fit model "
-                             f"{model!r}: {err}") from err
-        if domain_ratios:
-            unknown = sorted(set(domain_ratios) - set(self.domains))
-            if unknown:
-                raise ValueError(f"{OP_NAME}: domain_ratios names {unknown}, not domains of the "
-                                 f"checkpoint {self.domains}")
-            bad = {k: v for k, v in domain_ratios.items() if not 0.0 <= float(v) <= 1.0}
-            if bad:
-                raise ValueError(f"{OP_NAME}: domain_ratios values must be in [0, 1], got {bad}")
-            missing = [d for d in self.domains if d not in domain_ratios]
-            if missing and top_ratio is None:
-                raise ValueError(f"{OP_NAME}: domain_ratios lacks {missing}; list every domain "
-                                 "or set top_ratio as the ratio of the unlisted ones")
-
-        self.global_mode = ("quota" if domain_ratios else "top_ratio" if top_ratio is not None
-                            else "top_k" if top_k is not None else None)
-        if self.global_mode and is_ray_mode():
-            raise ValueError(
-                f"{OP_NAME}: {self.global_mode} selection ranks the whole dataset and is not "
-                "supported with executor_type: ray. Use per-sample min_score/max_score under Ray "
-                "(e.g. the score quantile measured on a sample), or compute the stats under Ray "
-                "and select with topk_specified_field_selector "
-                "(field_key: __dj__stats__.daar_diversity_reward) under the default executor.")
-        self.checkpoint = str(checkpoint)
-        self.model = model
-        self.template = manifest["template"]
         self.min_score, self.max_score = min_score, max_score
-        self.top_ratio, self.top_k = top_ratio, top_k
-        self.domain_ratios = dict(domain_ratios) if domain_ratios else None
-        self.model_key = _ScorerKey(self.checkpoint, str(live["model_path"]), dtype,
-                                    int(feature_batch_size), int(max_batch_tokens))
+        setup_scorer(self, checkpoint, model, dtype, feature_batch_size, max_batch_tokens,
+                     feature_cache, cache_dir)
 
     # -- stats -------------------------------------------------------------------------------------
     def compute_stats_batched(self, samples, rank=None, context=False):
-        stats = samples[Fields.stats]
-        n = len(stats)
-        todo = [i for i in range(n) if REWARD_KEY not in stats[i]]
-        if not todo:
-            return samples
-        template = TextTemplate(self.template)
-        fields = [f for f in samples.keys() if f not in (Fields.stats,)]
-        texts = [template.render({f: samples[f][i] for f in fields}) for i in todo]
-        scorer = get_model(self.model_key, rank=rank, use_cuda=self.use_cuda())
-        reward, probs, _ = scorer.score_texts(texts)
-        bad = ~np.isfinite(reward) | ~np.isfinite(probs).all(axis=1)
-        if bad.any():
-            logger.warning(f"{OP_NAME}: {int(bad.sum())} samples got non-finite probe outputs; "
-                           f"their {REWARD_KEY} is set to {INVALID_REWARD}")
-        k = len(self.domains)
-        for j, i in enumerate(todo):
-            if bad[j]:
-                stats[i][REWARD_KEY] = INVALID_REWARD
-                stats[i][PROBS_KEY] = [1.0 / k] * k
-                stats[i][DOMAIN_KEY] = ""
-            else:
-                stats[i][REWARD_KEY] = float(reward[j])
-                stats[i][PROBS_KEY] = [float(p) for p in probs[j]]
-                stats[i][DOMAIN_KEY] = self.domains[int(probs[j].argmax())]
-        return samples
+        return score_samples(self, samples, rank)
 
     # -- per-sample decision ---------------------------------------------------------------------
     def process_batched(self, samples, rank=None):
-        return list(range_mask(_scores(samples[Fields.stats]), self.min_score, self.max_score))
+        if self.min_score is None and self.max_score is None:
+            return [True] * len(samples[Fields.stats])
+        return [bool(math.isfinite(r)) and self.get_keep_boolean(r, self.min_score, self.max_score)
+                for r in reward_scores(samples[Fields.stats])]
 
-    # -- global selection (default executor) -------------------------------------------------------
-    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        if not self.global_mode or not reduce:
-            return super().run(dataset, exporter=exporter, tracer=tracer, reduce=reduce)
-        with_stats = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
-        if len(with_stats) == 0:
-            logger.info(f"{OP_NAME}: empty dataset, nothing to select")
-            return with_stats
-        stats = with_stats[Fields.stats]
-        keep = self.select(_scores(stats), [s.get(DOMAIN_KEY, "") for s in stats])
-        logger.info(f"{OP_NAME}: {self.global_mode} selection keeps {int(keep.sum())} of "
-                    f"{len(keep)} samples")
-        return with_stats.select(np.flatnonzero(keep).tolist())
+
+def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
+                 feature_batch_size: int, max_batch_tokens: int, feature_cache: bool,
+                 cache_dir: Optional[str]) -> None:
+    """Load and check a probe checkpoint for ``op``: sets ``domains``, ``checkpoint``,
+    ``checkpoint_sha``, ``model``, ``template`` and the ``get_model`` key ``model_key``."""
+    if not checkpoint:
+        raise ValueError(f"{OP_NAME}: 'checkpoint' (a probe checkpoint directory written by "
+                         "`daar-ops train-probe`) is required")
+    if feature_batch_size < 1 or max_batch_tokens < 1:
+        raise ValueError(f"{OP_NAME}: feature_batch_size and max_batch_tokens must be >= 1")
+    try:
+        probes, manifest = load_probe_checkpoint(checkpoint)
+    except ArtifactError as err:
+        raise ValueError(f"{OP_NAME}: cannot use checkpoint {checkpoint!r}: {err}") from err
+    op.domains = probes.domains
+    model = model or checkpoint_model(manifest)
+    try:
+        live = describe_model(model)
+        if int(manifest["layer"]) > live["num_layers"]:
+            raise ArtifactError(f"checkpoint layer {manifest['layer']} > the model's "
+                                f"{live['num_layers']} layers")
+        check_checkpoint_compatible(manifest, dict(live, layer=manifest["layer"]))
+    except (ArtifactError, OSError) as err:
+        raise ValueError(f"{OP_NAME}: checkpoint {checkpoint!r} does not fit model "
+                         f"{model!r}: {err}") from err
+    op.checkpoint = str(checkpoint)
+    op.checkpoint_sha = artifact_digest(checkpoint)
+    op.model = model
+    op.template = TextTemplate(manifest["template"])
+    op.model_key = _ScorerKey(op.checkpoint, str(live["model_path"]), dtype,
+                              int(feature_batch_size), int(max_batch_tokens), bool(feature_cache),
+                              None if cache_dir is None else str(cache_dir))
+
+
+def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = None
+                  ) -> Dict[str, List[Any]]:
+    """Write the reward stats of every sample that lacks them or carries another checkpoint's
+    (``op`` gives ``model_key``, ``template``, ``domains``, ``checkpoint_sha``)."""
+    stats = [as_dict(s) for s in samples[Fields.stats]]
+    samples[Fields.stats] = stats
+    todo = [i for i, s in enumerate(stats)
+            if s.get(REWARD_KEY) is None or s.get(CHECKPOINT_SHA_KEY) != op.checkpoint_sha]
+    if not todo:
+        return samples
+    stale = sum(1 for i in todo if stats[i].get(REWARD_KEY) is not None)
+    if stale:
+        logger.info(f"{op._name}: {stale} samples carried {REWARD_KEY} from another (or an "
+                    f"unrecorded) checkpoint; recomputed with {op.checkpoint}")
+    fields = [f for f in samples.keys() if f != Fields.stats]
+    texts = []
+    for i in todo:
+        try:
+            texts.append(op.template.render({f: samples[f][i] for f in fields}))
+        except Exception as err:  # one unrenderable sample must not cost its batch
+            logger.warning(f"{op._name}: sample text could not be rendered ({err}); scored as "
+                           f"empty text")
+            texts.append("")
+    scorer = get_model(op.model_key, rank=rank, use_cuda=op.use_cuda())
+    reward, probs, _ = scorer.score_texts(texts)
+    bad = ~np.isfinite(reward) | ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        logger.warning(f"{op._name}: {int(bad.sum())} samples got non-finite probe outputs; "
+                       f"their {REWARD_KEY} is set to {INVALID_REWARD}")
+    k = len(op.domains)
+    for j, i in enumerate(todo):
+        if bad[j]:
+            stats[i].update({REWARD_KEY: INVALID_REWARD, PROBS_KEY: [1.0 / k] * k,
+                             DOMAIN_KEY: ""})
+        else:
+            stats[i].update({REWARD_KEY: float(reward[j]),
+                             PROBS_KEY: [float(p) for p in probs[j]],
+                             DOMAIN_KEY: op.domains[int(probs[j].argmax())]})
+        stats[i][CHECKPOINT_SHA_KEY] = op.checkpoint_sha
+    return samples
+
+
+def reward_scores(stats: List[Any]) -> np.ndarray:
+    """Rewards for selection; a sample without a valid score (no prediction) becomes NaN, which
+    the selection rules rank last and never pass through a threshold."""
+    out = []
+    for s in stats:
+        s = as_dict(s)
+        value = s.get(REWARD_KEY)
+        out.append(float(value) if isinstance(value, (int, float)) and s.get(DOMAIN_KEY)
+                   else math.nan)
+    return np.array(out, dtype=np.float64)
+
+
+@OPERATORS.register_module(SELECTOR_NAME)
+class DiversityRewardSelector(StatsSelector):
+    """DaaR's selection over the whole dataset by ``daar_diversity_reward``: the global top ratio
+    (the paper keeps the top 20%), the top k, or per-pseudo-domain quotas.
+
+    With ``checkpoint`` it first scores the samples that lack (or carry stale) reward stats,
+    exactly as ``diversity_reward_filter`` does (same stats, same feature cache); without it, it
+    reads the stats a ``diversity_reward_filter`` wrote before it, e.g. under Ray, in another
+    recipe. Ties go to the earlier sample; a sample without a valid score ranks last and passes
+    no threshold. Counts follow :func:`daar_ops.core.budget` (``floor(ratio * N)``).
+
+    Stats: those of ``diversity_reward_filter`` (when it scores). Default executor only.
+    """
+
+    _accelerator = "cuda"
+
+    def __init__(
+        self,
+        checkpoint: Optional[str] = None,
+        model: Optional[str] = None,
+        top_ratio: Optional[float] = None,
+        top_k: Optional[int] = None,
+        domain_ratios: Optional[Dict[str, float]] = None,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+        dtype: str = "float32",
+        feature_batch_size: int = 32,
+        max_batch_tokens: int = 2048,
+        feature_cache: bool = True,
+        cache_dir: Optional[str] = None,
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param checkpoint: probe checkpoint to score with (None: read the stats written by a
+            ``diversity_reward_filter`` earlier in the recipe).
+        :param model: LM for the features; default: the checkpoint's model.
+        :param top_ratio: keep the best ``floor(top_ratio * N)`` samples, in [0, 1]; with
+            ``domain_ratios``, the ratio of the domains not listed there.
+        :param top_k: keep the best top_k samples (all if N < top_k).
+        :param domain_ratios: {pseudo-domain: fraction in [0, 1]}: keep the best fraction of the
+            samples predicted as each domain (DaaR's customized quotas).
+        :param min_score: also require reward >= min_score (closed interval).
+        :param max_score: also require reward <= max_score (closed interval).
+        :param dtype: feature extractor dtype when scoring.
+        :param feature_batch_size: texts per forward pass when scoring.
+        :param max_batch_tokens: padded tokens per forward pass when scoring.
+        :param feature_cache: use the on-disk feature cache when scoring.
+        :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        super().__init__(*args, **kwargs)
+        name = self._name or SELECTOR_NAME
+        _check_threshold("min_score", min_score)
+        _check_threshold("max_score", max_score)
+        if min_score is not None and max_score is not None and min_score > max_score:
+            raise ValueError(f"{name}: min_score {min_score} > max_score {max_score}")
+        if top_ratio is not None and not 0.0 <= float(top_ratio) <= 1.0:
+            raise ValueError(f"{name}: top_ratio must be in [0, 1], got {top_ratio}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+            raise ValueError(f"{name}: top_k must be an integer >= 0, got {top_k}")
+        if top_k is not None and (top_ratio is not None or domain_ratios):
+            raise ValueError(f"{name}: top_k cannot be combined with top_ratio or "
+                             "domain_ratios; pick one global rule")
+        if top_ratio is None and top_k is None and not domain_ratios:
+            raise ValueError(f"{name}: give top_ratio, top_k or domain_ratios (for a score range "
+                             f"alone use {OP_NAME})")
+        if domain_ratios:
+            bad = {k: v for k, v in domain_ratios.items() if not 0.0 <= float(v) <= 1.0}
+            if bad:
+                raise ValueError(f"{name}: domain_ratios values must be in [0, 1], got {bad}")
+        self.scores_itself = bool(checkpoint)
+        self.domains: Optional[List[str]] = None
+        if checkpoint:
+            setup_scorer(self, checkpoint, model, dtype, feature_batch_size, max_batch_tokens,
+                         feature_cache, cache_dir)
+            self._check_domain_ratios(domain_ratios, top_ratio, self.domains)
+        self.min_score, self.max_score = min_score, max_score
+        self.top_ratio, self.top_k = top_ratio, top_k
+        self.domain_ratios = dict(domain_ratios) if domain_ratios else None
+        self.global_mode = ("quota" if domain_ratios else "top_ratio" if top_ratio is not None
+                            else "top_k")
+
+    def _check_domain_ratios(self, domain_ratios, top_ratio, domains) -> None:
+        if not domain_ratios:
+            return
+        name = self._name or SELECTOR_NAME
+        unknown = sorted(set(domain_ratios) - set(domains))
+        if unknown:
+            raise ValueError(f"{name}: domain_ratios names {unknown}, not domains of the "
+                             f"checkpoint {domains}")
+        missing = [d for d in domains if d not in domain_ratios]
+        if missing and top_ratio is None:
+            raise ValueError(f"{name}: domain_ratios lacks {missing}; list every domain or set "
+                             "top_ratio as the ratio of the unlisted ones")
+
+    def prepare(self, dataset):
+        if not self.scores_itself:
+            if Fields.stats not in dataset.column_names:
+                raise ValueError(f"{self._name}: no {Fields.stats} column; put "
+                                 f"{OP_NAME} (checkpoint: ...) before this op or give it a "
+                                 f"checkpoint")
+            return dataset
+        if Fields.stats not in dataset.column_names:
+            dataset = dataset.add_column(Fields.stats, [{} for _ in range(len(dataset))])
+        return dataset.map(lambda batch: score_samples(self, batch), batched=True,
+                           batch_size=self.batch_size or 1000, desc=f"{self._name}_scores")
+
+    def choose(self, dataset):
+        stats = dataset[Fields.stats]
+        scores = reward_scores(stats)
+        domains = [as_dict(s).get(DOMAIN_KEY) or "" for s in stats]
+        if not self.scores_itself and self.domain_ratios:
+            present = sorted({d for d in domains if d})
+            unknown = sorted(set(self.domain_ratios) - set(present))
+            if unknown:
+                logger.warning(f"{self._name}: domain_ratios names {unknown}, predicted for no "
+                               f"sample")
+            missing = [d for d in present if d not in self.domain_ratios]
+            if missing and self.top_ratio is None:
+                raise ValueError(f"{self._name}: domain_ratios lacks {missing}; list every "
+                                 "domain or set top_ratio as the ratio of the unlisted ones")
+        n_invalid = int(np.isnan(scores).sum())
+        if n_invalid:
+            logger.warning(f"{self._name}: {n_invalid} samples have no valid "
+                           f"{REWARD_KEY}; they rank last")
+        return {}, self.select(scores, domains)
 
     def select(self, scores: np.ndarray, domains: List[str]) -> np.ndarray:
-        """The global rule (and thresholds) as a boolean mask over the dataset order.
-
-        NaN scores (samples without a valid score) rank last and fail every threshold."""
+        """The global rule (and thresholds) as a boolean mask over the dataset order."""
         keep = range_mask(scores, self.min_score, self.max_score)
         if self.global_mode == "quota":
-            # Every checkpoint domain has a ratio (checked in __init__) unless top_ratio covers the
-            # rest; only samples without a prediction (domain "") can still fall to 0.0.
             default = self.top_ratio if self.top_ratio is not None else 0.0
             keep &= quota_mask(scores, domains, self.domain_ratios, default_ratio=default)
         elif self.global_mode == "top_ratio":
             keep &= top_mask(scores, top_ratio=self.top_ratio)
-        elif self.global_mode == "top_k":
+        else:
             if self.top_k > len(scores):
-                logger.info(f"{OP_NAME}: top_k={self.top_k} >= dataset size {len(scores)}; "
+                logger.info(f"{self._name}: top_k={self.top_k} >= dataset size {len(scores)}; "
                             "keeping every sample")
             keep &= top_mask(scores, top_k=self.top_k)
         return keep
-
-
-def _scores(stats: List[dict]) -> np.ndarray:
-    """Rewards for selection; a sample without a valid score (no prediction) becomes NaN, which
-    the selection rules rank last and never pass through a threshold."""
-    return np.array([s.get(REWARD_KEY, math.nan) if s.get(DOMAIN_KEY, "") else math.nan
-                     for s in stats], dtype=np.float64)

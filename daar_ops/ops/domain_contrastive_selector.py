@@ -7,23 +7,21 @@ from typing import Optional
 import numpy as np
 from loguru import logger
 
-from data_juicer.ops.base_op import OPERATORS, Selector
-from data_juicer.utils.constant import Fields
-from data_juicer.utils.ray_utils import is_ray_mode
+from data_juicer.ops.base_op import OPERATORS
 
 from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, global_phi_intra,
                                              label_centroids, percentile_band, phi_scores)
+from daar_ops.core import PHI_INTER_KEY as STAT_INTER
+from daar_ops.core import PHI_INTRA_KEY as STAT_INTRA
 from daar_ops.features import cached_extractor
+from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 OP_NAME = "domain_contrastive_selector"
-STAT_INTER = "daar_phi_inter"
-STAT_INTRA = "daar_phi_intra"
-
 
 
 @OPERATORS.register_module(OP_NAME)
-class DomainContrastiveSelector(Selector):
+class DomainContrastiveSelector(StatsSelector):
     """Keep a per-domain percentile band of inter- or intra-domain contrast (DaaR paper, Sec. 3).
 
     Every sample is embedded with the LLM's embedding layer (masked mean of token embeddings of
@@ -89,10 +87,6 @@ class DomainContrastiveSelector(Selector):
             raise ValueError("label_key must be a non-empty field name")
         if max_length < 1 or feature_batch_size < 1:
             raise ValueError("max_length and feature_batch_size must be >= 1")
-        if is_ray_mode():
-            raise ValueError(f"{OP_NAME} needs the whole dataset at once and does not run under "
-                             "executor_type: ray; run it with the default executor "
-                             "(executor_type: default)")
         self.label_key = label_key
         self.metric = metric
         self.lower_percentile = float(lower_percentile)
@@ -107,22 +101,20 @@ class DomainContrastiveSelector(Selector):
         self.device = device
         self.centroid_manifest = None
         if centroids_path is not None:
-            from daar_ops.artifacts import load_artifact
+            from daar_ops.algorithms.centroids import load_centroids
 
-            tensors, manifest = load_artifact(centroids_path, kind="daar_centroids")
+            # load_centroids checks the file itself (one row per domain, finite values)
+            centroids, manifest = load_centroids(centroids_path)
             if manifest.get("feature") != "embedding":
                 raise ValueError(f"{centroids_path}: centroids are of feature "
                                  f"{manifest.get('feature')!r}; this op uses 'embedding'")
-            self.centroids = tensors["centroids"].astype(np.float32)
+            self.centroids = centroids.astype(np.float32)
             self.centroid_domains = [str(d) for d in manifest["domains"]]
             self.centroid_manifest = manifest
 
-    def process(self, dataset):
+    def choose(self, dataset):
         n = len(dataset)
-        if n == 0:
-            logger.warning(f"{OP_NAME}: empty dataset, nothing to select")
-            return dataset
-        rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+        rows = column_records(dataset, [self.label_key, *self.template.fields])
         domains, label_idx = encode_labels(
             [lookup(r, self.label_key) for r in rows],
             self.centroid_domains if self.centroids_path else None)
@@ -156,17 +148,7 @@ class DomainContrastiveSelector(Selector):
         if self.keep_unlabeled:
             keep |= label_idx < 0
 
-        inter_l, intra_l = inter.tolist(), intra.tolist()
-
-        def add_stats(sample, idx):
-            stats = dict(sample.get(Fields.stats) or {})
-            stats[STAT_INTER] = float(inter_l[idx])
-            stats[STAT_INTRA] = float(intra_l[idx])
-            sample[Fields.stats] = stats
-            return sample
-
-        dataset = dataset.map(add_stats, with_indices=True, desc=f"{OP_NAME}: stats")
         logger.info(f"{OP_NAME}: keeping {int(keep.sum())}/{n} samples "
                     f"({self.metric} band {self.lower_percentile:g}-{self.upper_percentile:g} "
                     f"per domain over {len(domains)} domains)")
-        return dataset.select(np.flatnonzero(keep).tolist())
+        return {STAT_INTER: [float(v) for v in inter], STAT_INTRA: [float(v) for v in intra]}, keep

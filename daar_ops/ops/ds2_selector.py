@@ -1,4 +1,5 @@
-"""``ds2_filter``: DS2 score curation and diversity-aware selection as a Data-Juicer Filter."""
+"""``ds2_selector`` (alias ``ds2_filter``): DS2 score curation and diversity-aware selection as a
+Data-Juicer Selector."""
 
 from __future__ import annotations
 
@@ -7,34 +8,29 @@ from collections import Counter
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, Filter
+from data_juicer.ops.base_op import OPERATORS
 from data_juicer.utils.constant import Fields
-from data_juicer.utils.ray_utils import is_ray_mode
 from loguru import logger
 
 from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
-                                     resolve_budget, scores_to_classes, write_ds2_report)
-from daar_ops.ops._global import start_global_run, write_stats_and_filter
+                                     scores_to_classes, write_ds2_report)
+from daar_ops.core import DS2_CONFIDENCE_KEY as CONFIDENCE_KEY
+from daar_ops.core import DS2_CORRUPTED_KEY as CORRUPTED_KEY
+from daar_ops.core import DS2_CURATED_KEY as CURATED_KEY
+from daar_ops.core import DS2_LONG_TAIL_KEY as LONG_TAIL_KEY
+from daar_ops.core import DS2_RAW_KEY as RAW_KEY
+from daar_ops.core import DS2_SELECTED_KEY as SELECTED_KEY
+from daar_ops.core import as_dict, budget
+from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
 
-OP_NAME = "ds2_filter"
-RAW_KEY = "ds2_raw_score"
-CURATED_KEY = "ds2_curated_score"
-CORRUPTED_KEY = "ds2_corrupted"
-CONFIDENCE_KEY = "ds2_confidence"
-LONG_TAIL_KEY = "ds2_long_tail"
-SELECTED_KEY = "ds2_selected"
+OP_NAME = "ds2_selector"
+ALIAS = "ds2_filter"  # the design card's name; same op
 STATS_KEYS = (RAW_KEY, CURATED_KEY, CORRUPTED_KEY, CONFIDENCE_KEY, LONG_TAIL_KEY, SELECTED_KEY)
-
-RAY_MESSAGE = (
-    f"{OP_NAME} curates scores and selects over the whole dataset (a kNN graph of all samples), "
-    "which the Ray executor cannot do. Run it with executor_type: default; the expensive "
-    "per-sample rating (ds2_rating_filter) may run under Ray in a separate recipe first.")
-
 
 
 @OPERATORS.register_module(OP_NAME)
-class DS2Filter(Filter):
+class DS2Selector(StatsSelector):
     """DS2 (ICLR 2025): curate LLM quality scores with the geometry of the data, then keep the
     best-scored, most long-tail samples.
 
@@ -60,11 +56,12 @@ class DS2Filter(Filter):
 
     With ``report_dir`` it also writes ``transition.json`` (T, prior, noise rates, class counts
     before/after), ``transition.png`` (T heatmap) and ``score_distribution.png``.
-    Global: default executor only (fails fast under Ray).
+    A Data-Juicer Selector (whole dataset; default executor only: Data-Juicer's preflight
+    refuses it under Ray). ``ds2_filter`` is the same op under the design card's name; the
+    expensive per-sample rating (``ds2_rating_filter``) may run under Ray in a recipe before it.
     """
 
     _accelerator = "cuda"
-    _supported_exec_modes = ("default",)
 
     def __init__(
         self,
@@ -123,8 +120,6 @@ class DS2Filter(Filter):
         :param kwargs: extra args
         """
         super().__init__(*args, **kwargs)
-        if is_ray_mode():
-            raise ValueError(RAY_MESSAGE)
         if not isinstance(score_key, str) or not score_key.strip():
             raise ValueError(f"{OP_NAME}: score_key must be a field name, got {score_key!r}")
         if not (math.isfinite(score_low) and math.isfinite(score_high) and score_high > score_low):
@@ -177,7 +172,7 @@ class DS2Filter(Filter):
     def _score(self, record: Mapping[str, Any]) -> Any:
         value = lookup(record, self.score_key)
         if value is None and "." not in self.score_key:
-            value = lookup(record.get(Fields.stats) or {}, self.score_key)
+            value = lookup(as_dict(record.get(Fields.stats)), self.score_key)
         return value
 
     def _embeddings(self, records: list[dict]) -> np.ndarray:
@@ -224,8 +219,8 @@ class DS2Filter(Filter):
             fill = self.score_low if self.missing_score is None else self.missing_score
             logger.warning(f"{OP_NAME}: {int(invalid.sum())}/{n} samples have a missing or "
                            f"non-numeric '{self.score_key}'; they are scored {fill}")
-        budget = (n if self.select_ratio is None and self.select_num is None
-                  else resolve_budget(n, self.select_ratio, self.select_num))
+        keep_n = (n if self.select_ratio is None and self.select_num is None
+                  else budget(n, ratio=self.select_ratio, num=self.select_num))
         if self.select_num is not None and self.select_num > n:
             logger.warning(f"{OP_NAME}: select_num {self.select_num} > {n} samples; keeping all")
         if n < 3:
@@ -241,43 +236,36 @@ class DS2Filter(Filter):
             device = "cuda" if self.use_cuda() else "cpu"
             result = curate_scores(self._embeddings(records), raw, device=device, progress=True,
                                    **self.curate_kwargs)
-        result.selected = lexicographic_select(result.curated, result.long_tail, budget)
-        result.info["budget"] = budget
+        result.selected = lexicographic_select(result.curated, result.long_tail, keep_n)
+        result.info["budget"] = keep_n
         result.info["n_invalid_scores"] = int(invalid.sum())
         return result
 
-    # -- Data-Juicer entry points ------------------------------------------------------------
-    def compute_stats_single(self, sample, rank=None, context=False):
-        raise RuntimeError(f"{OP_NAME} is a global op: it runs through run() on the whole "
-                           f"dataset. {RAY_MESSAGE}")
-
-    def process_single(self, sample):
-        return float(sample[Fields.stats].get(SELECTED_KEY, 1.0)) > 0.5
-
-    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        dataset = start_global_run(self, dataset, RAY_MESSAGE)
+    # -- Data-Juicer entry point -------------------------------------------------------------
+    def choose(self, dataset):
         n = len(dataset)
-        if n == 0:
-            return dataset
-        top = {self.score_key.split(".")[0], Fields.stats}
-        top |= {f.split(".")[0] for f in self.template.fields}
+        fields = [self.score_key, Fields.stats, *self.template.fields]
         if self.embedding_key:
-            top.add(self.embedding_key.split(".")[0])
-        records = dataset.select_columns([c for c in dataset.column_names if c in top]).to_list()
-        result = self._curate(records)
+            fields.append(self.embedding_key)
+        result = self._curate(column_records(dataset, fields))
         selected = np.zeros(n, dtype=bool)
         selected[result.selected] = True
         columns = {RAW_KEY: result.raw, CURATED_KEY: result.curated,
                    CORRUPTED_KEY: result.corrupted, CONFIDENCE_KEY: result.confidence,
                    LONG_TAIL_KEY: result.long_tail, SELECTED_KEY: selected}
         columns = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in columns.items()}
-        logger.info(f"{OP_NAME}: {int(result.corrupted.sum())}/{n} scores curated; selecting "
+        logger.info(f"{self._name}: {int(result.corrupted.sum())}/{n} scores curated; selecting "
                     f"{len(result.selected)}/{n}")
         if self.report_dir:
             paths = write_ds2_report(self.report_dir, result,
                                      extra=dict(score_key=self.score_key,
                                                 embedding=self.embedding_key or
                                                 self.embedding_model))
-            logger.info(f"{OP_NAME}: report written to {paths}")
+            logger.info(f"{self._name}: report written to {paths}")
+        return columns, selected
 
-        return write_stats_and_filter(self, dataset, columns, exporter, reduce)
+
+@OPERATORS.register_module(ALIAS)
+class DS2Filter(DS2Selector):
+    """``ds2_filter``: the design card's name of :class:`DS2Selector` (same parameters, a
+    Selector too)."""

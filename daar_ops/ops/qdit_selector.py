@@ -8,36 +8,33 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 from loguru import logger
 
-from data_juicer.ops.base_op import OPERATORS, Filter
-from data_juicer.utils.constant import Fields
-from data_juicer.utils.ray_utils import is_ray_mode
+from data_juicer.ops.base_op import OPERATORS
 
 from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QUALITY_NORMS,
-                                      SIMILARITIES, qdit_select, resolve_budget)
-from daar_ops.ops._global import start_global_run, write_stats_and_filter
+                                      SIMILARITIES, qdit_select)
+from daar_ops.core import QDIT_GAIN_KEY as GAIN_KEY
+from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
+from daar_ops.core import budget
+from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
 
-OP_NAME = "qdit_filter"
-GAIN_KEY = "qdit_gain"
-RANK_KEY = "qdit_rank"
+OP_NAME = "qdit_selector"
+ALIAS = "qdit_filter"  # the design card's name; same op
 EMBEDDERS = ("sentence_transformers", "daar_features")
-RAY_MESSAGE = (f"{OP_NAME} selects over the whole dataset and cannot run under executor_type: ray. "
-               f"Run it with the default executor (executor_type: default), e.g. as a second "
-               f"recipe on the Ray job's exported output.")
-
 
 
 @OPERATORS.register_module(OP_NAME)
-class QditFilter(Filter):
+class QditSelector(StatsSelector):
     """QDIT quality-diversity selection (Bukharin et al. 2023): keep the samples picked by the greedy
     ``argmax (1 - alpha) * d(a | A) / diversity_scale + alpha * q(a)`` where d is the
     facility-location gain over clipped cosine similarity of sentence embeddings and q a
     normalised quality score read from any numeric field or stats key.
 
-    A global op: it embeds the whole dataset, runs the greedy once (exact lazy greedy, or
-    stochastic greedy for very large N; similarity in memory-bounded blocks, dense, or kNN-sparse)
-    and keeps the selected samples in their original order. Default executor only; under Ray it
-    fails before processing.
+    A Data-Juicer Selector (whole dataset): it embeds the whole dataset, runs the greedy once
+    (exact lazy greedy, or stochastic greedy for very large N; similarity in memory-bounded
+    blocks, dense, or kNN-sparse) and keeps the selected samples in their original order. Default
+    executor only (Data-Juicer's preflight refuses it under Ray). ``qdit_filter`` is the same op
+    under the design card's name.
 
     Stats keys written for every sample:
 
@@ -45,9 +42,6 @@ class QditFilter(Filter):
     * ``qdit_gain`` (float): the objective's marginal gain when the sample was selected (the
       combined score, in the units set by ``diversity_scale``); 0.0 for samples not selected.
     """
-
-    _batched_op = False
-    _supported_exec_modes = ("default",)
 
     def __init__(self,
                  select_ratio: Optional[float] = None,
@@ -117,11 +111,9 @@ class QditFilter(Filter):
         :param kwargs: extra args
         """
         super().__init__(*args, **kwargs)
-        if is_ray_mode():
-            raise ValueError(RAY_MESSAGE)
         if (select_ratio is None) == (select_num is None):
             raise ValueError(f"{OP_NAME}: give exactly one of select_ratio and select_num")
-        resolve_budget(10, select_num, select_ratio)  # validates the values
+        budget(10, ratio=select_ratio, num=select_num)  # validates the values
         if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"{OP_NAME}: alpha must be in [0, 1], got {alpha!r}")
         if float(alpha) > 0 and not quality_key:
@@ -212,40 +204,30 @@ class QditFilter(Filter):
                            quality=quality, device=self._device(), batch=16, progress=True,
                            **self.select_kwargs)
 
-    # -- Data-Juicer entry points --------------------------------------------------------------------
-    def compute_stats_single(self, sample, rank=None, context=False):
-        raise RuntimeError(f"{OP_NAME} is a global op: it runs through run() on the whole "
-                           f"dataset. {RAY_MESSAGE}")
-
-    def process_single(self, sample):
-        return int(sample[Fields.stats].get(RANK_KEY, -1)) >= 0
-
-    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        dataset = start_global_run(self, dataset, RAY_MESSAGE)
+    # -- Data-Juicer entry point -------------------------------------------------------------------
+    def choose(self, dataset):
         n = len(dataset)
-        if n == 0:
-            return dataset
-        budget = resolve_budget(n, self.select_num, self.select_ratio)
+        k = budget(n, ratio=self.select_ratio, num=self.select_num)
         if self.select_num is not None and self.select_num > n:
-            logger.warning(f"{OP_NAME}: select_num={self.select_num} but the dataset has only {n} "
-                           f"samples; all are selected (ranked)")
-        top = {f.split(".")[0] for f in self.template.fields}
-        if self.quality_key:
-            top.add(self.quality_key.split(".")[0])
-        missing = sorted(c for c in top if c not in dataset.column_names)
+            logger.warning(f"{self._name}: select_num={self.select_num} but the dataset has only "
+                           f"{n} samples; all are selected (ranked)")
+        fields = list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
+        missing = sorted({f.split(".")[0] for f in fields} - set(dataset.column_names))
         if missing:
-            logger.warning(f"{OP_NAME}: fields {missing} are absent from the dataset; they render "
-                           f"as empty text / missing quality")
-        records = dataset.select_columns([c for c in dataset.column_names if c in top]).to_list()
-        result = self.select(records)
+            logger.warning(f"{self._name}: fields {missing} are absent from the dataset; they "
+                           f"render as empty text / missing quality")
+        result = self.select(column_records(dataset, fields))
         ranks = np.full(n, -1, dtype=np.int64)
         gains = np.zeros(n, dtype=np.float64)
         ranks[result.indices] = np.arange(len(result.indices))
         gains[result.indices] = result.gains
-        ranks_l, gains_l = ranks.tolist(), [float(g) for g in gains]
-        logger.info(f"{OP_NAME}: selected {len(result.indices)}/{n} (budget {budget}); "
+        logger.info(f"{self._name}: selected {len(result.indices)}/{n} (budget {k}); "
                     f"facility-location objective {result.objective:.4f}; "
                     f"{result.n_evaluations} gain evaluations")
+        return {RANK_KEY: ranks.tolist(), GAIN_KEY: [float(g) for g in gains]}, ranks >= 0
 
-        return write_stats_and_filter(self, dataset, {RANK_KEY: ranks_l, GAIN_KEY: gains_l},
-                                      exporter, reduce)
+
+@OPERATORS.register_module(ALIAS)
+class QditFilter(QditSelector):
+    """``qdit_filter``: the design card's name of :class:`QditSelector` (same parameters, a
+    Selector too)."""

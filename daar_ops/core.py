@@ -1,0 +1,231 @@
+"""The ground floor every other module stands on: key names, the one budget rule, the one JSONL
+reader/writer, ranking with the package-wide tie rule, and null-safe stats/meta access.
+
+No Data-Juicer import, no model, no numpy-heavy math: everything above (algorithms, models, ops,
+pipeline, reports, tools) imports from here instead of repeating a literal or a rule.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+# -------------------------------------------------------------------------------------------------
+# key names: Data-Juicer's columns and every stats/meta key an operator of this package writes
+
+STATS_FIELD = "__dj__stats__"
+META_FIELD = "__dj__meta__"
+
+# DaaR stage 1 (domain_pseudo_label_mapper)
+PSEUDO_DOMAIN_KEY = "daar_pseudo_domain"          # meta: nearest domain's name
+DOMAIN_SIMILARITY_KEY = "daar_domain_similarity"  # stats: one similarity per domain
+CENTROIDS_SHA_KEY = "daar_centroids_sha256"       # stats: which centroid file labelled the sample
+SYNTHESIS_META_KEY = "daar_synthesis"             # meta of synthetic samples
+# DaaR stage 2 (diversity_reward_filter / diversity_reward_selector)
+REWARD_KEY = "daar_diversity_reward"
+PROBS_KEY = "daar_domain_probs"
+PROBE_DOMAIN_KEY = "daar_probe_domain"
+CHECKPOINT_SHA_KEY = "daar_checkpoint_sha256"     # stats: which probe checkpoint scored the sample
+# Section 3 contrastive pools
+PHI_INTER_KEY = "daar_phi_inter"
+PHI_INTRA_KEY = "daar_phi_intra"
+# QDIT
+QDIT_RANK_KEY = "qdit_rank"
+QDIT_GAIN_KEY = "qdit_gain"
+# DS2
+DS2_SCORE_KEY = "ds2_score"
+DS2_RAW_KEY = "ds2_raw_score"
+DS2_CURATED_KEY = "ds2_curated_score"
+DS2_CORRUPTED_KEY = "ds2_corrupted"
+DS2_CONFIDENCE_KEY = "ds2_confidence"
+DS2_LONG_TAIL_KEY = "ds2_long_tail"
+DS2_SELECTED_KEY = "ds2_selected"
+
+# Ground truth of the example pools: evaluation tools may read it, selection never does.
+GROUND_TRUTH_DOMAIN_FIELD = "domain"
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A stats/meta cell as a fresh dict: a missing, null or non-dict value is empty.
+
+    Every op reads ``__dj__stats__`` / ``__dj__meta__`` through this, so one bad row never raises
+    inside a batch (which Data-Juicer's ``skip_op_error`` would turn into a lost batch)."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+# -------------------------------------------------------------------------------------------------
+# the budget rule and ranking
+
+
+def budget(n: int, ratio: float | None = None, num: int | None = None) -> int:
+    """How many of ``n`` samples a selection keeps: exactly one of ``ratio`` (in [0, 1]; keeps
+    ``floor(ratio * n)``, as Data-Juicer's ``topk_specified_field_selector``) and ``num`` (an
+    integer >= 0; all ``n`` when larger). The one rule of every method in this package, so the
+    same ratio keeps the same count for DaaR, QDIT, DS2 and the contrastive bands."""
+    if (ratio is None) == (num is None):
+        raise ValueError("give exactly one of a ratio and a number of samples")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if num is not None:
+        if isinstance(num, bool) or int(num) != num or num < 0:
+            raise ValueError(f"the number of samples must be an integer >= 0, got {num!r}")
+        return min(int(num), n)
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"the ratio must be in [0, 1], got {ratio}")
+    # The epsilon keeps 0.2 * 40000 (= 7999.999...) from flooring to 7999.
+    return min(n, int(math.floor(ratio * n + 1e-9)))
+
+
+def rank_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Indices best first: score descending, ties to the earlier sample, non-finite last.
+
+    The package-wide tie rule: deterministic and independent of sort stability."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    key = np.where(finite, s, -np.inf)
+    idx = np.arange(len(s))
+    # lexsort: last key is primary. Primary: non-finite after finite; then -score; then index.
+    return np.lexsort((idx, -key, ~finite))
+
+
+# -------------------------------------------------------------------------------------------------
+# JSONL in and out
+
+
+@dataclass
+class JsonlReport:
+    """What :func:`read_jsonl` met besides records: malformed lines and lines whose bytes were
+    not valid UTF-8 (read with ``surrogateescape``, so nothing is replaced)."""
+
+    path: str
+    malformed: list[int] = field(default_factory=list)
+    non_dict: list[int] = field(default_factory=list)
+    invalid_utf8: list[int] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[int]:
+        return sorted(self.malformed + self.non_dict)
+
+    def message(self) -> str:
+        parts = []
+        if self.malformed:
+            parts.append(f"{len(self.malformed)} lines that are not JSON (first: line "
+                         f"{self.malformed[0]})")
+        if self.non_dict:
+            parts.append(f"{len(self.non_dict)} JSON lines that are not objects (first: line "
+                         f"{self.non_dict[0]})")
+        if self.invalid_utf8:
+            parts.append(f"{len(self.invalid_utf8)} lines with bytes that are not UTF-8 (first: "
+                         f"line {self.invalid_utf8[0]}; kept as \\udcXX escapes)")
+        return f"{self.path}: " + "; ".join(parts) if parts else ""
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(q for q in path.iterdir()
+                      if q.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [path]
+
+
+def iter_jsonl(path: str | os.PathLike, report: JsonlReport | None = None
+               ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number, record) for every non-blank line of a JSONL(.gz) file or a directory of
+    shards; a line that is not a JSON object yields ``(line, None)`` and is noted in ``report``.
+
+    A truncated or corrupt ``.gz`` is a ValueError naming the file (not a bare EOFError)."""
+    path = Path(path)
+    report = report if report is not None else JsonlReport(str(path))
+    for file in _files(path):
+        opener = gzip.open if file.name.endswith(".gz") else open
+        try:
+            with opener(file, "rb") as handle:
+                for number, raw in enumerate(handle, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        line = raw.decode("utf-8", errors="surrogateescape")
+                        report.invalid_utf8.append(number)
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        report.malformed.append(number)
+                        yield number, None
+                        continue
+                    if not isinstance(record, dict):
+                        report.non_dict.append(number)
+                        yield number, None
+                        continue
+                    yield number, record
+        except (EOFError, gzip.BadGzipFile, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise ValueError(f"{file}: cannot be read to the end ({type(err).__name__}: {err}); "
+                             f"is the file truncated or not gzip?") from err
+
+
+def read_jsonl(path: str | os.PathLike, limit: int | None = None, strict: bool = False
+               ) -> tuple[list[dict[str, Any]], JsonlReport]:
+    """The records of a JSONL(.gz) file (or directory of shards) and a :class:`JsonlReport`.
+
+    Tolerant by default: malformed lines are skipped and reported; ``strict=True`` makes the first
+    one a ValueError naming the file and line."""
+    report = JsonlReport(str(path))
+    records: list[dict[str, Any]] = []
+    for number, record in iter_jsonl(path, report):
+        if record is None:
+            if strict:
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            continue
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    return records, report
+
+
+def dumps_record(record: Mapping[str, Any]) -> bytes:
+    """One JSONL line as UTF-8 bytes. Text that UTF-8 cannot carry (a lone surrogate from a
+    ``"\\ud800"`` escape, or the escapes of invalid input bytes) is written as JSON ``\\u``
+    escapes, so the record reads back equal instead of failing after all the work."""
+    try:
+        return (json.dumps(record, ensure_ascii=False, sort_keys=True, default=_json_default)
+                + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, sort_keys=True, default=_json_default)
+                + "\n").encode("ascii")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write records atomically (a temporary file, then a rename); returns the count."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as handle:
+            for record in records:
+                handle.write(dumps_record(record))
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

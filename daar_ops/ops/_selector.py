@@ -1,0 +1,104 @@
+"""The one shape of every whole-dataset choice of this package (QDIT, DS2, DaaR top ratio /
+quotas, the contrastive bands): a Data-Juicer :class:`Selector` that scores, writes its stats and
+keeps a subset.
+
+Being a Selector (not a Filter with a replaced ``run()``) is what makes the ops behave natively:
+
+* ``dj-analyze`` only runs Filters and tagging ops, so an analysis never loses rows to a selection;
+* ``op_fusion`` only fuses and reorders consecutive Filters, and a Selector ends such a group, so a
+  Filter placed before a selection still runs before it;
+* ``_supported_exec_modes = ("default",)`` (the base class's) makes Data-Juicer's Ray preflight
+  refuse the op before any work, with its own message;
+* ``open_tracer``: Data-Juicer 1.6.1's Selector traces nothing; :meth:`run` here records the
+  dropped samples through the tracer's sample-level filter API (``filter-<op>.jsonl``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from data_juicer.ops.base_op import OP, Selector
+from data_juicer.utils.constant import Fields
+from data_juicer.utils.model_utils import free_models
+from loguru import logger
+
+from daar_ops.core import as_dict
+
+
+class StatsSelector(Selector):
+    """Base class: subclasses implement :meth:`choose` (stats columns + keep mask)."""
+
+    def prepare(self, dataset: Any) -> Any:
+        """Per-sample work the choice needs (e.g. scores a Filter would write); default none."""
+        return dataset
+
+    def choose(self, dataset: Any) -> tuple[Mapping[str, Sequence[Any]], np.ndarray]:
+        """``({stats key: one value per sample}, keep mask)`` over the dataset's order."""
+        raise NotImplementedError
+
+    def process(self, dataset: Any) -> Any:
+        dataset, keep = self._scored(dataset)
+        return dataset.select(np.flatnonzero(keep).tolist())
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        dataset = OP.run(self, dataset)
+        dataset, keep = self._scored(dataset)
+        if tracer is not None:
+            self._trace_dropped(tracer, dataset, keep)
+        selected = dataset.select(np.flatnonzero(keep).tolist())
+        free_models()
+        return selected
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _scored(self, dataset: Any) -> tuple[Any, np.ndarray]:
+        n = len(dataset)
+        if n == 0:
+            logger.warning(f"{self._name}: empty dataset, nothing to select")
+            return dataset, np.zeros(0, dtype=bool)
+        dataset = self.prepare(dataset)
+        columns, keep = self.choose(dataset)
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (n,):
+            raise RuntimeError(f"{self._name}: keep mask of shape {keep.shape} for {n} samples")
+        if columns:
+            dataset = write_stats(dataset, columns, desc=f"{self._name}_stats")
+        logger.info(f"{self._name}: keeps {int(keep.sum())} of {n} samples")
+        return dataset, keep
+
+    def _trace_dropped(self, tracer: Any, dataset: Any, keep: np.ndarray) -> None:
+        from data_juicer.core.tracer import (check_tracer_collect_complete, collect_for_filter,
+                                             should_trace_op)
+
+        if not should_trace_op(tracer, self._name):
+            return
+        for i in np.flatnonzero(~keep).tolist():
+            if check_tracer_collect_complete(tracer, self._name):
+                break
+            collect_for_filter(tracer, self._name, dataset[int(i)], False)
+
+
+def write_stats(dataset: Any, columns: Mapping[str, Sequence[Any]], desc: str = "stats") -> Any:
+    """Write one value per sample of every column into ``__dj__stats__`` (a null or non-dict
+    stats cell counts as empty)."""
+    if Fields.stats not in dataset.column_names:
+        dataset = dataset.add_column(Fields.stats, [{} for _ in range(len(dataset))])
+
+    def write(sample, idx):
+        stats = as_dict(sample[Fields.stats])
+        for key, values in columns.items():
+            stats[key] = values[idx]
+        sample[Fields.stats] = stats
+        return sample
+
+    return dataset.map(write, with_indices=True, desc=desc)
+
+
+def column_records(dataset: Any, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """The dataset's rows restricted to the top-level columns named in ``fields`` (dotted names
+    count by their first part); absent columns are logged by the caller's op name."""
+    top = {f.split(".")[0] for f in fields if f}
+    present = [c for c in dataset.column_names if c in top]
+    if not present:
+        return [{} for _ in range(len(dataset))]
+    return dataset.select_columns(present).to_list()
