@@ -101,3 +101,49 @@ def shared_pool() -> Path:
     if not SHARED_POOL.exists():
         pytest.fail(f"shared pool not found at {SHARED_POOL}")
     return SHARED_POOL
+
+
+# -------------------------------------------------------------------------------------------------
+# DaaR artifacts on the tiny model (fabricated labels): shared by the op, Ray and DJ-native tests
+
+TINY_DOMAINS = ["coding", "math", "qa"]
+TINY_WORDS = {"coding": "def return list sort function code loop", "math": "12 7 84 sum solve x",
+              "qa": "capital France Paris what who where"}
+
+
+def tiny_records(n: int, label: bool = True) -> list[dict]:
+    """Alpaca-style records with an ``id`` whose words lean to one of three domains."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        dom = TINY_DOMAINS[i % 3]
+        words = TINY_WORDS[dom].split() + (
+            TINY_WORDS[TINY_DOMAINS[(i + 1) % 3]].split() if i % 4 == 0 else [])
+        rec = {"id": i, "instruction": " ".join(rng.choice(words, 6)), "input": "",
+               "output": " ".join(rng.choice(words, 4))}
+        if label:
+            rec["__dj__meta__"] = {"daar_pseudo_domain": dom}
+        out.append(rec)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_llama, tmp_path_factory) -> dict:
+    """A probe checkpoint and a centroid file built on the tiny random model."""
+    from daar_ops.algorithms.centroids import DomainSpec, embed_texts, save_centroids
+    from daar_ops.algorithms.probes import TrainConfig
+    from daar_ops.features import LayerFeatureExtractor
+    from daar_ops.probe_checkpoint import train_probe_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_artifacts")
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, val_fraction=0.2, hidden=[16])
+    train_probe_checkpoint(tiny_records(60), root / "probe", model=str(tiny_llama), layer=2,
+                           max_length=64, config=cfg, use_cache=False, progress=False)
+    ext = LayerFeatureExtractor(str(tiny_llama), layer=0)
+    feats = embed_texts(ext, [TINY_WORDS[d] for d in TINY_DOMAINS], "embedding")
+    save_centroids(root / "centroids", feats, [DomainSpec(d) for d in TINY_DOMAINS],
+                   ext.describe(), "embedding", "{instruction} {input} {output}",
+                   [1] * len(TINY_DOMAINS))
+    return {"probe": root / "probe", "centroids": root / "centroids", "model": tiny_llama}

@@ -15,43 +15,15 @@ import numpy as np
 import pytest
 import yaml
 
-from daar_ops.algorithms.centroids import DomainSpec, embed_texts, save_centroids
-from daar_ops.algorithms.probes import TrainConfig
-from daar_ops.features import LayerFeatureExtractor
-from daar_ops.probe_checkpoint import train_probe_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DOMAINS = ["coding", "math", "qa"]
-WORDS = {"coding": "def return list sort function code loop", "math": "12 7 84 sum solve x",
-         "qa": "capital France Paris what who where"}
-
-
-def _records(n: int, label: bool = True) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        dom = DOMAINS[i % 3]
-        words = WORDS[dom].split() + (WORDS[DOMAINS[(i + 1) % 3]].split() if i % 4 == 0 else [])
-        rec = {"id": i, "instruction": " ".join(rng.choice(words, 6)), "input": "",
-               "output": " ".join(rng.choice(words, 4))}
-        if label:
-            rec["__dj__meta__"] = {"daar_pseudo_domain": dom}
-        out.append(rec)
-    return out
+from conftest import TINY_DOMAINS as DOMAINS  # noqa: E402
+from conftest import tiny_records as _records  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_llama, tmp_path_factory) -> dict:
-    """A probe checkpoint and a centroid file built on the tiny random model (fabricated labels)."""
-    root = tmp_path_factory.mktemp("ray_artifacts")
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, val_fraction=0.2, hidden=[16])
-    train_probe_checkpoint(_records(60), root / "probe", model=str(tiny_llama), layer=2,
-                           max_length=64, config=cfg, use_cache=False, progress=False)
-    ext = LayerFeatureExtractor(str(tiny_llama), layer=0)
-    feats = embed_texts(ext, [WORDS[d] for d in DOMAINS], "embedding")
-    save_centroids(root / "centroids", feats, [DomainSpec(d) for d in DOMAINS], ext.describe(),
-                   "embedding", "{instruction} {input} {output}", [1] * len(DOMAINS))
-    return {"probe": root / "probe", "centroids": root / "centroids", "model": tiny_llama}
+def artifacts(tiny_artifacts) -> dict:
+    return tiny_artifacts
 
 
 def _per_sample_process(artifacts: dict) -> list[dict]:

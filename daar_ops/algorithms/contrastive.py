@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from daar_ops.algorithms.knn import l2_normalize
-from daar_ops.core import budget
+from daar_ops.core import budget, rank_order
 
 UNLABELED = -1
 
@@ -92,11 +92,14 @@ def global_phi_intra(features: np.ndarray, centroids: np.ndarray, label_idx: np.
 
 def percentile_band(scores: np.ndarray, label_idx: np.ndarray, lower: float, upper: float
                     ) -> np.ndarray:
-    """[N] bool: per domain, rows whose ascending rank lies in [lower%, upper%) of that domain.
+    """[N] bool: per domain, the rows whose score lies in the [lower%, upper%] band of that domain.
 
-    Ranks use a stable sort (ties -> lower index first), so the band is deterministic and holds
-    exactly ``budget(n_k, upper/100) - budget(n_k, lower/100)`` rows (:func:`daar_ops.core.budget`) of a domain of size n_k. NaN
-    scores rank lowest. Unlabeled rows (-1) are never in a band.
+    Bands are counted from the top with the package's budget rule and tie rule
+    (:func:`daar_ops.core.budget`, :func:`daar_ops.core.rank_order`: best first, ties to the
+    earlier row, NaN lowest): the band holds the rows of descending rank
+    ``[budget(n_k, 1 - upper/100), budget(n_k, 1 - lower/100))``, so the top-20% band (80-100)
+    keeps exactly as many rows as every other top-20% selection, and consecutive bands partition
+    a domain. Unlabeled rows (-1) are never in a band.
     """
     if not 0 <= lower < upper <= 100:
         raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
@@ -105,9 +108,9 @@ def percentile_band(scores: np.ndarray, label_idx: np.ndarray, lower: float, upp
     keep = np.zeros(len(scores), dtype=bool)
     for k in np.unique(label_idx[label_idx >= 0]):
         rows = np.flatnonzero(label_idx == k)
-        vals = np.where(np.isnan(scores[rows]), -np.inf, scores[rows])
-        order = rows[np.argsort(vals, kind="stable")]
+        order = rows[rank_order(scores[rows])]
         n = len(rows)
-        lo, hi = budget(n, ratio=lower / 100), budget(n, ratio=upper / 100)
-        keep[order[lo:hi]] = True
+        start = budget(n, ratio=round(1.0 - upper / 100, 12))
+        stop = budget(n, ratio=round(1.0 - lower / 100, 12))
+        keep[order[start:stop]] = True
     return keep
