@@ -1,72 +1,90 @@
-"""The whole DaaR method in one call (``daar-ops select``). No Data-Juicer import.
+"""The whole DaaR method in one call (``daar-ops select``), driven through the package's own
+Data-Juicer operators: the same classes, defaults and feature cache as the recipes.
 
-Stages, each timed and written to ``output_dir``:
+Stages, each timed:
 
-1. ``synthesize``: the model writes ``samples_per_domain`` instruction pairs per domain (seed +
-   augmentation with a novelty threshold); their embedding-layer features averaged per domain are
-   the model-aware centroids (``centroids/``, ``synthetic.jsonl``).
-2. ``pseudo_label``: a probe pool (``probe_size`` records, disjoint from the selection pool) gets
-   the nearest centroid as pseudo-domain (``probe_pool.jsonl``).
-3. ``train_probes``: psi_dom on layer-k features and pseudo-labels, then psi_div on psi_dom's
-   entropy (``checkpoint/``).
-4. ``score``: psi_div's predicted entropy for every record of the selection pool.
-5. ``select``: the top ``select_ratio`` by that reward (``selected.jsonl``, ``scores.jsonl``,
-   ``summary.json``/``summary.md``, histogram PNGs).
+1. ``synthesize``: :class:`CentroidSynthesisMapper` writes ``samples_per_domain`` instruction pairs
+   per domain (``synthetic.jsonl``), or ``--synthetic`` reuses a file of them.
+2. ``pseudo_label``: :class:`DomainPseudoLabelMapper` labels the probe pool from the synthetic
+   samples (``probe_pool.jsonl``, ``centroids/``).
+3. ``train_probes``: :func:`train_probe_checkpoint` (the ``daar-ops train-probe`` tool) trains
+   psi_dom / psi_div on the probe pool (``checkpoint/``).
+4. ``score``: :class:`DiversityRewardFilter` scores every record of the selection pool.
+5. ``select``: :class:`DiversityRewardSelector` keeps the top ``select_ratio`` (or the same ratio
+   inside each predicted domain) (``selected.jsonl``, ``scores.jsonl``, ``summary.*``).
 
-The ground-truth ``domain`` field of the shared pool is never read here: records are carried
-through untouched and written back as they came.
+The probe pool and the selection pool are disjoint **by text**: records are split by a seeded hash
+of their rendered text, so identical records always land on the same side (duplicates are
+counted in the summary). The ops see a view of each record (the template's fields, as text);
+the records written out are the input records, unchanged, plus ``__dj__stats__``/``__dj__meta__``.
+
+Outputs are all-or-nothing: everything is written into ``<output_dir>.partial-<pid>`` and moved
+into place at the end; a failed run leaves the previous output directory as it was.
+
+The ground-truth ``domain`` field is never read here.
 """
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from loguru import logger
 
+from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
+                           PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
+                           iter_jsonl, read_jsonl, write_jsonl)
 from daar_ops.models import SMOLLM2
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
+from daar_ops.ops.domain_pseudo_label_mapper import PSEUDO_LABEL_DEFAULTS
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup, to_text
 
-# The shared example pool beside a source checkout; $DAAR_OPS_POOL points elsewhere.
-DEFAULT_POOL = Path(os.environ.get(
-    "DAAR_OPS_POOL",
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" / "daar_pool.jsonl.gz"))
+ROW_KEY = "__daar_row__"  # the view's pointer back to the input record
+
+
+def default_pool() -> str:
+    """``$DAAR_OPS_POOL``, else the shared example pool beside a source checkout."""
+    env = os.environ.get("DAAR_OPS_POOL")
+    if env:
+        return env
+    return str(Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" /
+               "daar_pool.jsonl.gz")
 
 
 @dataclass
 class SelectConfig:
-    """Settings of :func:`run_select`; defaults are the embedded full-size run."""
+    """Settings of :func:`run_select`; defaults are the embedded full-size run. Synthesis and
+    pseudo-labelling defaults are the operators' own (one place: ``SYNTHESIS_DEFAULTS``,
+    ``PSEUDO_LABEL_DEFAULTS``), so ``daar-ops select`` and the recipes agree."""
 
-    pool: str = str(DEFAULT_POOL)
+    pool: str = field(default_factory=default_pool)
     output_dir: str = "outputs/daar_select"
     model: str = SMOLLM2
-    domains: Any = None  # None: the paper's four domains; else names / dicts / a JSON(L) path
+    domains: Any = None  # None: the paper's four domains; else names / dicts
     synthetic: str | None = None  # reuse synthetic samples (JSONL with `domain`): no generation
     template: str = ALPACA_TEMPLATE
     layer: int = 3
     max_length: int = 512
-    samples_per_domain: int = 10
-    max_attempts: int = 40
-    # Pool texts of one domain already have median cosine 0.77-0.87 on SmolLM2 embedding features,
-    # so the paper's 0.85 rejects many on-topic samples (docs/daar_stage1.md).
-    tau: float = 0.95
-    max_new_tokens: int = 256
-    generation_batch_size: int = 8
-    temperature: float = 0.9
-    top_p: float = 0.95
+    samples_per_domain: int = SYNTHESIS_DEFAULTS["samples_per_domain"]
+    max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"]
+    tau: float = SYNTHESIS_DEFAULTS["tau"]
+    max_new_tokens: int = SYNTHESIS_DEFAULTS["max_new_tokens"]
+    generation_batch_size: int = SYNTHESIS_DEFAULTS["generation_batch_size"]
+    generation_dtype: str = SYNTHESIS_DEFAULTS["dtype"]
+    temperature: float = SYNTHESIS_DEFAULTS["temperature"]
+    top_p: float = SYNTHESIS_DEFAULTS["top_p"]
     probe_size: int = 5000
     pool_size: int | None = None  # None: every record not in the probe pool
-    # k-means iterations from the synthetic centroids (the reference code refines with k-means);
-    # on SmolLM2 they lift pseudo-label agreement from 0.34 to 0.60 (3 iterations).
-    refine_iters: int = 3
+    refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"]
     select_ratio: float = 0.2
     # Keep the top select_ratio within each predicted pseudo-domain (the paper's "customized"
     # quota selection with equal ratios) instead of over the whole pool.
@@ -91,51 +109,76 @@ class SelectConfig:
     def validate(self) -> None:
         if not 0.0 < self.select_ratio <= 1.0:
             raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
-        for name in ("probe_size", "samples_per_domain", "max_attempts", "threads", "layer"):
+        for name in ("probe_size", "samples_per_domain", "max_attempts", "threads", "layer",
+                     "max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_iters < 0:
+            raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
         if self.pool_size is not None and self.pool_size < 1:
             raise ValueError(f"pool_size must be >= 1 or None, got {self.pool_size}")
         if not Path(self.pool).exists():
             raise FileNotFoundError(f"pool file {self.pool} does not exist; pass --pool or set "
                                     f"DAAR_OPS_POOL")
+        if self.synthetic and not Path(self.synthetic).exists():
+            raise FileNotFoundError(f"--synthetic file {self.synthetic} does not exist")
+        TextTemplate(self.template)  # a clear error for a malformed template
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(line number, record) per non-blank line; a malformed line yields (line, None)."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                yield number, None
-                continue
-            yield number, record if isinstance(record, dict) else None
+def split_by_text(texts: Sequence[str], probe_size: int, pool_size: int | None, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Disjoint (probe indices, selection-pool indices, number of duplicated texts).
 
-
-def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def split_pool(n: int, probe_size: int, pool_size: int | None, seed: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint (probe indices, selection-pool indices) from one seeded permutation."""
-    if probe_size >= n:
-        raise ValueError(f"probe_size {probe_size} leaves no record of the {n} for selection")
-    order = np.random.default_rng(seed).permutation(n)
-    probe = np.sort(order[:probe_size])
-    rest = order[probe_size:]
+    Distinct texts are ordered by a seeded SHA-256 of the text; whole texts (every copy) go to
+    the probe pool until it holds ``probe_size`` records, the rest to the selection pool (its
+    first ``pool_size`` records in that order). So no text is on both sides, and the split of a
+    record does not depend on the pool's order."""
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(text, []).append(i)
+    duplicated = sum(1 for rows in groups.values() if len(rows) > 1)
+    salt = f"daar-split:{seed}:".encode()
+    order = sorted(groups, key=lambda t: hashlib.sha256(salt + t.encode("utf-8", "replace"))
+                   .digest())
+    probe: list[int] = []
+    rest: list[int] = []
+    for text in order:
+        (probe if len(probe) < probe_size else rest).extend(groups[text])
+    if not rest:
+        raise ValueError(f"probe_size {probe_size} takes all {len(texts)} records "
+                         f"({len(groups)} distinct texts); nothing is left to select from")
     if pool_size is not None:
         rest = rest[:pool_size]
-    return probe, np.sort(rest)
+    return np.sort(np.array(probe, dtype=np.int64)), np.sort(np.array(rest, dtype=np.int64)), \
+        duplicated
+
+
+def _clean(value: Any) -> Any:
+    """A view value Arrow can hold: text without lone surrogates, containers recursively."""
+    if isinstance(value, str):
+        return to_text(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _view(records: Sequence[Mapping[str, Any]], rows: np.ndarray, template: TextTemplate):
+    """A NestedDataset of what the ops need from each record: the template's top-level fields
+    (plain fields as text, nested ones cleaned) plus the row index."""
+    from data_juicer.core.data import NestedDataset
+
+    top = list(dict.fromkeys(f.split(".")[0] for f in template.fields))
+    view = []
+    for i in rows.tolist():
+        rec = records[i]
+        item = {ROW_KEY: int(i)}
+        for name in top:
+            value = rec.get(name)
+            item[name] = to_text(value) if name in template.fields else _clean(value)
+        view.append(item)
+    return NestedDataset.from_list(view)
 
 
 class _Timer:
@@ -165,85 +208,138 @@ class SelectResult:
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
-    from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, assign_nearest, compute_centroids,
-                                               kmeans_refine, parse_domains, save_centroids,
-                                               synthesize)
-    from daar_ops.algorithms.probes import TrainConfig
-    from daar_ops.algorithms.selection import quota_mask, top_mask
-    from daar_ops.feature_cache import FeatureCache
-    from daar_ops.features import LayerFeatureExtractor
-    from daar_ops.generation import load_generator
-    from daar_ops.probe_checkpoint import DaarScorer, train_probe_checkpoint
-
+    """Run the method; outputs appear in ``cfg.output_dir`` as one consistent set or not at all."""
     cfg.validate()
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(cfg.output_dir)
+    staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        summary = _run(cfg, staging)
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"[daar select] {summary['selected']} of {summary['selection_pool']} selected; "
+                f"outputs in {final}")
+    return SelectResult(final, summary)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Swap the finished staging directory into place (the old one goes only once the new one
+    is complete)."""
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _synthetic_records(cfg: SelectConfig, names: list[str], domains) -> tuple[list[dict], dict]:
+    """The synthetic samples: reused from ``cfg.synthetic`` or generated by the op."""
+    if cfg.synthetic:
+        report = JsonlReport(cfg.synthetic)
+        rows = []
+        for number, rec in iter_jsonl(cfg.synthetic, report):
+            if rec is None:
+                continue
+            if not to_text(rec.get("domain")).strip():
+                raise ValueError(f"{cfg.synthetic}:{number}: a synthetic sample needs a "
+                                 f"'domain' field naming its domain")
+            rows.append(rec)
+        if report.message():
+            logger.warning(report.message())
+        missing = [n for n in names if not any(r["domain"] == n for r in rows)]
+        if missing:
+            raise ValueError(f"{cfg.synthetic} has no sample of domains {missing} (it has "
+                             f"{sorted({r['domain'] for r in rows})}); synthesize them or pass "
+                             f"--domains with the file's domains")
+        return [r for r in rows if r["domain"] in names], {"reused": cfg.synthetic}
+    from data_juicer.core.data import NestedDataset
+
+    from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
+
+    op = CentroidSynthesisMapper(
+        domains=[{"name": d.name, "description": d.description} for d in domains],
+        model=cfg.model, samples_per_domain=cfg.samples_per_domain,
+        max_attempts=cfg.max_attempts, tau=cfg.tau, max_new_tokens=cfg.max_new_tokens,
+        generation_batch_size=cfg.generation_batch_size, dtype=cfg.generation_dtype,
+        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_length=cfg.max_length)
+    out = op.run(NestedDataset.from_list([{"domain": n} for n in names])).to_list()
+    stats = {}
+    for rec in out:
+        stats.setdefault(rec["domain"], as_dict(as_dict(rec.get(META_FIELD)).get(
+            "daar_synthesis")))
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise RuntimeError(
+            f"no synthetic sample was accepted for domains {missing}; raise --max-attempts or "
+            f"--max-new-tokens, raise --tau, or use a stronger --model")
+    return out, stats
+
+
+def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
+    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, parse_domains, save_centroids
+    from daar_ops.algorithms.probes import TrainConfig
+    from daar_ops.ops.diversity_reward_filter import (DiversityRewardFilter,
+                                                      DiversityRewardSelector)
+    from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
+    from daar_ops.probe_checkpoint import train_probe_checkpoint
+
     timer = _Timer()
     tpl = TextTemplate(cfg.template)
     domains = parse_domains(cfg.domains) if cfg.domains is not None else list(DEFAULT_DOMAINS)
     names = [d.name for d in domains]
 
     with timer("load_pool"):
-        records, malformed = [], []
-        for number, record in read_jsonl(cfg.pool):
-            (records.append(record) if record is not None else malformed.append(number))
-        if malformed:
-            logger.warning(f"{len(malformed)} malformed lines in {cfg.pool} skipped (first: "
-                           f"line {malformed[0]}); they are listed in summary.json")
-        probe_idx, pool_idx = split_pool(len(records), cfg.probe_size, cfg.pool_size, cfg.seed)
+        report = JsonlReport(cfg.pool)
+        records = [r for _, r in iter_jsonl(cfg.pool, report) if r is not None]
+        if report.message():
+            logger.warning(f"{report.message()}; those lines are skipped and listed in "
+                           f"summary.json")
+        if not records:
+            raise ValueError(f"{cfg.pool} holds no JSON object record "
+                             f"({len(report.skipped)} malformed lines)")
+        absent = [f for f in tpl.fields if all(lookup(r, f) is None for r in records)]
+        if len(absent) == len(tpl.fields):
+            raise ValueError(f"no record of {cfg.pool} has any field of the template "
+                             f"{cfg.template!r} ({absent}); fields of the first record: "
+                             f"{sorted(records[0])}")
+        if absent:
+            logger.warning(f"template fields {absent} are absent from every record; they "
+                           f"render as empty text")
         texts = [tpl.render(r) for r in records]
-
-    extractor = LayerFeatureExtractor(cfg.model, layer=cfg.layer, max_length=cfg.max_length,
-                                      dtype=cfg.dtype, device=cfg.device)
-    cache = FeatureCache(extractor, cfg.cache_dir, template=tpl.template)
-
-    def embed(batch: list[str]) -> np.ndarray:
-        return extractor.encode(batch, progress=False).embedding
+        probe_idx, pool_idx, duplicated = split_by_text(texts, cfg.probe_size, cfg.pool_size,
+                                                        cfg.seed)
+        if duplicated:
+            logger.info(f"{duplicated} texts occur more than once in the pool; every copy is on "
+                        f"the same side of the probe/selection split")
 
     with timer("synthesize"):
-        if cfg.synthetic:
-            synthetic = [r for _, r in read_jsonl(cfg.synthetic) if r is not None]
-            synthesis_stats = {"reused": cfg.synthetic}
-            shortfall = {}
-        else:
-            generator = load_generator("hf", cfg.model, device=cfg.device,
-                                       batch_size=cfg.generation_batch_size)
-            synthesis = synthesize(
-                generator, domains, embed, samples_per_domain=cfg.samples_per_domain,
-                max_attempts=cfg.max_attempts, tau=cfg.tau, seed=cfg.seed,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                progress=cfg.progress)
-            del generator
-            synthetic = synthesis.records()
-            synthesis_stats = {n: st.as_dict() for n, st in synthesis.stats.items()}
-            shortfall = synthesis.shortfall(cfg.samples_per_domain)
-            if shortfall:
-                logger.warning(f"synthesis shortfall (domain: missing samples): {shortfall}")
+        synthetic, synthesis_stats = _synthetic_records(cfg, names, domains)
         write_jsonl(out / "synthetic.jsonl", synthetic)
-        missing = [n for n in names if not any(r.get("domain") == n for r in synthetic)]
-        if missing:
-            raise RuntimeError(
-                f"no synthetic sample for domains {missing}; raise max_attempts/max_new_tokens "
-                f"or lower tau (synthesis: {synthesis_stats})")
-        syn_emb = embed([tpl.render(r) for r in synthetic])
-        centroids, counts = compute_centroids(syn_emb, [r["domain"] for r in synthetic], names)
 
     with timer("pseudo_label"):
-        probe_feats = cache.encode([texts[i] for i in probe_idx], progress=cfg.progress)
-        if cfg.refine_iters:
-            centroids = kmeans_refine(probe_feats.embedding, centroids, cfg.refine_iters)
-        save_centroids(out / "centroids", centroids, domains, extractor.describe(), "embedding",
-                       tpl.template, counts,
+        labeller = DomainPseudoLabelMapper(
+            samples_path=str(out / "synthetic.jsonl"), model=cfg.model, template=cfg.template,
+            refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1)
+        order = [labeller.domains.index(n) for n in names]
+        labelled = labeller.run(_view(records, probe_idx, tpl))
+        metas = labelled[META_FIELD]
+        sims = labelled[STATS_FIELD]
+        save_centroids(out / "centroids", labeller.centroids[order], domains,
+                       labeller.feature_description(), labeller.feature, tpl.template,
+                       np.array([sum(1 for r in synthetic if r["domain"] == n) for n in names]),
                        extra={"synthesis": synthesis_stats, "refine_iters": cfg.refine_iters})
-        labels, sims = assign_nearest(probe_feats.embedding, centroids)
-        probe_records = []
-        for row, i in enumerate(probe_idx):
+        probe_records, labels = [], []
+        for row, i in enumerate(probe_idx.tolist()):
             rec = dict(records[i])
-            rec["__dj__meta__"] = {**(rec.get("__dj__meta__") or {}),
-                                   "daar_pseudo_domain": names[labels[row]]}
-            rec["__dj__stats__"] = {**(rec.get("__dj__stats__") or {}),
-                                    "daar_domain_similarity": [float(x) for x in sims[row]]}
+            label = as_dict(metas[row])[PSEUDO_DOMAIN_KEY]
+            labels.append(label)
+            rec[META_FIELD] = {**as_dict(rec.get(META_FIELD)), PSEUDO_DOMAIN_KEY: label}
+            rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), DOMAIN_SIMILARITY_KEY:
+                                [as_dict(sims[row])[DOMAIN_SIMILARITY_KEY][k] for k in order]}
             probe_records.append(rec)
         write_jsonl(out / "probe_pool.jsonl", probe_records)
 
@@ -256,51 +352,53 @@ def run_select(cfg: SelectConfig) -> SelectResult:
             cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
 
     with timer("score"):
-        scorer = DaarScorer(ckpt_dir, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
-        pool_feats = FeatureCache(scorer.extractor, cfg.cache_dir, template=tpl.template).encode(
-            [texts[i] for i in pool_idx], progress=cfg.progress)
-        reward, probs = scorer.probes.score(pool_feats.layer)
+        scorer = DiversityRewardFilter(checkpoint=str(ckpt_dir), model=cfg.model,
+                                       dtype=cfg.dtype, cache_dir=cfg.cache_dir, num_proc=1)
+        scored = scorer.run(_view(records, pool_idx, tpl))
 
     with timer("select"):
-        predicted = [names[k] for k in np.argmax(probs, axis=1)] if len(probs) else []
-        keep = (quota_mask(reward, predicted, {}, default_ratio=cfg.select_ratio)
-                if cfg.per_domain else top_mask(reward, top_ratio=cfg.select_ratio))
+        rule = (dict(domain_ratios={n: cfg.select_ratio for n in names}) if cfg.per_domain
+                else dict(top_ratio=cfg.select_ratio))
+        chosen = DiversityRewardSelector(**rule).run(scored)
+        kept_rows = set(chosen[ROW_KEY])
+        pool_stats = [as_dict(s) for s in scored[STATS_FIELD]]
+        reward = np.array([s[REWARD_KEY] for s in pool_stats], dtype=np.float64)
+        predicted = [s[PROBE_DOMAIN_KEY] for s in pool_stats]
+        keep = np.array([int(i) in kept_rows for i in scored[ROW_KEY]], dtype=bool)
         scores, selected = [], []
-        for row, i in enumerate(pool_idx):
-            stats = {"daar_diversity_reward": float(reward[row]),
-                     "daar_domain_probs": [float(p) for p in probs[row]],
-                     "daar_probe_domain": predicted[row]}
+        for row, i in enumerate(scored[ROW_KEY]):
+            stats = {REWARD_KEY: float(reward[row]), PROBS_KEY: pool_stats[row][PROBS_KEY],
+                     PROBE_DOMAIN_KEY: predicted[row]}
             scores.append({"pool_index": int(i), "selected": bool(keep[row]), **stats})
             if keep[row]:
                 rec = dict(records[i])
-                rec["__dj__stats__"] = {**(rec.get("__dj__stats__") or {}), **stats}
+                rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), **stats}
                 selected.append(rec)
         write_jsonl(out / "scores.jsonl", scores)
         write_jsonl(out / "selected.jsonl", selected)
 
+    label_arr = np.array(labels, dtype=object)
     summary = {
         "config": asdict(cfg),
-        "pool_records": len(records), "malformed_lines": malformed,
+        "pool_records": len(records), "malformed_lines": report.skipped,
+        "invalid_utf8_lines": report.invalid_utf8,
+        "duplicated_texts": duplicated,
         "probe_pool": int(len(probe_idx)), "selection_pool": int(len(pool_idx)),
         "selected": int(keep.sum()),
         "domains": names,
         "synthesis": synthesis_stats,
-        "synthesis_shortfall": shortfall,
-        "probe_pseudo_domain_counts": {n: int((labels == k).sum()) for k, n in enumerate(names)},
+        "probe_pseudo_domain_counts": {n: int((label_arr == n).sum()) for n in names},
         "selection_pool_pseudo_domain_counts": _counts(predicted, names),
         "selected_pseudo_domain_counts": _counts([p for p, k in zip(predicted, keep) if k], names),
         "probe_metrics": manifest.get("metrics", {}),
         "reward": _describe(reward), "selected_reward": _describe(reward[keep]),
-        "n_truncated": int(pool_feats.truncated.sum()), "n_empty": int(pool_feats.empty.sum()),
         "stage_seconds": timer.seconds,
         "total_seconds": round(sum(timer.seconds.values()), 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     _write_summary_md(out, summary)
     _plot(out, reward, keep, predicted, names)
-    logger.info(f"[daar select] {summary['selected']} of {summary['selection_pool']} selected; "
-                f"outputs in {out}")
-    return SelectResult(out, summary)
+    return summary
 
 
 def _counts(labels: Sequence[str], names: Sequence[str]) -> dict[str, int]:
@@ -318,7 +416,8 @@ def _describe(values: np.ndarray) -> dict[str, float]:
 def _write_summary_md(out: Path, s: Mapping[str, Any]) -> None:
     lines = ["# DaaR selection summary", "",
              f"- pool: {s['pool_records']} records ({len(s['malformed_lines'])} malformed lines "
-             f"skipped); probe pool {s['probe_pool']}, selection pool {s['selection_pool']}",
+             f"skipped, {s['duplicated_texts']} texts duplicated); probe pool {s['probe_pool']}, "
+             f"selection pool {s['selection_pool']} (disjoint by text)",
              f"- selected: **{s['selected']}** (top {s['config']['select_ratio']:.0%} by "
              f"predicted entropy{' within each predicted domain' if s['config']['per_domain'] else ''})",
              f"- probe validation accuracy on pseudo-labels: "
@@ -346,7 +445,8 @@ def _plot(out: Path, reward: np.ndarray, keep: np.ndarray, predicted: Sequence[s
     bins = np.linspace(float(reward.min()), float(reward.max()) + 1e-9, 40) if len(reward) else 10
     ax.hist(reward, bins=bins, color="#bbbbbb", label="selection pool")
     ax.hist(reward[keep], bins=bins, color="#d62728", label="selected")
-    ax.axvline(math.log(len(names)), color="k", ls="--", lw=1, label=f"ln K = {math.log(len(names)):.2f}")
+    ax.axvline(math.log(len(names)), color="k", ls="--", lw=1,
+               label=f"ln K = {math.log(len(names)):.2f}")
     ax.set_xlabel("predicted entropy (diversity reward, nats)")
     ax.set_ylabel("records")
     ax.legend(fontsize=8)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 
-from daar_ops.pipeline import SelectConfig, read_jsonl, run_select, split_pool
+from daar_ops.core import iter_jsonl
+from daar_ops.pipeline import SelectConfig, run_select, split_by_text
+
+
+def read_jsonl(path):
+    return list(iter_jsonl(path))
 
 SYNTHETIC = [
     {"instruction": "What is the capital of Spain?", "input": "", "output": "Madrid.",
@@ -22,12 +26,26 @@ SYNTHETIC = [
 ]
 
 
+def pool_records(n: int = 90) -> list[dict]:
+    """Alpaca-style records of four kinds (with a ground-truth `domain`, as the shared pool)."""
+    kinds = [("common_sense", "What is the capital of country {i}?", "City {i}."),
+             ("reasoning", "If A{i} implies B{i} and A{i} holds, does B{i} hold?", "Yes."),
+             ("mathematics", "Compute {i} * 7 + 3.", "{j}"),
+             ("coding", "Write a function f{i} that returns {i}.", "def f{i}(): return {i}")]
+    out = []
+    for i in range(n):
+        dom, q, a = kinds[i % 4]
+        out.append({"instruction": q.format(i=i), "input": "",
+                    "output": a.format(i=i, j=i * 7 + 3), "source": "test", "domain": dom})
+    return out
+
+
 @pytest.fixture()
-def small_pool(tmp_path, shared_pool):
+def small_pool(tmp_path):
     path = tmp_path / "pool.jsonl"
-    with gzip.open(shared_pool, "rt") as src, open(path, "w") as dst:
-        for _, line in zip(range(90), src):
-            dst.write(line)
+    with open(path, "w") as dst:
+        for rec in pool_records(90):
+            dst.write(json.dumps(rec) + "\n")
         dst.write("{not json\n")  # a malformed line: reported, not fatal
     syn = tmp_path / "synthetic.jsonl"
     syn.write_text("".join(json.dumps(r) + "\n" for r in SYNTHETIC))
@@ -86,13 +104,25 @@ def test_selection_never_reads_ground_truth(tiny_llama, small_pool, tmp_path):
     assert a == b
 
 
-def test_split_pool_is_disjoint_and_seeded():
-    probe, pool = split_pool(100, 30, None, seed=3)
-    assert len(set(probe) & set(pool)) == 0 and len(probe) + len(pool) == 100
-    assert (split_pool(100, 30, None, seed=3)[0] == probe).all()
-    assert len(split_pool(100, 30, 10, seed=3)[1]) == 10
-    with pytest.raises(ValueError, match="leaves no record"):
-        split_pool(10, 10, None, seed=0)
+def test_split_is_disjoint_by_text_and_seeded():
+    texts = [f"t{i}" for i in range(100)]
+    probe, pool, dup = split_by_text(texts, 30, None, seed=3)
+    assert len(set(probe) & set(pool)) == 0 and len(probe) + len(pool) == 100 and dup == 0
+    assert len(probe) == 30
+    assert (split_by_text(texts, 30, None, seed=3)[0] == probe).all()
+    assert not (split_by_text(texts, 30, None, seed=4)[0] == probe).all()
+    assert len(split_by_text(texts, 30, 10, seed=3)[1]) == 10
+    # the split of a text does not depend on the pool's order
+    shuffled = texts[::-1]
+    again = split_by_text(shuffled, 30, None, seed=3)[0]
+    assert sorted(shuffled[i] for i in again) == sorted(texts[i] for i in probe)
+    # every copy of a duplicated text lands on one side
+    dups = [f"t{i % 20}" for i in range(100)]
+    probe, pool, dup = split_by_text(dups, 30, None, seed=0)
+    assert dup == 20
+    assert not ({dups[i] for i in probe} & {dups[i] for i in pool})
+    with pytest.raises(ValueError, match="nothing is left"):
+        split_by_text(texts[:10], 10, None, seed=0)
 
 
 def test_config_validation(tmp_path):
@@ -100,7 +130,7 @@ def test_config_validation(tmp_path):
         SelectConfig(pool=str(tmp_path), select_ratio=0).validate()
     with pytest.raises(FileNotFoundError, match="DAAR_OPS_POOL"):
         SelectConfig(pool=str(tmp_path / "missing.jsonl")).validate()
-    with pytest.raises(RuntimeError, match="no synthetic sample for domains"):
+    with pytest.raises(ValueError, match="has no sample of domains"):
         bad = tmp_path / "syn.jsonl"
         bad.write_text(json.dumps(SYNTHETIC[0]) + "\n")
         pool = tmp_path / "pool.jsonl"

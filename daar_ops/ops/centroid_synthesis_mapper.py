@@ -12,12 +12,27 @@ from loguru import logger
 from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_centroids,
                                            embed_texts, parse_domains, save_centroids,
                                            synthesize)
-from daar_ops.generation import BACKENDS, cached_generator
-from daar_ops.features import cached_extractor
+from daar_ops.core import META_FIELD, SYNTHESIS_META_KEY, as_dict
+from daar_ops.generation import BACKENDS
+from daar_ops.model_keys import load, model_key
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 OP_NAME = "centroid_synthesis_mapper"
 OUTPUT_FIELDS = ("instruction", "input", "output")
+
+# The one set of synthesis defaults: this op's, `daar-ops select`'s and the recipes'.
+SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
+    samples_per_domain=10,  # the paper's 30 give centroids with cosine > 0.96 to 10's
+    max_attempts=40,
+    # Pool texts of one domain already have median cosine 0.77-0.87 on SmolLM2 embedding
+    # features, so the paper's 0.85 rejects many on-topic samples (docs/daar_stage1.md).
+    tau=0.95,
+    max_new_tokens=256,
+    generation_batch_size=8,
+    dtype="bfloat16",  # generator dtype; ~2x faster on AMX CPUs; features stay float32
+    temperature=0.9,
+    top_p=0.95,
+)
 
 
 @TAGGING_OPS.register_module(OP_NAME)
@@ -56,21 +71,21 @@ class CentroidSynthesisMapper(Mapper):
         domains: Optional[Union[List[Dict[str, str]], List[str], Dict[str, str]]] = None,
         domain_key: str = "domain",
         description_key: str = "description",
-        samples_per_domain: int = 30,
-        max_attempts: int = 120,
-        tau: Union[float, Dict[str, float]] = 0.85,
+        samples_per_domain: int = SYNTHESIS_DEFAULTS["samples_per_domain"],
+        max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"],
+        tau: Union[float, Dict[str, float]] = SYNTHESIS_DEFAULTS["tau"],
         n_seed_pairs: int = 5,
         n_counterexamples: int = 3,
         candidates_per_round: int = 4,
         backend: str = "hf",
         model: str = "smollm2-135m-instruct",
         backend_kwargs: Optional[Dict[str, Any]] = None,
-        generation_batch_size: int = 8,
-        max_new_tokens: int = 512,
-        temperature: float = 0.9,
-        top_p: float = 0.95,
+        generation_batch_size: int = SYNTHESIS_DEFAULTS["generation_batch_size"],
+        max_new_tokens: int = SYNTHESIS_DEFAULTS["max_new_tokens"],
+        temperature: float = SYNTHESIS_DEFAULTS["temperature"],
+        top_p: float = SYNTHESIS_DEFAULTS["top_p"],
         response_prefix: Optional[str] = "Instruction:",
-        dtype: str = "float32",
+        dtype: str = SYNTHESIS_DEFAULTS["dtype"],
         seed: int = 0,
         feature_model: Optional[str] = None,
         feature: str = "embedding",
@@ -165,13 +180,16 @@ class CentroidSynthesisMapper(Mapper):
         self.centroids_path = centroids_path
         self.template = ALPACA_TEMPLATE
 
-    # -------------------------------------------------------------------------------- helpers
-    def _device(self, rank: Optional[int] = None) -> str:
-        return f"cuda:{rank or 0}" if self.use_cuda() else "cpu"
+        self.extractor_key = model_key("layer_features", model=self.feature_model,
+                                       layer=self._feature_layer, max_length=max_length,
+                                       batch_size=32, dtype=feature_dtype)
+        self.generator_key = model_key("generator", backend=backend, model=model, dtype=dtype,
+                                       batch_size=generation_batch_size,
+                                       backend_kwargs=self.backend_kwargs)
 
+    # -------------------------------------------------------------------------------- helpers
     def _features(self, texts: List[str], rank: Optional[int] = None) -> np.ndarray:
-        extractor = cached_extractor(self.feature_model, self._feature_layer, self.max_length, 32,
-                               self.feature_dtype, self._device(rank))
+        extractor = load(self.extractor_key, rank, self.use_cuda())
         return embed_texts(extractor, texts, self.feature)
 
     def _domains_from_rows(self, samples: Dict[str, List[Any]], n: int
@@ -205,9 +223,7 @@ class CentroidSynthesisMapper(Mapper):
         keys = list(samples.keys())
         n = len(samples[keys[0]]) if keys else 0
         domains, source_rows = self._domains_from_rows(samples, n)
-        generator = cached_generator(self.backend, self.model, device=self._device(rank),
-                                     dtype=self.dtype, batch_size=self.generation_batch_size,
-                                     **self.backend_kwargs)
+        generator = load(self.generator_key, rank, self.use_cuda() and self.backend != "api")
         result = synthesize(
             generator, domains, lambda texts: self._features(texts, rank),
             samples_per_domain=self.samples_per_domain, max_attempts=self.max_attempts,
@@ -231,7 +247,7 @@ class CentroidSynthesisMapper(Mapper):
                         out[k].append(d.name)
                     elif k == Fields.meta:
                         base = samples[k][src] if src is not None and k in samples else {}
-                        out[k].append({**(base or {}), "daar_synthesis": dict(prov)})
+                        out[k].append({**as_dict(base), SYNTHESIS_META_KEY: dict(prov)})
                     else:
                         out[k].append(samples[k][src] if src is not None else None)
         return out
@@ -280,13 +296,12 @@ class CentroidSynthesisMapper(Mapper):
         feats = self._features([tpl.render(r) for r in records])
         names = [d.name for d in domains]
         centroids, n_per = compute_centroids(feats, [r[self.domain_key] for r in records], names)
-        extractor = cached_extractor(self.feature_model, self._feature_layer, self.max_length, 32,
-                               self.feature_dtype, self._device())
+        extractor = load(self.extractor_key, None, self.use_cuda())
         synthesis = {}
         for r in records:
-            meta = r.get(Fields.meta) or {}
-            if isinstance(meta, dict) and "daar_synthesis" in meta:
-                synthesis.setdefault(r[self.domain_key], meta["daar_synthesis"])
+            meta = as_dict(r.get(Fields.meta))
+            if SYNTHESIS_META_KEY in meta:
+                synthesis.setdefault(r[self.domain_key], meta[SYNTHESIS_META_KEY])
         save_centroids(self.centroids_path, centroids, domains, extractor.describe(),
                        self.feature, self.template, n_per,
                        extra={"synthesis": synthesis, "generator": {

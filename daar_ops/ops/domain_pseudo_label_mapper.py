@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -14,25 +13,28 @@ from tqdm.auto import tqdm
 from daar_ops.algorithms.centroids import (METRICS, DomainSpec, assign_nearest, check_feature,
                                            compatibility_keys, compute_centroids, embed_texts,
                                            feature_description, kmeans_refine, load_centroids)
-from daar_ops.artifacts import check_compatible
-from daar_ops.features import cached_extractor
+from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
+from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
+                           read_jsonl)
+from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
 
+# The one set of pseudo-labelling defaults: this op's, `daar-ops select`'s and the recipes'.
+PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
+    feature="embedding",  # the paper's embedding-layer features
+    metric="cosine",
+    # Fixed prototypes (the paper's "constrained k-means"): k-means refinement helped on the
+    # shared pool (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); docs/daar_stage1.md.
+    refine_iters=0,
+)
+
 
 def _static_description(model: str, layer: int) -> dict[str, Any]:
     """The describe() keys a centroid file is checked against, without loading any weights."""
     return {**describe_model(model), "layer": layer}
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 @TAGGING_OPS.register_module(OP_NAME)
@@ -71,13 +73,13 @@ class DomainPseudoLabelMapper(Mapper):
         feature: Optional[str] = None,
         layer: int = 3,
         template: Optional[str] = None,
-        metric: str = "cosine",
-        refine_iters: int = 0,
+        metric: str = PSEUDO_LABEL_DEFAULTS["metric"],
+        refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"],
         max_length: int = 512,
         model_batch_size: int = 64,
         dtype: str = "float32",
-        label_key: str = "daar_pseudo_domain",
-        similarity_key: str = "daar_domain_similarity",
+        label_key: str = PSEUDO_DOMAIN_KEY,
+        similarity_key: str = DOMAIN_SIMILARITY_KEY,
         *args,
         **kwargs,
     ):
@@ -140,11 +142,13 @@ class DomainPseudoLabelMapper(Mapper):
                              source=f"centroid file {centroids_path}")
             self.domains = [str(d) for d in manifest["domains"]]
             self.centroids = centroids
+            self.source_sha = artifact_digest(centroids_path)
         else:
-            self.feature = feature or "embedding"
+            self.feature = feature or PSEUDO_LABEL_DEFAULTS["feature"]
             self.model = model or "smollm2-135m-instruct"
             self.template = TextTemplate(template or ALPACA_TEMPLATE)
             self._feature_layer = check_feature(self.feature, layer)
+            self.source_sha = sha256_file(samples_path)
             self.domains, self.centroids = self._centroids_from_samples(samples_path)
         if refine_iters > 0:
             # k-means needs the whole dataset before labelling: only the default executor's run()
@@ -156,17 +160,23 @@ class DomainPseudoLabelMapper(Mapper):
         self._refined = refine_iters == 0
 
     def _extractor(self, rank: Optional[int] = None) -> Any:
-        device = "cpu"
-        if self.use_cuda():
-            device = f"cuda:{(rank or 0)}"
-        return cached_extractor(self.model, self._feature_layer, self.max_length,
-                          self.model_batch_size, self.dtype, device)
+        key = model_key("layer_features", model=self.model, layer=self._feature_layer,
+                        max_length=self.max_length, batch_size=self.model_batch_size,
+                        dtype=self.dtype)
+        return load(key, rank, self.use_cuda())
+
+    def feature_description(self) -> dict[str, Any]:
+        """The feature model's description as a centroid file records it (no weights loaded)."""
+        return feature_description(_static_description(self.model, self._feature_layer),
+                                   self.feature)
 
     def _centroids_from_samples(self, path: str) -> tuple[list[str], np.ndarray]:
         try:
-            rows = _read_jsonl(path)
-        except (OSError, json.JSONDecodeError) as err:
+            rows, report = read_jsonl(path)
+        except (OSError, ValueError) as err:
             raise ValueError(f"cannot read synthesized samples from {path}: {err}") from err
+        if report.message():
+            logger.warning(f"{OP_NAME}: {report.message()}")
         rows = [r for r in rows if str(r.get("domain") or "").strip()]
         names = list(dict.fromkeys(str(r["domain"]) for r in rows))
         if len(names) < 2:
@@ -199,15 +209,20 @@ class DomainPseudoLabelMapper(Mapper):
         n = len(samples[keys[0]]) if keys else 0
         if n == 0:
             return samples
-        metas = samples.get(Fields.meta) or [{} for _ in range(n)]
-        metas = [dict(m) if isinstance(m, dict) else {} for m in metas]
-        stats = samples.get(Fields.stats) or [{} for _ in range(n)]
-        stats = [dict(s) if isinstance(s, dict) else {} for s in stats]
+        metas = [as_dict(m) for m in (samples.get(Fields.meta) or [None] * n)]
+        stats = [as_dict(s) for s in (samples.get(Fields.stats) or [None] * n)]
         k = len(self.domains)
+        # Labels from these centroids (same digest) are kept; anything else is (re)computed, so a
+        # new centroid file never leaves the old labels in place silently.
         todo = [i for i in range(n)
                 if not (isinstance(metas[i].get(self.label_key), str)
                         and isinstance(stats[i].get(self.similarity_key), list)
-                        and len(stats[i][self.similarity_key]) == k)]
+                        and len(stats[i][self.similarity_key]) == k
+                        and stats[i].get(CENTROIDS_SHA_KEY) == self._labels_sha())]
+        stale = sum(1 for i in todo if isinstance(metas[i].get(self.label_key), str))
+        if stale:
+            logger.info(f"{OP_NAME}: {stale} samples carried a {self.label_key} from other "
+                        f"centroids; relabelled")
         if todo:
             texts = []
             for i in todo:
@@ -230,9 +245,17 @@ class DomainPseudoLabelMapper(Mapper):
                     row_sims = np.where(np.isfinite(row_sims), row_sims, 0.0)
                 metas[i][self.label_key] = self.domains[int(labels[j])]
                 stats[i][self.similarity_key] = [float(v) for v in row_sims]
+                stats[i][CENTROIDS_SHA_KEY] = self._labels_sha()
         samples[Fields.meta] = metas
         samples[Fields.stats] = stats
         return samples
+
+    def _labels_sha(self) -> str:
+        """What produced the labels: the centroid source, plus the refinement when there is one
+        (refined centroids depend on the dataset too)."""
+        if self.refine_iters == 0:
+            return self.source_sha
+        return f"{self.source_sha}+kmeans{self.refine_iters}"
 
     @property
     def domain_specs(self) -> list[DomainSpec]:
