@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -34,7 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from daar_ops.artifacts import ArtifactError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, ArtifactError) as err:
+        # A user error (bad argument, file, artifact): one line, no traceback, exit code 2.
+        # DAAR_OPS_DEBUG=1 shows the traceback.
+        if os.environ.get("DAAR_OPS_DEBUG"):
+            raise
+        print(f"daar-ops {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

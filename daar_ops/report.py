@@ -39,10 +39,10 @@ from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, gl
 from daar_ops.algorithms.coverage import (entropy_from_counts, facility_location_coverage,
                                           label_distribution, mean_nearest_selected_cosine,
                                           mean_pairwise_similarity)
+from daar_ops.core import STATS_FIELD, read_jsonl
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 DEFAULT_LABEL_KEYS = ("domain", "__dj__meta__.daar_pseudo_domain")
-STATS_FIELD = "__dj__stats__"
 PROJECTIONS = ("pca", "tsne")
 
 
@@ -65,20 +65,12 @@ def read_records(path: str | os.PathLike, limit: int | None = None) -> list[dict
         head = handle.read(1)
         while head and head.isspace():
             head = handle.read(1)
-        handle.seek(0)
-        if head == "[":
+        is_list = head == "["
+        if is_list:
+            handle.seek(0)
             records = json.load(handle)[:limit]
-        else:
-            records = []
-            for lineno, line in enumerate(handle, 1):
-                if limit is not None and len(records) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+    if not is_list:
+        records, _ = read_jsonl(path, limit, strict=True)
     records = [r if isinstance(r, dict) else {"text": r} for r in records]
     stats_path = path.with_name(path.name.replace(".jsonl", "_stats.jsonl"))
     if (stats_path != path and stats_path.exists() and records

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def read_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a JSONL(.gz) file or a directory of .json/.jsonl shards, in order."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(q for q in path.iterdir() if q.suffix in (".json", ".jsonl")
-                       or q.name.endswith((".jsonl.gz", ".json.gz")))
-    elif path.exists():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"input {path} does not exist")
-    records: list[dict[str, Any]] = []
-    for file in files:
-        opener = gzip.open if file.name.endswith(".gz") else open
-        with opener(file, "rt", encoding="utf-8") as handle:
-            for n, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{file}:{n}: not a JSON line ({err})") from err
-                if limit is not None and len(records) >= limit:
-                    return records
-    return records
-
-
 def training_config(args: argparse.Namespace):
     """TrainConfig from the defaults (or --paper's), overridden by the options given."""
     from daar_ops.algorithms.probes import TrainConfig
@@ -106,12 +78,13 @@ def _run(args: argparse.Namespace) -> int:
     from loguru import logger
 
     from daar_ops.artifacts import ArtifactError
+    from daar_ops.core import read_jsonl
     from daar_ops.probe_checkpoint import train_probe_checkpoint
 
     torch.set_num_threads(max(1, args.threads))
     try:
         cfg = training_config(args)
-        records = read_records(args.input, args.limit)
+        records, _ = read_jsonl(args.input, args.limit, strict=True)
         if not records:
             raise ValueError(f"{args.input} holds no records")
         directory, manifest = train_probe_checkpoint(
