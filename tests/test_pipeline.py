@@ -157,3 +157,49 @@ def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
         mine = sorted((r for r in scores if r["daar_probe_domain"] == g),
                       key=lambda r: -r["daar_diversity_reward"])
         assert all(r["selected"] for r in mine[: kept.get(g, 0)])
+
+
+def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_llama, small_pool,
+                                                                         tmp_path):
+    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with top_ratio, in
+    dj-process's executor) on the pipeline's own artifacts reproduces the pipeline exactly."""
+    import yaml
+    from data_juicer.config import init_configs
+    from data_juicer.core import DefaultExecutor
+
+    pool, syn = small_pool
+    out = tmp_path / "sel"
+    run_select(_config(tiny_llama, pool, syn, out, tmp_path / "cache"))
+    records = [r for _, r in read_jsonl(pool) if r is not None]
+    probe = [r for _, r in read_jsonl(out / "probe_pool.jsonl")]
+    scores = [r for _, r in read_jsonl(out / "scores.jsonl")]
+
+    def run_recipe(name, rows, process):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        export = tmp_path / name / "out.jsonl"
+        recipe = {"dataset_path": str(data), "export_path": str(export), "np": 1,
+                  "text_keys": "instruction",
+                  "work_dir": str(tmp_path / name), "keep_stats_in_res_ds": True,
+                  "process": process}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        DefaultExecutor(init_configs(args=["--config", str(tmp_path / f"{name}.yaml")])).run()
+        return [r for _, r in read_jsonl(export)]
+
+    plain = [{k: v for k, v in r.items() if not k.startswith("__dj__")} for r in probe]
+    labelled = run_recipe("label", plain, [{"domain_pseudo_label_mapper": {
+        "samples_path": str(out / "synthetic.jsonl"), "model": str(tiny_llama),
+        "max_length": 64}}])
+    assert [r["__dj__meta__"]["daar_pseudo_domain"] for r in labelled] == \
+        [r["__dj__meta__"]["daar_pseudo_domain"] for r in probe]
+
+    pool_rows = [records[s["pool_index"]] for s in scores]
+    selected = run_recipe("select", pool_rows, [{"diversity_reward_filter": {
+        "checkpoint": str(out / "checkpoint"), "top_ratio": 0.25,
+        "cache_dir": str(tmp_path / "cache")}}])
+    expected = [s for s in scores if s["selected"]]
+    assert [r["instruction"] for r in selected] == \
+        [records[s["pool_index"]]["instruction"] for s in expected]
+    # rewards agree to float32 feature noise (a text's features vary ~1e-7 with its batch)
+    assert [r["__dj__stats__"]["daar_diversity_reward"] for r in selected] == pytest.approx(
+        [s["daar_diversity_reward"] for s in expected], abs=1e-5)
