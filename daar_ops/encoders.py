@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,26 +10,24 @@ from daar_ops.features import resolve_device
 from daar_ops.models import resolve_model_path
 from daar_ops.text import to_text
 
-_CACHE: dict[tuple[str, str], Any] = {}
-_LOCK = threading.Lock()
-
-
 def load_sentence_encoder(model: str = "all-minilm-l6-v2", device: str | None = "cpu"):
-    """A cached ``SentenceTransformer`` for a short name or a local sentence-transformers folder."""
+    """A ``SentenceTransformer`` for a short name or a local sentence-transformers folder.
+
+    Not cached here: operators hold it through Data-Juicer's ``get_model``
+    (:func:`daar_ops.model_keys.model_key`, kind ``sentence_encoder``)."""
     from sentence_transformers import SentenceTransformer
 
-    path, dev = resolve_model_path(model), resolve_device(device)
-    with _LOCK:
-        if (path, dev) not in _CACHE:
-            _CACHE[(path, dev)] = SentenceTransformer(path, device=dev, local_files_only=True)
-        return _CACHE[(path, dev)]
+    return SentenceTransformer(resolve_model_path(model), device=resolve_device(device),
+                               local_files_only=True)
 
 
 def encode_sentences(texts: Sequence[Any], model: str = "all-minilm-l6-v2",
                      batch_size: int = 64, device: str | None = "cpu",
-                     normalize: bool = True, progress: bool = True) -> np.ndarray:
-    """[N, d] float32 embeddings in input order; non-string values are rendered with to_text."""
-    encoder = load_sentence_encoder(model, device)
+                     normalize: bool = True, progress: bool = True, encoder: Any = None
+                     ) -> np.ndarray:
+    """[N, d] float32 embeddings in input order; non-string values are rendered with to_text.
+    ``encoder``: an already loaded encoder (else ``model`` is loaded on ``device``)."""
+    encoder = encoder if encoder is not None else load_sentence_encoder(model, device)
     clean = [to_text(t) for t in texts]
     if not clean:
         return np.zeros((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)

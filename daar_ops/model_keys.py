@@ -48,7 +48,18 @@ def _score_rater(model: str, dtype: str = "float32", batch_size: int = 8, max_le
                            max_length=max_length)
 
 
+def _probe_scorer(checkpoint: str, model: str, dtype: str = "float32", batch_size: int = 32,
+                  max_batch_tokens: int = 2048, feature_cache: bool = False,
+                  cache_dir: str | None = None, device: str = "cpu"):
+    from daar_ops.probe_checkpoint import DaarScorer
+
+    return DaarScorer(checkpoint, model, device=device, dtype=dtype, batch_size=batch_size,
+                      max_batch_tokens=max_batch_tokens, feature_cache=feature_cache,
+                      cache_dir=cache_dir)
+
+
 LOADERS: dict[str, Callable[..., Any]] = {
+    "probe_scorer": _probe_scorer,
     "layer_features": _layer_features,
     "generator": _generator,
     "sentence_encoder": _sentence_encoder,

@@ -141,7 +141,7 @@ def embed_texts(texts: Sequence[str], model: str = "all-minilm-l6-v2",
     if max_seq_length is not None:
         encoder.max_seq_length = min(previous or max_seq_length, max_seq_length)
     try:
-        emb = encode_sentences(list(texts), model=model, batch_size=batch_size, device=device,
+        emb = encode_sentences(list(texts), encoder=encoder, batch_size=batch_size,
                                normalize=True, progress=progress)
     finally:
         encoder.max_seq_length = previous

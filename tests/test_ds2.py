@@ -14,7 +14,8 @@ from daar_ops.algorithms.ds2 import (consensus_vectors, curate_scores, ds2_selec
                                      long_tail_scores, make_synthetic_ds2, noise_rates,
                                      off_diagonal_transition, resolve_budget, scores_to_classes,
                                      write_ds2_report)
-from daar_ops.algorithms.rating import ScoreTokenRater, build_prompt, parse_rating
+from daar_ops.algorithms.rating import build_prompt, parse_rating
+from daar_ops.raters import ScoreTokenRater
 
 torch.set_num_threads(1)
 

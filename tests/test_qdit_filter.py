@@ -22,7 +22,7 @@ RECIPE = REPO / "recipes" / "baselines" / "qdit.yaml"
 
 
 def _fake_encoder(texts, model="all-minilm-l6-v2", batch_size=64, device="cpu", normalize=True,
-                  progress=True):
+                  progress=True, encoder=None):
     """Deterministic 16-d vectors from the text (same text -> same vector), no model load."""
     out = np.zeros((len(texts), 16), dtype=np.float32)
     for i, t in enumerate(texts):
@@ -34,6 +34,7 @@ def _fake_encoder(texts, model="all-minilm-l6-v2", batch_size=64, device="cpu", 
 @pytest.fixture()
 def fake_encoder(monkeypatch):
     import daar_ops.encoders
+    import daar_ops.model_keys
 
     calls = []
 
@@ -42,6 +43,9 @@ def fake_encoder(monkeypatch):
         return _fake_encoder(texts, **kw)
 
     monkeypatch.setattr(daar_ops.encoders, "encode_sentences", encoder)
+    # the op holds its encoder through get_model: no real model is loaded either
+    monkeypatch.setitem(daar_ops.model_keys.LOADERS, "sentence_encoder",
+                        lambda model="", device="cpu": object())
     return calls
 
 

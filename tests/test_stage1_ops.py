@@ -89,13 +89,21 @@ def test_pseudo_label_op_never_reads_the_domain_field(cfile, tiny_llama):
     assert plain[Fields.stats] == lying[Fields.stats]
 
 
-def test_pseudo_label_op_keeps_existing_labels(cfile, tiny_llama):
+def test_pseudo_label_op_keeps_its_own_labels_and_relabels_stale_ones(cfile, tiny_llama):
+    from daar_ops.core import CENTROIDS_SHA_KEY
+
     op = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama))
-    batch = {"instruction": ["Solve 2+2"],
-             Fields.meta: [{"daar_pseudo_domain": "coding"}],
-             Fields.stats: [{"daar_domain_similarity": [0.0, 1.0]}]}
+    batch = {"instruction": ["Solve 2+2", "Solve 2+2", "Solve 2+2"],
+             Fields.meta: [{"daar_pseudo_domain": "coding"}] * 3,
+             Fields.stats: [{"daar_domain_similarity": [0.0, 1.0], CENTROIDS_SHA_KEY: op.source_sha},
+                            {"daar_domain_similarity": [0.0, 1.0], CENTROIDS_SHA_KEY: "other"},
+                            {"daar_domain_similarity": [0.0, 1.0]}]}
     out = op.process_batched(batch)
-    assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"
+    assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"  # from these centroids: kept
+    fresh = op.process_batched({"instruction": ["Solve 2+2"]})[Fields.meta][0]
+    for i in (1, 2):  # another centroid file's label, or one without a digest: relabelled
+        assert out[Fields.meta][i] == fresh
+        assert out[Fields.stats][i][CENTROIDS_SHA_KEY] == op.source_sha
 
 
 def test_pseudo_label_op_refuses_mismatched_centroids(cfile, tiny_qwen2, tmp_path):
@@ -176,7 +184,9 @@ class _Scripted:
 @pytest.fixture()
 def scripted(monkeypatch):
     gen = _Scripted()
-    monkeypatch.setattr(synth_mod, "cached_generator", lambda *a, **k: gen)
+    import daar_ops.model_keys
+
+    monkeypatch.setitem(daar_ops.model_keys.LOADERS, "generator", lambda **k: gen)
     return gen
 
 

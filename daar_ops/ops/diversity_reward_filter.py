@@ -5,21 +5,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
-from data_juicer.utils.model_utils import get_model
 from loguru import logger
 
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
 from daar_ops.artifacts import ArtifactError, artifact_digest
 from daar_ops.core import CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict
+from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
 from daar_ops.ops._selector import StatsSelector
-from daar_ops.probe_checkpoint import (DaarScorer, check_checkpoint_compatible, checkpoint_model,
+from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
 from daar_ops.text import TextTemplate
 
@@ -29,27 +28,6 @@ DOMAIN_KEY = PROBE_DOMAIN_KEY
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
 GLOBAL_PARAMS = ("top_ratio", "top_k", "domain_ratios")
 RANGE_MODIFIERS = ("reversed_range", "min_closed_interval", "max_closed_interval")
-
-
-@dataclass(frozen=True)
-class _ScorerKey:
-    """A value-hashable model key for Data-Juicer's ``get_model``: one scorer per worker process,
-    also after the op is pickled into a worker (a ``functools.partial`` key compares by identity),
-    freed by ``free_models()``; ``get_model`` picks ``cuda:{rank % device_count}`` and sets up
-    the worker's threads."""
-
-    checkpoint: str
-    model: str
-    dtype: str
-    batch_size: int
-    max_batch_tokens: int
-    feature_cache: bool
-    cache_dir: Optional[str]
-
-    def __call__(self, device: str = "cpu") -> DaarScorer:
-        return DaarScorer(self.checkpoint, self.model, device=device, dtype=self.dtype,
-                          batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
-                          feature_cache=self.feature_cache, cache_dir=self.cache_dir)
 
 
 def _check_threshold(name: str, value: Optional[float]) -> None:
@@ -193,9 +171,12 @@ def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
     op.checkpoint_sha = artifact_digest(checkpoint)
     op.model = model
     op.template = TextTemplate(manifest["template"])
-    op.model_key = _ScorerKey(op.checkpoint, str(live["model_path"]), dtype,
-                              int(feature_batch_size), int(max_batch_tokens), bool(feature_cache),
-                              None if cache_dir is None else str(cache_dir))
+    op.model_key = model_key("probe_scorer", checkpoint=op.checkpoint,
+                             model=str(live["model_path"]), dtype=dtype,
+                             batch_size=int(feature_batch_size),
+                             max_batch_tokens=int(max_batch_tokens),
+                             feature_cache=bool(feature_cache),
+                             cache_dir=None if cache_dir is None else str(cache_dir))
 
 
 def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = None
@@ -221,7 +202,7 @@ def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = 
             logger.warning(f"{op._name}: sample text could not be rendered ({err}); scored as "
                            f"empty text")
             texts.append("")
-    scorer = get_model(op.model_key, rank=rank, use_cuda=op.use_cuda())
+    scorer = load(op.model_key, rank, op.use_cuda())
     reward, probs, _ = scorer.score_texts(texts)
     bad = ~np.isfinite(reward) | ~np.isfinite(probs).all(axis=1)
     if bad.any():

@@ -13,7 +13,7 @@ from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, gl
                                              label_centroids, percentile_band, phi_scores)
 from daar_ops.core import PHI_INTER_KEY as STAT_INTER
 from daar_ops.core import PHI_INTRA_KEY as STAT_INTRA
-from daar_ops.features import cached_extractor
+from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
@@ -126,8 +126,10 @@ class DomainContrastiveSelector(StatsSelector):
         if not domains or n_unlabeled == n:
             raise ValueError(f"{OP_NAME}: no sample has a label in '{self.label_key}'")
 
-        extractor = cached_extractor(self.hf_model, 0, self.max_length, self.feature_batch_size,
-                               self.dtype, self.device)
+        key = model_key("layer_features", model=self.hf_model, layer=0,
+                        max_length=self.max_length, batch_size=self.feature_batch_size,
+                        dtype=self.dtype)
+        extractor = load(key, None, self.use_cuda())
         if self.centroid_manifest is not None:
             from daar_ops.artifacts import check_compatible
 

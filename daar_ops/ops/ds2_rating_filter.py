@@ -3,43 +3,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
-from data_juicer.utils.model_utils import get_model
 from loguru import logger
 
 from daar_ops.algorithms.ds2 import scores_to_classes
-from daar_ops.algorithms.rating import (DS2_RATING_PROMPT, ScoreTokenRater, build_prompt,
-                                        parse_rating)
-from daar_ops.features import limit_worker_threads
+from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_rating
+from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
+                           DS2_SCORE_KEY, as_dict)
+from daar_ops.model_keys import load, model_key
 from daar_ops.text import TextTemplate
 
 OP_NAME = "ds2_rating_filter"
-RATING_KEY = "ds2_rating"
-SCORE_KEY = "ds2_score"
-FAILURES_KEY = "ds2_rating_failures"
-MASS_KEY = "ds2_rating_mass"
+RATING_KEY = DS2_RATING_KEY
+SCORE_KEY = DS2_SCORE_KEY
+FAILURES_KEY = DS2_RATING_FAILURES_KEY
+MASS_KEY = DS2_RATING_MASS_KEY
 MODES = ("probability", "generate")
 BACKENDS = ("hf", "api", "vllm")
-
-
-@dataclass(frozen=True)
-class _RaterKey:
-    """Value-hashable model key for ``get_model``: one rater per worker process and device."""
-
-    model: str
-    dtype: str
-    batch_size: int
-    max_length: int
-
-    def __call__(self, device: str = "cpu") -> ScoreTokenRater:
-        limit_worker_threads()
-        return ScoreTokenRater(self.model, device=device, dtype=self.dtype,
-                               batch_size=self.batch_size, max_length=self.max_length)
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -161,8 +145,9 @@ class DS2RatingFilter(Filter):
         if mode == "probability":
             from daar_ops.models import resolve_model_path
 
-            self.rater_key = _RaterKey(resolve_model_path(self.model), dtype,
-                                       self.model_batch_size, int(max_length))
+            self.rater_key = model_key("score_rater", model=resolve_model_path(self.model),
+                                       dtype=dtype, batch_size=self.model_batch_size,
+                                       max_length=int(max_length))
             # (low, high) of the raw rating -> classes 0..5
             self.compression = (0.0, 5.0)
         else:
@@ -173,22 +158,15 @@ class DS2RatingFilter(Filter):
 
     # -- model access ------------------------------------------------------------------------------
     def _generator(self, rank=None):
-        from daar_ops.generation import cached_generator
-        from daar_ops.features import resolve_device
-
         if self.backend == "api":
             kwargs = dict(self.api_params)
             if self.api_endpoint:
                 kwargs["endpoint"] = self.api_endpoint
-            return cached_generator("api", self.model, **kwargs)
-        device = "cpu"
-        if self.use_cuda():
-            import torch
-
-            if torch.cuda.is_available():
-                device = f"cuda:{(rank or 0) % torch.cuda.device_count()}"
-        return cached_generator(self.backend, self.model, device=resolve_device(device),
-                                dtype=self.dtype, batch_size=self.model_batch_size)
+            return load(model_key("generator", backend="api", model=self.model,
+                                  backend_kwargs=kwargs))
+        key = model_key("generator", backend=self.backend, model=self.model, dtype=self.dtype,
+                        batch_size=self.model_batch_size)
+        return load(key, rank, self.use_cuda())
 
     def _rate_generate(self, texts: list[str], rank=None) -> tuple[np.ndarray, np.ndarray]:
         generator = self._generator(rank)
@@ -225,12 +203,19 @@ class DS2RatingFilter(Filter):
 
     # -- stats -------------------------------------------------------------------------------------
     def compute_stats_batched(self, samples, rank=None, context=False):
-        stats = samples[Fields.stats]
-        todo = [i for i in range(len(stats)) if SCORE_KEY not in stats[i]]
+        stats = [as_dict(s) for s in samples[Fields.stats]]
+        samples[Fields.stats] = stats
+        todo = [i for i in range(len(stats)) if stats[i].get(SCORE_KEY) is None]
         if not todo:
             return samples
         fields = [f for f in samples.keys() if f != Fields.stats]
-        texts = [self.template.render({f: samples[f][i] for f in fields}) for i in todo]
+        texts = []
+        for i in todo:
+            try:
+                texts.append(self.template.render({f: samples[f][i] for f in fields}))
+            except Exception as err:  # one unrenderable sample must not cost its batch
+                logger.warning(f"{OP_NAME}: sample text could not be rendered ({err})")
+                texts.append("")
         n_empty = sum(1 for t in texts if not t.strip())
         if n_empty:
             logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are rated "
@@ -241,7 +226,7 @@ class DS2RatingFilter(Filter):
                         f"are cut before rating")
         mass = None
         if self.mode == "probability":
-            rater = get_model(self.rater_key, rank=rank, use_cuda=self.use_cuda())
+            rater = load(self.rater_key, rank, self.use_cuda())
             ratings, mass = rater.rate(texts, max_chars=self.max_sample_chars)
             failures = np.zeros(len(texts))
             bad = ~np.isfinite(ratings)
@@ -261,7 +246,7 @@ class DS2RatingFilter(Filter):
         return samples
 
     def process_single(self, sample):
-        value = sample[Fields.stats].get(SCORE_KEY)
+        value = as_dict(sample[Fields.stats]).get(SCORE_KEY)
         if value is None:
             return True
         return self.get_keep_boolean(float(value), self.min_score, self.max_score)

@@ -21,6 +21,7 @@ from daar_ops.core import DS2_LONG_TAIL_KEY as LONG_TAIL_KEY
 from daar_ops.core import DS2_RAW_KEY as RAW_KEY
 from daar_ops.core import DS2_SELECTED_KEY as SELECTED_KEY
 from daar_ops.core import as_dict, budget
+from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
 
@@ -204,9 +205,9 @@ class DS2Selector(StatsSelector):
         if n_empty:
             logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are embedded "
                            "as the empty string")
-        device = "cuda" if self.use_cuda() else "cpu"
-        return encode_sentences(texts, model=self.embedding_model,
-                                batch_size=self.embed_batch_size, device=device, progress=True)
+        key = model_key("sentence_encoder", model=self.embedding_model)
+        return encode_sentences(texts, encoder=load(key, None, self.use_cuda()),
+                                batch_size=self.embed_batch_size, progress=True)
 
     def _curate(self, records: list[dict]) -> DS2Result:
         n = len(records)

@@ -15,6 +15,7 @@ from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QU
 from daar_ops.core import QDIT_GAIN_KEY as GAIN_KEY
 from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
 from daar_ops.core import budget
+from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
 
@@ -181,14 +182,12 @@ class QditSelector(StatsSelector):
         if self.embedder == "sentence_transformers":
             from daar_ops.encoders import encode_sentences
 
-            return encode_sentences(texts, model=self.embedding_model,
-                                    batch_size=self.embed_batch_size, device=self._device())
-        from daar_ops.features import LayerFeatureExtractor
-
-        extractor = LayerFeatureExtractor(self.embedding_model, layer=self.feature_layer,
-                                          max_length=self.max_length,
-                                          batch_size=self.embed_batch_size, device=self._device())
-        feats = extractor.encode(texts)
+            key = model_key("sentence_encoder", model=self.embedding_model)
+            return encode_sentences(texts, encoder=load(key, None, self.use_cuda()),
+                                    batch_size=self.embed_batch_size)
+        key = model_key("layer_features", model=self.embedding_model, layer=self.feature_layer,
+                        max_length=self.max_length, batch_size=self.embed_batch_size)
+        feats = load(key, None, self.use_cuda()).encode(texts)
         if feats.n_truncated:
             logger.info(f"{OP_NAME}: {feats.n_truncated} texts truncated to {self.max_length} tokens")
         return feats.layer if self.feature == "layer" else feats.embedding
