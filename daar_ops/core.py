@@ -63,6 +63,18 @@ def as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"`` -> ``cuda`` when available, else ``cpu``; an unavailable CUDA device is
+    a ValueError. Callers above the algorithms resolve devices; algorithms receive the result."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    return device
+
+
 # -------------------------------------------------------------------------------------------------
 # the budget rule and ranking
 

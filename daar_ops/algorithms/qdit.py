@@ -50,7 +50,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.core import budget
+from daar_ops.core import budget, resolve_device
 from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
 METHODS = ("lazy", "stochastic")
@@ -439,8 +439,6 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         raise ValueError("alpha > 0 needs quality scores")
     if quality is not None and len(quality) != n:
         raise ValueError(f"quality has {len(quality)} values for {n} embeddings")
-    from daar_ops.features import resolve_device
-
     device = resolve_device(device)
     x_np = _prepare_embeddings(x_np, compute_dtype)
     q = None
