@@ -8,6 +8,7 @@ tool accepts either a short name from :data:`KNOWN_MODELS` or any local folder /
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -156,16 +157,37 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # keyed by size and mtime too: a re-saved file is hashed again, an unchanged one once per process
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 of the model's config.json (canonical JSON): identifies an architecture + weights
-    family cheaply, used to refuse checkpoints and centroid files built on another model."""
-    cfg_file = Path(path) / "config.json"
+    """SHA-256 of the model's config.json (canonical JSON, volatile keys dropped) and of the
+    content of its weight files: a fine-tune of the same architecture has another fingerprint.
+    Used to refuse checkpoints and centroid files built on another model, and in the feature
+    cache's namespace. Each weight file is hashed once per process (~1 s for 0.5 GB)."""
+    folder = Path(path)
+    cfg_file = folder / "config.json"
     if not cfg_file.exists():
         return "unknown"
     cfg = json.loads(cfg_file.read_text())
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(volatile, None)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for weight in sorted(q for q in folder.iterdir() if q.name.endswith(WEIGHT_SUFFIXES)):
+        stat = weight.stat()
+        digest.update(weight.name.encode() + b"\0")
+        digest.update(_file_sha256(str(weight), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
 
 
 def describe_model(model: str) -> dict:

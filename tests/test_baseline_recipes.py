@@ -98,6 +98,7 @@ def test_method_discovery_and_result_line():
     assert cm.result_line(rows[:1]).endswith("daar_domain_entropy=nan random_domain_entropy=1.3000")
 
 
+@pytest.mark.integration
 def test_slice_hides_evaluation_fields(tmp_path, shared_pool):
     cm = _compare_module()
     inp, ev, n = cm.write_slice(shared_pool, 30, 0, tmp_path)

@@ -121,3 +121,16 @@ def test_entry_point_registers_every_op_module():
         registered = [name for name, cls in OPERATORS.modules.items()
                       if getattr(cls, "__module__", "") == module.__name__]
         assert registered, f"daar_ops.ops.{info.name} registers no operator"
+
+
+def test_fingerprint_covers_the_weights(tmp_path):
+    from daar_ops.models import model_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, weights in ((a, b"\x00" * 64), (b, b"\x00" * 63 + b"\x01")):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+        (folder / "model.safetensors").write_bytes(weights)
+    assert model_fingerprint(a) != model_fingerprint(b)  # a fine-tune of the same architecture
+    (b / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert model_fingerprint(a) == model_fingerprint(b)
