@@ -1,6 +1,6 @@
 """DaaR probes: psi_dom (domain classifier) and psi_div (entropy regressor). No Data-Juicer import.
 
-Method (DaaR, arXiv 2502.04380, steps 3-4; see ``../shared/notes/method_reference.md``):
+Method (DaaR, arXiv 2502.04380, steps 3-4):
 
 * psi_dom: an MLP ``d -> 2d -> d -> d/2 -> 256 -> K`` with ReLU, trained with cross-entropy on the
   pseudo-domain labels of layer-k features.
