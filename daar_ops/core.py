@@ -75,6 +75,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def uniform_dicts(cells: Sequence[Any]) -> list[dict[str, Any]]:
+    """The stats/meta cells of a batch as dicts with the same keys (a missing key is None).
+
+    An Arrow struct column has one set of fields; a batch where one row's cell was null (now
+    ``{}`` plus an op's keys) and another's carried other keys must not leave the writer to infer
+    a field's type from rows that lack it (it then types the field ``null`` and fails on the
+    next real value)."""
+    dicts = [as_dict(c) for c in cells]
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return [{k: d.get(k) for k in keys} for d in dicts]
+
+
 # -------------------------------------------------------------------------------------------------
 # the budget rule and ranking
 

@@ -19,7 +19,7 @@ FLOORS = [
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
     ("driver", ["pipeline"]),
-    ("face", ["cli", "commands"]),
+    ("face", ["cli", "commands", "testing"]),
 ]
 
 

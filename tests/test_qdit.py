@@ -146,7 +146,7 @@ def test_bfloat16_is_close_to_exact():
 
 
 def test_budgets():
-    assert resolve_budget(10, select_ratio=0.25) == 3  # 2.5 rounds half up
+    assert resolve_budget(10, select_ratio=0.25) == 2  # the package rule: floor(ratio * n)
     assert resolve_budget(10, select_num=50) == 10
     assert resolve_budget(0, select_ratio=0.5) == 0
     for bad in [dict(), dict(select_num=1, select_ratio=0.1), dict(select_ratio=1.5),

@@ -23,7 +23,8 @@ from data_juicer.utils.constant import Fields
 from data_juicer.utils.model_utils import free_models
 from loguru import logger
 
-from daar_ops.core import as_dict
+from daar_ops.core import as_dict, uniform_dicts
+from daar_ops.ops._columns import feature_of, with_fields
 
 
 class StatsSelector(Selector):
@@ -83,15 +84,18 @@ def write_stats(dataset: Any, columns: Mapping[str, Sequence[Any]], desc: str = 
     stats cell counts as empty)."""
     if Fields.stats not in dataset.column_names:
         dataset = dataset.add_column(Fields.stats, [{} for _ in range(len(dataset))])
+    typed = {k: feature_of(v) for k, v in columns.items()}
+    dataset = with_fields(dataset, Fields.stats, {k: f for k, f in typed.items() if f is not None})
 
-    def write(sample, idx):
-        stats = as_dict(sample[Fields.stats])
-        for key, values in columns.items():
-            stats[key] = values[idx]
-        sample[Fields.stats] = stats
-        return sample
+    def write(batch, indices):
+        stats = [as_dict(s) for s in batch[Fields.stats]]
+        for row, idx in zip(stats, indices):
+            for key, values in columns.items():
+                row[key] = values[idx]
+        batch[Fields.stats] = uniform_dicts(stats)
+        return batch
 
-    return dataset.map(write, with_indices=True, desc=desc)
+    return dataset.map(write, with_indices=True, batched=True, desc=desc)
 
 
 def column_records(dataset: Any, fields: Sequence[str]) -> list[dict[str, Any]]:

@@ -14,9 +14,12 @@ from loguru import logger
 
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
 from daar_ops.artifacts import ArtifactError, artifact_digest
-from daar_ops.core import CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict
+from daar_ops.core import (CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict,
+                           uniform_dicts)
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
+from daar_ops.ops._columns import (float_feature, float_list_feature, string_feature,
+                                   with_fields)
 from daar_ops.ops._selector import StatsSelector
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
@@ -134,6 +137,10 @@ class DiversityRewardFilter(Filter):
     def compute_stats_batched(self, samples, rank=None, context=False):
         return score_samples(self, samples, rank)
 
+    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        dataset = with_fields(dataset, Fields.stats, reward_fields())
+        return super().run(dataset, exporter=exporter, tracer=tracer, reduce=reduce)
+
     # -- per-sample decision ---------------------------------------------------------------------
     def process_batched(self, samples, rank=None):
         if self.min_score is None and self.max_score is None:
@@ -179,6 +186,11 @@ def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
                              cache_dir=None if cache_dir is None else str(cache_dir))
 
 
+def reward_fields() -> Dict[str, Any]:
+    return {REWARD_KEY: float_feature(), PROBS_KEY: float_list_feature(),
+            DOMAIN_KEY: string_feature(), CHECKPOINT_SHA_KEY: string_feature()}
+
+
 def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = None
                   ) -> Dict[str, List[Any]]:
     """Write the reward stats of every sample that lacks them or carries another checkpoint's
@@ -218,6 +230,7 @@ def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = 
                              PROBS_KEY: [float(p) for p in probs[j]],
                              DOMAIN_KEY: op.domains[int(probs[j].argmax())]})
         stats[i][CHECKPOINT_SHA_KEY] = op.checkpoint_sha
+    samples[Fields.stats] = uniform_dicts(stats)
     return samples
 
 
@@ -341,6 +354,7 @@ class DiversityRewardSelector(StatsSelector):
             return dataset
         if Fields.stats not in dataset.column_names:
             dataset = dataset.add_column(Fields.stats, [{} for _ in range(len(dataset))])
+        dataset = with_fields(dataset, Fields.stats, reward_fields())
         return dataset.map(lambda batch: score_samples(self, batch), batched=True,
                            batch_size=self.batch_size or 1000, desc=f"{self._name}_scores")
 

@@ -15,8 +15,9 @@ from daar_ops.algorithms.centroids import (METRICS, DomainSpec, assign_nearest, 
                                            feature_description, kmeans_refine, load_centroids)
 from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
-                           read_jsonl)
+                           read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
+from daar_ops.ops._columns import float_list_feature, string_feature, with_fields
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
@@ -201,6 +202,9 @@ class DomainPseudoLabelMapper(Mapper):
             logger.info(f"{OP_NAME}: {self.refine_iters} k-means iterations moved the centroids "
                         f"by {np.round(moved, 4).tolist()}")
             self._refined = True
+        dataset = with_fields(dataset, Fields.meta, {self.label_key: string_feature()})
+        dataset = with_fields(dataset, Fields.stats, {self.similarity_key: float_list_feature(),
+                                                      CENTROIDS_SHA_KEY: string_feature()})
         return super().run(dataset, exporter=exporter, tracer=tracer)
 
     def process_batched(self, samples: Dict[str, List[Any]], rank: Optional[int] = None
@@ -246,8 +250,8 @@ class DomainPseudoLabelMapper(Mapper):
                 metas[i][self.label_key] = self.domains[int(labels[j])]
                 stats[i][self.similarity_key] = [float(v) for v in row_sims]
                 stats[i][CENTROIDS_SHA_KEY] = self._labels_sha()
-        samples[Fields.meta] = metas
-        samples[Fields.stats] = stats
+        samples[Fields.meta] = uniform_dicts(metas)
+        samples[Fields.stats] = uniform_dicts(stats)
         return samples
 
     def _labels_sha(self) -> str:

@@ -13,8 +13,9 @@ from loguru import logger
 from daar_ops.algorithms.ds2 import scores_to_classes
 from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_rating
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
-                           DS2_SCORE_KEY, as_dict)
+                           DS2_SCORE_KEY, as_dict, uniform_dicts)
 from daar_ops.model_keys import load, model_key
+from daar_ops.ops._columns import float_feature, with_fields
 from daar_ops.text import TextTemplate
 
 OP_NAME = "ds2_rating_filter"
@@ -243,7 +244,15 @@ class DS2RatingFilter(Filter):
             stats[i][FAILURES_KEY] = float(failures[j])
             if mass is not None:
                 stats[i][MASS_KEY] = float(mass[j])
+        samples[Fields.stats] = uniform_dicts(stats)
         return samples
+
+    def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        fields = {k: float_feature() for k in (RATING_KEY, SCORE_KEY, FAILURES_KEY)}
+        if self.mode == "probability":
+            fields[MASS_KEY] = float_feature()
+        dataset = with_fields(dataset, Fields.stats, fields)
+        return super().run(dataset, exporter=exporter, tracer=tracer, reduce=reduce)
 
     def process_single(self, sample):
         value = as_dict(sample[Fields.stats]).get(SCORE_KEY)

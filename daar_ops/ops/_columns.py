@@ -1,0 +1,79 @@
+"""Typed stats/meta fields before an op writes them.
+
+Data-Juicer maps a batched op batch by batch; the datasets writer keeps the input column's type
+when the output fits it (``try_original_type``) and otherwise infers each batch's type. A batch in
+which a key is None in every row (a row whose stats were null, next to rows carrying another
+op's stats) is then typed ``null`` and the next batch with a real value fails to cast. Adding the
+op's own keys to the column type first, with their real types, makes every batch fit the
+original type: no inference, no failure, nothing lost."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def with_fields(dataset: Any, column: str, fields: Mapping[str, Any]) -> Any:
+    """``dataset`` with ``column``'s struct type extended by ``fields`` ({key: datasets
+    feature}) where missing; a column of only nulls becomes that struct. Non-HF datasets (Ray)
+    and absent columns are returned as they are."""
+    from datasets import Dataset, Value
+
+    if not isinstance(dataset, Dataset) or column not in dataset.features:
+        return dataset
+    current = dataset.features[column]
+    if isinstance(current, dict):
+        merged = dict(current)
+    elif isinstance(current, Value) and current.dtype == "null":
+        merged = {}
+    else:
+        return dataset  # not a struct: the op reports the cells it cannot read as empty
+    missing = {k: v for k, v in fields.items() if k not in merged or _is_null(merged[k])}
+    if not missing:
+        return dataset
+    merged.update(missing)
+    return dataset.cast_column(column, merged)
+
+
+def _is_null(feature: Any) -> bool:
+    from datasets import Value
+
+    return isinstance(feature, Value) and feature.dtype == "null"
+
+
+def float_feature():
+    from datasets import Value
+
+    return Value("float64")
+
+
+def string_feature():
+    from datasets import Value
+
+    return Value("string")
+
+
+def float_list_feature():
+    from datasets import List, Value
+
+    return List(Value("float64"))
+
+
+def feature_of(values: Any) -> Any:
+    """The datasets feature of a column of plain values (first non-None value decides)."""
+    from datasets import List, Value
+
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            return Value("bool")
+        if isinstance(v, int):
+            return Value("int64")
+        if isinstance(v, float):
+            return Value("float64")
+        if isinstance(v, str):
+            return Value("string")
+        if isinstance(v, (list, tuple)):
+            return List(Value("float64"))
+        break
+    return None
