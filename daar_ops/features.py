@@ -18,10 +18,11 @@ whether they come fresh or from the feature cache. This holds because every forw
 text in a shape that depends on the text alone: the padded width is the text's token count rounded
 up to a multiple of ``length_step`` (see :meth:`LayerFeatureExtractor.padded_width`) and a batch
 only holds texts of one width. Measured on SmolLM2 / torch 2.13 CPU: linear layers give the same
-rows whatever the batch size or the other rows, but fused SDPA attention sums over the padded key
-length, so the same text padded to another width differs by up to ~1e-6 (this was the source of
-cache-order-dependent rewards). On CUDA, cuBLAS picks kernels by matrix shape, so the batch size
-can still change the last bits there; the promise is CPU only.
+rows whatever the batch size or the other rows, but fused SDPA attention reduces over the padded
+key length, so one text padded to different widths (as when it is batched with longer texts)
+differs by a few 1e-6, which made rewards depend on the cache's history
+(``tools/bench_batch_invariance.py`` measures both batchings side by side). CUDA is not covered:
+GPU kernels may be chosen by batch shape, and this was not measured there.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class LayerFeatureExtractor:
     :param max_length: tokens kept per text; longer texts are truncated and counted.
     :param batch_size: at most this many texts per forward pass.
     :param max_batch_tokens: at most this many (padded) tokens per forward pass. Batches hold texts
-        of one padded width, longest first, so batches of long texts shrink under this budget. On CPU, per-token throughput is
-        flat from ~500 tokens per pass on while padding grows with batch size: the defaults (32
+        of one padded width, widest first, so batches of long texts shrink under this budget. On
+        CPU, per-token throughput is flat from ~500 tokens per pass on: the defaults (32
         texts, 2,048 tokens) measured 27% less CPU time than (64, 8,192) on the shared pool. On a
         GPU raise both.
     :param length_step: texts are padded to their token count rounded up to a multiple of this
