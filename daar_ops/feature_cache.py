@@ -139,10 +139,10 @@ class FeatureCache:
                     names = set(handle.keys())
                 if not set(_ARRAYS) <= names or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES:
                     raise ValueError(f"missing tensors or bad text_hash shape {hashes.shape}")
-            except FileNotFoundError:
-                continue  # removed by a concurrent run that found it broken
             except Exception as err:  # safetensors raises its own error types
-                self._drop(path, f"unreadable ({err})")
+                seen.discard(path)  # a rewritten chunk of the same name is read again later
+                if path.exists():  # else removed meanwhile by a run that found it broken
+                    self._drop(path, f"unreadable ({err})")
                 continue
             for row, h in enumerate(hashes):
                 index.setdefault(h.tobytes(), (path, row))
@@ -187,7 +187,8 @@ class FeatureCache:
         hashes = text_hashes(texts)
         keys = [h.tobytes() for h in hashes]
         for _attempt in range(3):
-            index, seen = self._index(), set(self._chunk_files())
+            index, seen = {}, set()
+            self._index(index, seen)
             n_hit = sum(key in index for key in keys)
             self._compute_missing(texts, hashes, keys, index, seen, progress)
             out, broken = self._gather(keys, index)

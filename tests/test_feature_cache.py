@@ -173,6 +173,32 @@ def test_features_do_not_depend_on_what_the_cache_holds(tiny_llama, tmp_path):
         np.testing.assert_array_equal(feats.embedding, fresh.embedding)
 
 
+def test_runs_that_cannot_see_each_other_store_identical_copies(tiny_llama, tmp_path,
+                                                                monkeypatch):
+    # Two runs started together on one cache both encode the shared texts, in their own order and
+    # chunks. Before batch-invariant features they stored conflicting copies (issue 13 item 3).
+    from safetensors.numpy import load_file
+
+    extractor = LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=256, batch_size=8)
+    texts = _varied_texts(36, seed=5)
+    first = FeatureCache(extractor, tmp_path, template="t", chunk_size=9)
+    a = first.encode(texts[:30], progress=False)
+    blind = FeatureCache(extractor, tmp_path, template="t", chunk_size=16)
+    monkeypatch.setattr(blind, "_index", lambda index=None, seen=None: {} if index is None
+                        else index)  # sees none of the first run's chunks
+    b = blind.encode(texts[6:][::-1], progress=False)
+    np.testing.assert_array_equal(b.layer[::-1][:24], a.layer[6:30])
+    copies: dict[bytes, list[np.ndarray]] = {}
+    for chunk in first.dir.glob("chunk-*.safetensors"):
+        arrays = load_file(str(chunk))
+        for h, row in zip(arrays["text_hash"], arrays["layer"]):
+            copies.setdefault(h.tobytes(), []).append(row)
+    assert sum(len(c) > 1 for c in copies.values()) == 24
+    for rows in copies.values():
+        for row in rows[1:]:
+            np.testing.assert_array_equal(row, rows[0])
+
+
 def test_a_text_stored_by_a_concurrent_run_is_read_not_recomputed(extractor, tmp_path,
                                                                   monkeypatch):
     texts = _varied_texts(30, seed=3)
