@@ -40,7 +40,7 @@ import numpy as np
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.features import LayerFeatureExtractor, LayerFeatures
+from daar_ops.features import LayerFeatureExtractor, LayerFeatures, log_feature_counts
 from daar_ops.models import daar_ops_home
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -186,10 +186,12 @@ class FeatureCache:
         n = len(texts)
         hashes = text_hashes(texts)
         keys = [h.tobytes() for h in hashes]
+        n_hit = None
         for _attempt in range(3):
             index, seen = {}, set()
             self._index(index, seen)
-            n_hit = sum(key in index for key in keys)
+            if n_hit is None:
+                n_hit = sum(key in index for key in keys)
             self._compute_missing(texts, hashes, keys, index, seen, progress)
             out, broken = self._gather(keys, index)
             if not broken:
@@ -200,9 +202,7 @@ class FeatureCache:
             raise FeatureCacheError(f"feature cache {self.dir}: chunks keep failing their "
                                     "checksum after being rewritten (failing disk or a concurrent "
                                     "writer corrupting files?)")
-        if out["empty"].any():
-            logger.warning(f"{int(out['empty'].sum())}/{n} texts are empty; encoded as one EOS "
-                           "token")
+        log_feature_counts(n, out["truncated"], out["empty"], self.extractor.max_length)
         meta = dict(self.extractor.describe(), cache_dir=str(self.dir), cache_hits=n_hit,
                     template=self.template)
         return LayerFeatures(out["embedding"], out["layer"], out["n_tokens"], out["truncated"],
@@ -233,7 +233,7 @@ class FeatureCache:
                     continue
                 # the bar moves per forward batch, not per chunk
                 feats = self.extractor.encode([texts[i] for i in rows], progress=False, bar=bar,
-                                              warn_empty=False)
+                                              log_counts=False)
                 path = self._write_chunk(hashes[rows], feats)
                 seen.add(path)
                 for r, i in enumerate(rows):

@@ -215,13 +215,13 @@ class LayerFeatureExtractor:
 
     def encode(self, texts: Sequence[Any], progress: bool = True,
                desc: str = "layer features", bar: Any = None,
-               warn_empty: bool = True) -> LayerFeatures:
+               log_counts: bool = True) -> LayerFeatures:
         """Features of ``texts`` in input order.
 
         :param bar: an open progress bar (anything with ``update(n)``) to advance by each batch's
             size instead of opening one; the feature cache passes its own so it moves per batch.
-        :param warn_empty: log how many of these texts are empty (the cache, which encodes unique
-            texts only, logs the count over all its inputs instead).
+        :param log_counts: log how many of these texts are truncated or empty (the feature
+            cache, which encodes unique texts chunk by chunk, logs counts over all its inputs).
         """
         n = len(texts)
         d = self.hidden_size
@@ -240,10 +240,8 @@ class LayerFeatureExtractor:
         finally:
             if own_bar:
                 bar.close()
-        if truncated.any():
-            logger.info(f"{int(truncated.sum())}/{n} texts truncated to {self.max_length} tokens")
-        if warn_empty and empty.any():
-            logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
+        if log_counts:
+            log_feature_counts(n, truncated, empty, self.max_length)
         return LayerFeatures(emb_out, layer_out, lengths, truncated, empty, meta=self.describe())
 
     def forward_batch(self, rows: Sequence[Sequence[int]], width: int | None = None
@@ -279,6 +277,14 @@ class LayerFeatureExtractor:
                        progress: bool = True) -> LayerFeatures:
         tpl = template if isinstance(template, TextTemplate) else TextTemplate(template)
         return self.encode([tpl.render(r) for r in records], progress=progress)
+
+
+def log_feature_counts(n: int, truncated: np.ndarray, empty: np.ndarray, max_length: int) -> None:
+    """One INFO line for truncated texts, one WARNING for empty ones, counted over ``n`` inputs."""
+    if truncated.any():
+        logger.info(f"{int(truncated.sum())}/{n} texts truncated to {max_length} tokens")
+    if empty.any():
+        logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
 
 
 def limit_worker_threads() -> None:

@@ -276,3 +276,18 @@ def test_encode_records_refuses_a_field_no_record_has(extractor, tmp_path):
     cache = FeatureCache(extractor, tmp_path, template="{nonexistent_field}")
     with pytest.raises(TemplateFieldError, match="nonexistent_field.*instruction"):
         cache.encode_records([{"instruction": "a"}, {"instruction": "b", "output": "c"}], False)
+
+
+def test_chunks_that_keep_failing_their_checksum_are_a_clear_error(extractor, tmp_path,
+                                                                   monkeypatch):
+    from daar_ops.feature_cache import FeatureCacheError, _BrokenChunk
+
+    cache = FeatureCache(extractor, tmp_path, template="t", chunk_size=8)
+    cache.encode(TEXTS[:10], progress=False)
+
+    def always_corrupt(path):
+        raise _BrokenChunk(path, "checksum mismatch (simulated failing disk)")
+
+    monkeypatch.setattr(cache, "_read_chunk", always_corrupt)
+    with pytest.raises(FeatureCacheError, match="keep failing their checksum"):
+        cache.encode(TEXTS[:10], progress=False)
