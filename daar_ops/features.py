@@ -95,6 +95,8 @@ class LayerFeatureExtractor:
         (capped at max_length) and batched only with texts of the same padded width, so a text's
         features never depend on the other texts (see the module docstring). Larger steps mean
         fuller batches but more padding; it is part of the feature definition (``describe()``).
+        On 1,024 pool texts (SmolLM2, k=3, CPU) step 8 cost 1.00x the CPU time of batches padded
+        to their longest text (range 0.99-1.03 over 3 repeats), step 16 1.08x (1.06-1.13).
     :param dtype: ``float32`` (exact) or ``bfloat16``/``float16`` (faster on GPU and AMX CPUs).
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
@@ -108,7 +110,7 @@ class LayerFeatureExtractor:
         max_batch_tokens: int = 2048,
         dtype: str = "float32",
         device: str | None = "cpu",
-        length_step: int = 16,
+        length_step: int = 8,
     ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -301,7 +303,7 @@ _EXTRACTORS_LOCK = threading.Lock()
 
 
 def cached_extractor(model: str, layer: int = 3, max_length: int = 512, batch_size: int = 32,
-                     dtype: str = "float32", device: str | None = "cpu", length_step: int = 16
+                     dtype: str = "float32", device: str | None = "cpu", length_step: int = 8
                      ) -> LayerFeatureExtractor:
     """One extractor per process and setting: operators call this so the model loads once per
     worker while the operator object itself stays small and picklable."""

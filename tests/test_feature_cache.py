@@ -88,7 +88,7 @@ def test_changed_template_model_or_layer_never_reuses_features(extractor, tiny_l
                                tmp_path, template="{instruction}")
     assert other_model.dir != base.dir and len(other_model) == 0
     other_padding = FeatureCache(LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=32,
-                                                       length_step=8),
+                                                       length_step=16),
                                  tmp_path, template="{instruction}")
     assert other_padding.dir != base.dir and len(other_padding) == 0
     assert FeatureCache(extractor, tmp_path, template="{instruction}").dir == base.dir

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--subsets", type=int, default=4)
-    parser.add_argument("--length-step", type=int, default=16)
+    parser.add_argument("--length-step", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
