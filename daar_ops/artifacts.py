@@ -1,7 +1,9 @@
 """Tensor artifacts (probe checkpoints, centroid files): safetensors + a JSON manifest.
 
 An artifact is a directory holding ``<name>.safetensors`` and ``manifest.json``. The manifest
-records the SHA-256 of the tensor file, verified on every load, so a truncated or edited file is a
+records the SHA-256 of the tensor file, and ``manifest_sha256``, the SHA-256 of the manifest's own
+content (canonical JSON without that key); both are verified on every load, so a truncated or
+edited tensor file, or a manifest whose ``layer`` or order of ``domains`` was edited by hand, is a
 clear error instead of silently wrong numbers. Nothing here unpickles anything.
 No Data-Juicer import.
 """
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 
 
 class ArtifactError(ValueError):
@@ -50,7 +52,8 @@ def save_artifact(directory: str | os.PathLike, tensors: Mapping[str, Any],
                   ) -> Path:
     """Write tensors (numpy arrays or torch tensors) and the manifest; return the directory.
 
-    The manifest gains ``kind``, ``format_version``, ``tensor_file``, ``sha256`` and ``versions``.
+    The manifest gains ``kind``, ``format_version``, ``tensor_file``, ``sha256``, ``tensors``,
+    ``versions`` and ``manifest_sha256``.
     """
     from safetensors.numpy import save_file
 
@@ -66,18 +69,50 @@ def save_artifact(directory: str | os.PathLike, tensors: Mapping[str, Any],
                 sha256=sha256_file(tensor_path),
                 tensors={k: list(a.shape) for k, a in arrays.items()},
                 versions=library_versions())
-    (directory / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    full.pop("manifest_sha256", None)
+    # checksum what a reader will parse (default=str turns e.g. Paths into strings)
+    written = json.loads(json.dumps(full, sort_keys=True, default=str))
+    written["manifest_sha256"] = manifest_digest(written)
+    manifest_path = directory / MANIFEST
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(written, indent=2, sort_keys=True))
+    os.replace(tmp, manifest_path)
     return directory
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's content without its ``manifest_sha256`` key (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The verified manifest of an artifact directory (its own checksum must match)."""
     path = Path(directory) / MANIFEST
     if not path.exists():
         raise ArtifactError(f"{directory}: no {MANIFEST} (not a daar-ops artifact directory)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path}: corrupted manifest ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: corrupted manifest (not a JSON object)")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or version < 2:
+        raise ArtifactError(f"{path}: format_version {version!r} has no manifest checksum (written "
+                            "by an older daar-ops); re-create the artifact")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{directory}: format_version {version} is newer than this daar-ops "
+                            f"understands ({FORMAT_VERSION}); upgrade daar-ops")
+    recorded, actual = manifest.get("manifest_sha256"), manifest_digest(manifest)
+    if recorded != actual:
+        raise ArtifactError(
+            f"{path}: manifest checksum mismatch (recorded {recorded}, content hashes to "
+            f"{actual}): manifest.json was edited or corrupted after it was written (a changed "
+            "'layer', 'template' or order of 'domains' would silently change every score or "
+            "label); re-create the artifact instead of editing it")
+    return manifest
 
 
 def load_artifact(directory: str | os.PathLike, kind: str | None = None
@@ -91,9 +126,6 @@ def load_artifact(directory: str | os.PathLike, kind: str | None = None
     manifest = read_manifest(directory)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a '{manifest.get('kind')}' artifact, not '{kind}'")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{directory}: format_version {manifest['format_version']} is newer "
-                            f"than this daar-ops understands ({FORMAT_VERSION}); upgrade daar-ops")
     tensor_path = directory / manifest.get("tensor_file", "tensors.safetensors")
     if not tensor_path.exists():
         raise ArtifactError(f"{directory}: tensor file {tensor_path.name} is missing")

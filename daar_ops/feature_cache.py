@@ -2,20 +2,28 @@
 
 Layout::
 
-    <root>/<namespace>/namespace.json          what the namespace key was built from
-    <root>/<namespace>/chunk-<hash>.safetensors one finished chunk of texts
+    <root>/<namespace>/namespace.json              what the namespace key was built from
+    <root>/<namespace>/chunk-<sha256>.safetensors  one finished chunk of texts
 
 * The **namespace** is a hash of everything that changes the features of a given text: the model
   fingerprint (config hash), model path, the name/size/mtime of its weight files, layer,
-  max_length, dtype, the feature definition and the text template. A different model, layer or
-  template therefore lands in another namespace and can never reuse stale features.
+  max_length, padding rule, dtype, the feature definition and the text template. A different
+  model, layer or template therefore lands in another namespace and can never reuse stale features.
 * Inside a namespace, rows are keyed by the SHA-256 of the rendered text (first 16 bytes stored as
   ``text_hash`` [n, 16] uint8), so any dataset containing an already-encoded text reuses it.
 * Missing texts are encoded ``chunk_size`` at a time; each finished chunk is written to a temporary
   file and atomically renamed. A killed run leaves only complete chunks (plus at most one stale
   ``.tmp``), so the next run recomputes only unfinished chunks.
-* Files are safetensors only (no pickle). A chunk that fails to parse or has inconsistent shapes is
-  logged, removed and recomputed.
+* A chunk is named by the SHA-256 of its bytes and the file is verified against its name every
+  time rows are read from it: a chunk that fails to parse, has inconsistent shapes or fails its
+  checksum (one overwritten float) is logged, removed and its texts recomputed; it is never used.
+* Files are safetensors only (no pickle).
+
+Determinism: a text's features do not depend on the other texts it is encoded with (see
+:mod:`daar_ops.features`), so a run gives bit-identical features whether its texts come fresh or
+from the cache, whatever earlier or concurrent runs stored, and two processes writing the same text
+store the same bytes. Before encoding each chunk the index is refreshed, so a text another process
+has stored meanwhile is read, not computed again (first writer wins).
 
 No Data-Juicer import.
 """
@@ -32,12 +40,13 @@ import numpy as np
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.features import LayerFeatureExtractor, LayerFeatures
+from daar_ops.features import LayerFeatureExtractor, LayerFeatures, log_feature_counts
 from daar_ops.models import daar_ops_home
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 HASH_BYTES = 16
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: canonical padding (batch-invariant features), checksummed chunks
+CHUNK_DIGEST_HEX = 32  # hex digits of the chunk file's SHA-256 kept in its name
 _ARRAYS = ("embedding", "layer", "n_tokens", "truncated", "empty")
 
 
@@ -69,7 +78,7 @@ def namespace_key(extractor_description: Mapping[str, Any], dtype: str, template
                   ) -> dict[str, Any]:
     """The fields that define a cache namespace (what changes a text's features)."""
     keys = ("model_path", "model_fingerprint", "layer", "max_length", "pooling",
-            "layer_definition", "feature_dim")
+            "layer_definition", "feature_dim", "padding")
     key = {k: extractor_description.get(k) for k in keys}
     key.update(dtype=str(dtype), template=template, cache_version=CACHE_VERSION,
                weights=weights_stamp(str(extractor_description.get("model_path", ""))))
@@ -101,18 +110,29 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "namespace.json"
         if not info.exists():
-            info.write_text(json.dumps(self.key, indent=2, sort_keys=True, default=str))
+            tmp = self.dir / f".namespace.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.key, indent=2, sort_keys=True, default=str))
+            os.replace(tmp, info)
 
     # -- reading ---------------------------------------------------------------------------------
     def _chunk_files(self) -> list[Path]:
         return sorted(self.dir.glob("chunk-*.safetensors"))
 
-    def _index(self) -> dict[bytes, tuple[Path, int]]:
-        """text hash -> (chunk file, row). Broken chunks are removed (they will be recomputed)."""
+    def _index(self, index: dict[bytes, tuple[Path, int]] | None = None,
+               seen: set[Path] | None = None) -> dict[bytes, tuple[Path, int]]:
+        """text hash -> (chunk file, row), adding chunk files not in ``seen`` to ``index``.
+
+        Only headers and text hashes are read here; a chunk that cannot even be parsed is removed.
+        Rows are verified against the chunk's checksum when they are read (:meth:`_read_chunk`).
+        """
         from safetensors import safe_open
 
-        index: dict[bytes, tuple[Path, int]] = {}
+        index = {} if index is None else index
+        seen = set() if seen is None else seen
         for path in self._chunk_files():
+            if path in seen:
+                continue
+            seen.add(path)
             try:
                 with safe_open(str(path), framework="numpy") as handle:
                     hashes = handle.get_tensor("text_hash")
@@ -120,45 +140,109 @@ class FeatureCache:
                 if not set(_ARRAYS) <= names or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES:
                     raise ValueError(f"missing tensors or bad text_hash shape {hashes.shape}")
             except Exception as err:  # safetensors raises its own error types
-                logger.warning(f"feature cache: dropping unreadable chunk {path.name} ({err})")
-                path.unlink(missing_ok=True)
+                seen.discard(path)  # a rewritten chunk of the same name is read again later
+                if path.exists():  # else removed meanwhile by a run that found it broken
+                    self._drop(path, f"unreadable ({err})")
                 continue
             for row, h in enumerate(hashes):
                 index.setdefault(h.tobytes(), (path, row))
         return index
+
+    def _drop(self, path: Path, why: str) -> None:
+        logger.warning(f"feature cache: dropping chunk {path.name}: {why}; its texts are "
+                       "recomputed")
+        path.unlink(missing_ok=True)
+
+    def _read_chunk(self, path: Path) -> dict[str, np.ndarray]:
+        """All arrays of a chunk, after checking its bytes against the checksum in its name."""
+        from safetensors.numpy import load
+
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise _BrokenChunk(path, "removed by a concurrent run") from err
+        digest = hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX]
+        if path.name != f"chunk-{digest}.safetensors":
+            raise _BrokenChunk(path, f"checksum mismatch (file hashes to {digest}); it was "
+                                     "corrupted or modified")
+        try:
+            arrays = load(data)
+        except Exception as err:  # safetensors raises its own error types
+            raise _BrokenChunk(path, f"unreadable ({err})") from err
+        n = len(arrays.get("text_hash", ()))
+        if not set(_ARRAYS) <= set(arrays) or any(len(arrays[k]) != n for k in _ARRAYS):
+            raise _BrokenChunk(path, "missing tensors or inconsistent row counts")
+        return arrays
 
     def __len__(self) -> int:
         return len(self._index())
 
     # -- main entry --------------------------------------------------------------------------------
     def encode(self, texts: Sequence[Any], progress: bool = True) -> LayerFeatures:
-        """Features of ``texts`` in input order: cached rows are read, missing ones computed."""
-        from safetensors import safe_open
+        """Features of ``texts`` in input order: cached rows are read, missing ones computed.
 
+        Bit-identical to ``extractor.encode(texts)`` whatever the cache holds (module docstring).
+        """
         n = len(texts)
-        d = self.extractor.hidden_size
         hashes = text_hashes(texts)
         keys = [h.tobytes() for h in hashes]
-        index = self._index()
+        n_hit = None
+        for _attempt in range(3):
+            index, seen = {}, set()
+            self._index(index, seen)
+            if n_hit is None:
+                n_hit = sum(key in index for key in keys)
+            self._compute_missing(texts, hashes, keys, index, seen, progress)
+            out, broken = self._gather(keys, index)
+            if not broken:
+                break
+            for bad in broken:
+                self._drop(bad.path, bad.why)
+        else:
+            raise FeatureCacheError(f"feature cache {self.dir}: chunks keep failing their "
+                                    "checksum after being rewritten (failing disk or a concurrent "
+                                    "writer corrupting files?)")
+        log_feature_counts(n, out["truncated"], out["empty"], self.extractor.max_length)
+        meta = dict(self.extractor.describe(), cache_dir=str(self.dir), cache_hits=n_hit,
+                    template=self.template)
+        return LayerFeatures(out["embedding"], out["layer"], out["n_tokens"], out["truncated"],
+                             out["empty"], meta=meta)
+
+    def _compute_missing(self, texts: Sequence[Any], hashes: np.ndarray, keys: list[bytes],
+                         index: dict[bytes, tuple[Path, int]], seen: set[Path],
+                         progress: bool) -> None:
+        """Encode and store the texts not in ``index``, one chunk at a time; ``index`` grows."""
         missing: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in index and key not in missing:
                 missing[key] = i
         n_hit = sum(key in index for key in keys)
-        logger.info(f"feature cache {self.dir}: {n_hit}/{n} texts cached, "
+        logger.info(f"feature cache {self.dir}: {n_hit}/{len(keys)} texts cached, "
                     f"{len(missing)} unique texts to encode")
-        if missing:
-            todo = list(missing.values())
-            with tqdm(total=len(todo), desc="layer features (cached in chunks)", unit="text",
-                      disable=not progress, mininterval=1.0) as bar:
-                for start in range(0, len(todo), self.chunk_size):
-                    rows = todo[start:start + self.chunk_size]
-                    feats = self.extractor.encode([texts[i] for i in rows], progress=False)
-                    path = self._write_chunk(hashes[rows], feats)
-                    for r, i in enumerate(rows):
-                        index[keys[i]] = (path, r)
-                    bar.update(len(rows))
+        if not missing:
+            return
+        todo = list(missing.values())
+        with tqdm(total=len(todo), desc="layer features (cached in chunks)", unit="text",
+                  disable=not progress, mininterval=1.0) as bar:
+            for start in range(0, len(todo), self.chunk_size):
+                block = todo[start:start + self.chunk_size]
+                self._index(index, seen)  # a text a concurrent run stored meanwhile: first wins
+                rows = [i for i in block if keys[i] not in index]
+                bar.update(len(block) - len(rows))
+                if not rows:
+                    continue
+                # the bar moves per forward batch, not per chunk
+                feats = self.extractor.encode([texts[i] for i in rows], progress=False, bar=bar,
+                                              log_counts=False)
+                path = self._write_chunk(hashes[rows], feats)
+                seen.add(path)
+                for r, i in enumerate(rows):
+                    index[keys[i]] = (path, r)
 
+    def _gather(self, keys: list[bytes], index: dict[bytes, tuple[Path, int]]
+                ) -> tuple[dict[str, np.ndarray], list[_BrokenChunk]]:
+        """The rows of ``keys`` from their verified chunks, and the chunks that failed."""
+        n, d = len(keys), self.extractor.hidden_size
         out = {"embedding": np.zeros((n, d), np.float32), "layer": np.zeros((n, d), np.float32),
                "n_tokens": np.zeros(n, np.int64), "truncated": np.zeros(n, bool),
                "empty": np.zeros(n, bool)}
@@ -166,40 +250,58 @@ class FeatureCache:
         for i, key in enumerate(keys):
             path, row = index[key]
             by_file.setdefault(path, []).append((i, row))
+        broken = []
         for path, pairs in by_file.items():
             dst = np.array([p[0] for p in pairs])
             src = np.array([p[1] for p in pairs])
-            with safe_open(str(path), framework="numpy") as handle:
-                for name in _ARRAYS:
-                    out[name][dst] = handle.get_tensor(name)[src]
-        meta = dict(self.extractor.describe(), cache_dir=str(self.dir), cache_hits=n_hit,
-                    template=self.template)
-        return LayerFeatures(out["embedding"], out["layer"], out["n_tokens"], out["truncated"],
-                             out["empty"], meta=meta)
+            try:
+                arrays = self._read_chunk(path)
+                expected = np.stack([np.frombuffer(keys[i], np.uint8) for i in dst])
+                if src.max() >= len(arrays["text_hash"]) or not np.array_equal(
+                        arrays["text_hash"][src], expected):
+                    raise _BrokenChunk(path, "its rows do not hold the texts the index expects")
+            except _BrokenChunk as bad:
+                broken.append(bad)
+                continue
+            for name in _ARRAYS:
+                out[name][dst] = arrays[name][src]
+        return out, broken
 
     def encode_records(self, records: Iterable[Mapping[str, Any]], progress: bool = True
                        ) -> LayerFeatures:
-        """Render records with this cache's template, then :meth:`encode`."""
+        """Render records with this cache's template (:meth:`TextTemplate.render_all`), then
+        :meth:`encode`."""
         if self.template is None:
             raise ValueError("this cache has no template; pass rendered texts to encode()")
-        tpl = TextTemplate(self.template)
-        return self.encode([tpl.render(r) for r in records], progress=progress)
+        return self.encode(TextTemplate(self.template).render_all(list(records)),
+                           progress=progress)
 
     def _write_chunk(self, hashes: np.ndarray, feats: LayerFeatures) -> Path:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         tensors = {"text_hash": np.ascontiguousarray(hashes, dtype=np.uint8),
                    "embedding": feats.embedding.astype(np.float32),
                    "layer": feats.layer.astype(np.float32),
                    "n_tokens": feats.n_tokens.astype(np.int64),
-                   "truncated": feats.truncated.astype(np.uint8).astype(bool),
+                   "truncated": feats.truncated.astype(bool),
                    "empty": feats.empty.astype(bool)}
-        name = hashlib.sha256(hashes.tobytes()).hexdigest()[:24]
+        data = save(tensors)
+        name = hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX]
         path = self.dir / f"chunk-{name}.safetensors"
         tmp = self.dir / f".chunk-{name}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: a reader never sees a half-written chunk
         return path
+
+
+class FeatureCacheError(RuntimeError):
+    """The feature cache cannot give verified features."""
+
+
+class _BrokenChunk(Exception):
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
 
 
 def cached_encode(extractor: LayerFeatureExtractor, texts: Sequence[Any],

@@ -10,6 +10,19 @@ Only the embeddings and the first ``k`` decoder layers are built and loaded; lat
 executed and their weights never reach memory. The final norm is replaced by the identity: after
 truncating a model to ``k`` layers, HF applies ``model.norm`` to the last hidden state, which the
 reference code's "layer-3 feature" silently includes; we do not.
+
+Determinism promise (what ``tests/test_features.py`` checks): on CPU, for a given model, layer,
+max_length, dtype, torch build and torch thread count, a text's features are bit-for-bit the same
+whatever other texts are encoded with it, in whatever order, batch size or chunk, and therefore
+whether they come fresh or from the feature cache. This holds because every forward pass sees a
+text in a shape that depends on the text alone: the padded width is the text's token count rounded
+up to a multiple of ``length_step`` (see :meth:`LayerFeatureExtractor.padded_width`) and a batch
+only holds texts of one width. Measured on SmolLM2 / torch 2.13 CPU: linear layers give the same
+rows whatever the batch size or the other rows, but fused SDPA attention reduces over the padded
+key length, so one text padded to different widths (as when it is batched with longer texts)
+differs by a few 1e-6, which made rewards depend on the cache's history
+(``tools/bench_batch_invariance.py`` measures both batchings side by side). CUDA is not covered:
+GPU kernels may be chosen by batch shape, and this was not measured there.
 """
 
 from __future__ import annotations
@@ -73,11 +86,17 @@ class LayerFeatureExtractor:
         k = 0 loads the embedding matrix only.
     :param max_length: tokens kept per text; longer texts are truncated and counted.
     :param batch_size: at most this many texts per forward pass.
-    :param max_batch_tokens: at most this many (padded) tokens per forward pass. Texts are sorted by
-        length, so batches of long texts shrink under this budget. On CPU, per-token throughput is
-        flat from ~500 tokens per pass on while padding grows with batch size: the defaults (32
+    :param max_batch_tokens: at most this many (padded) tokens per forward pass. Batches hold texts
+        of one padded width, widest first, so batches of long texts shrink under this budget. On
+        CPU, per-token throughput is flat from ~500 tokens per pass on: the defaults (32
         texts, 2,048 tokens) measured 27% less CPU time than (64, 8,192) on the shared pool. On a
         GPU raise both.
+    :param length_step: texts are padded to their token count rounded up to a multiple of this
+        (capped at max_length) and batched only with texts of the same padded width, so a text's
+        features never depend on the other texts (see the module docstring). Larger steps mean
+        fuller batches but more padding; it is part of the feature definition (``describe()``).
+        On 1,024 pool texts (SmolLM2, k=3, CPU) step 8 cost 1.00x the CPU time of batches padded
+        to their longest text (range 0.99-1.03 over 3 repeats), step 16 1.08x (1.06-1.13).
     :param dtype: ``float32`` (exact) or ``bfloat16``/``float16`` (faster on GPU and AMX CPUs).
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
@@ -91,13 +110,14 @@ class LayerFeatureExtractor:
         max_batch_tokens: int = 2048,
         dtype: str = "float32",
         device: str | None = "cpu",
+        length_step: int = 8,
     ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer must be an int >= 0, got {layer!r}")
-        if max_length < 1 or batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError("max_length, batch_size and max_batch_tokens must be >= 1")
+        if max_length < 1 or batch_size < 1 or max_batch_tokens < 1 or length_step < 1:
+            raise ValueError("max_length, batch_size, max_batch_tokens and length_step must be >= 1")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.model_name = str(model)
@@ -106,6 +126,7 @@ class LayerFeatureExtractor:
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_batch_tokens = max(max_batch_tokens, max_length)
+        self.length_step = int(length_step)
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device)
 
@@ -152,6 +173,7 @@ class LayerFeatureExtractor:
             "max_length": self.max_length,
             "pooling": "masked_mean",
             "layer_definition": "raw output of decoder layer k (hidden_states[k], no final norm)",
+            "padding": f"right, to the token count rounded up to a multiple of {self.length_step}",
         }
 
     def tokenize(self, texts: Sequence[Any]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
@@ -174,64 +196,97 @@ class LayerFeatureExtractor:
             ids.append(row)
         return ids, truncated | cut, empty
 
+    def padded_width(self, lengths: Any) -> np.ndarray:
+        """The width a text of ``lengths`` tokens is padded to: its token count rounded up to a
+        multiple of ``length_step``, capped at ``max_length``; a function of its own length only."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        return np.minimum(-(-lengths // self.length_step) * self.length_step, self.max_length)
+
     def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """Index batches, longest texts first, bounded by batch_size and max_batch_tokens."""
-        order = np.argsort(-lengths, kind="stable")
-        batches, start = [], 0
-        while start < len(order):
-            longest = int(lengths[order[start]])
-            size = max(1, min(self.batch_size, self.max_batch_tokens // max(longest, 1)))
-            batches.append(order[start : start + size])
-            start += size
+        """Index batches: texts of one padded width each, widest first, bounded by batch_size and
+        max_batch_tokens. Which batch a text lands in never changes its features."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        widths = self.padded_width(lengths)
+        order = np.lexsort((np.arange(len(lengths)), -widths))  # widest first, then input order
+        batches = []
+        for width in dict.fromkeys(widths[order].tolist()):
+            group = order[widths[order] == width]
+            size = max(1, min(self.batch_size, self.max_batch_tokens // max(int(width), 1)))
+            batches.extend(group[start:start + size] for start in range(0, len(group), size))
         return batches
 
-    @torch.inference_mode()
     def encode(self, texts: Sequence[Any], progress: bool = True,
-               desc: str = "layer features") -> LayerFeatures:
+               desc: str = "layer features", bar: Any = None,
+               log_counts: bool = True) -> LayerFeatures:
+        """Features of ``texts`` in input order.
+
+        :param bar: an open progress bar (anything with ``update(n)``) to advance by each batch's
+            size instead of opening one; the feature cache passes its own so it moves per batch.
+        :param log_counts: log how many of these texts are truncated or empty (the feature
+            cache, which encodes unique texts chunk by chunk, logs counts over all its inputs).
+        """
         n = len(texts)
         d = self.hidden_size
         emb_out = np.zeros((n, d), dtype=np.float32)
         layer_out = np.zeros((n, d), dtype=np.float32)
         ids, truncated, empty = self.tokenize(texts)
         lengths = np.array([len(r) for r in ids], dtype=np.int64)
-        embed = self.model.get_input_embeddings()
-        pad_id = self.fill_token_id
-        with tqdm(total=n, desc=desc, unit="text", disable=not progress or n == 0,
-                  mininterval=1.0) as bar:
+        own_bar = bar is None
+        if own_bar:
+            bar = tqdm(total=n, desc=desc, unit="text", disable=not progress or n == 0,
+                       mininterval=1.0)
+        try:
             for batch in self.plan_batches(lengths):
-                width = int(lengths[batch].max())
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : lengths[i]] = torch.tensor(ids[i])
-                    mask[row, : lengths[i]] = 1
-                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-                weights = mask.unsqueeze(-1).to(torch.float32)
-                counts = weights.sum(1)
-                emb = embed(input_ids).to(torch.float32)
-                emb_out[batch] = ((emb * weights).sum(1) / counts).cpu().numpy()
-                if self.layer == 0:
-                    layer_out[batch] = emb_out[batch]
-                else:
-                    # No attention mask on purpose: padding is on the right, so under the causal
-                    # mask no real token ever attends to a pad, and outputs of real tokens are
-                    # exactly those of the unpadded text. Without a mask SDPA takes its fused
-                    # is_causal path instead of materialising a [B, 1, L, L] mask.
-                    hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-                    layer_out[batch] = ((hidden.to(torch.float32) * weights).sum(1)
-                                        / counts).cpu().numpy()
+                emb_out[batch], layer_out[batch] = self.forward_batch([ids[i] for i in batch])
                 bar.update(len(batch))
-        if truncated.any():
-            logger.info(f"{int(truncated.sum())}/{n} texts truncated to {self.max_length} tokens")
-        if empty.any():
-            logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
+        finally:
+            if own_bar:
+                bar.close()
+        if log_counts:
+            log_feature_counts(n, truncated, empty, self.max_length)
         return LayerFeatures(emb_out, layer_out, lengths, truncated, empty, meta=self.describe())
+
+    def forward_batch(self, rows: Sequence[Sequence[int]], width: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding means, layer-k means) [B, d] of token-id rows padded on the right to
+        ``width`` (default: the canonical :meth:`padded_width` of the longest row)."""
+        lengths = [len(r) for r in rows]
+        if width is None:
+            width = int(self.padded_width(max(lengths)))
+        input_ids = torch.full((len(rows), width), self.fill_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            input_ids[b, : lengths[b]] = torch.tensor(row)
+            mask[b, : lengths[b]] = 1
+        with torch.inference_mode():
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            weights = mask.unsqueeze(-1).to(torch.float32)
+            counts = weights.sum(1)
+            emb = self.model.get_input_embeddings()(input_ids).to(torch.float32)
+            emb_mean = ((emb * weights).sum(1) / counts).cpu().numpy()
+            if self.layer == 0:
+                return emb_mean, emb_mean.copy()
+            # No attention mask on purpose: padding is on the right, so under the causal mask no
+            # real token ever attends to a pad, and outputs of real tokens are those of the
+            # unpadded text up to summation order. Without a mask SDPA takes its fused is_causal
+            # path instead of materialising a [B, 1, L, L] mask.
+            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            layer_mean = ((hidden.to(torch.float32) * weights).sum(1) / counts).cpu().numpy()
+        return emb_mean, layer_mean
 
     def encode_records(self, records: Iterable[Mapping[str, Any]],
                        template: str | TextTemplate = ALPACA_TEMPLATE,
                        progress: bool = True) -> LayerFeatures:
         tpl = template if isinstance(template, TextTemplate) else TextTemplate(template)
         return self.encode([tpl.render(r) for r in records], progress=progress)
+
+
+def log_feature_counts(n: int, truncated: np.ndarray, empty: np.ndarray, max_length: int) -> None:
+    """One INFO line for truncated texts, one WARNING for empty ones, counted over ``n`` inputs."""
+    if truncated.any():
+        logger.info(f"{int(truncated.sum())}/{n} texts truncated to {max_length} tokens")
+    if empty.any():
+        logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
 
 
 def limit_worker_threads() -> None:
@@ -248,15 +303,16 @@ _EXTRACTORS_LOCK = threading.Lock()
 
 
 def cached_extractor(model: str, layer: int = 3, max_length: int = 512, batch_size: int = 32,
-                     dtype: str = "float32", device: str | None = "cpu") -> LayerFeatureExtractor:
+                     dtype: str = "float32", device: str | None = "cpu", length_step: int = 8
+                     ) -> LayerFeatureExtractor:
     """One extractor per process and setting: operators call this so the model loads once per
     worker while the operator object itself stays small and picklable."""
-    key = (str(model), layer, max_length, batch_size, dtype, device)
+    key = (str(model), layer, max_length, batch_size, dtype, device, length_step)
     with _EXTRACTORS_LOCK:
         if key not in _EXTRACTORS:
             _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=layer, max_length=max_length,
                                                      batch_size=batch_size, dtype=dtype,
-                                                     device=device)
+                                                     device=device, length_step=length_step)
         return _EXTRACTORS[key]
 
 

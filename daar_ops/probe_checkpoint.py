@@ -5,8 +5,10 @@ the standardisation buffers). The manifest records everything needed to reuse th
 the extractor's ``describe()`` (model, model_path, model_fingerprint, layer, feature_dim,
 max_length, pooling, layer_definition), ``feature`` ("layer"), ``template``, ``domains``,
 ``hidden``, ``label_key``, the training config, metrics, and library versions (added by
-:func:`daar_ops.artifacts.save_artifact`). Training curves go next to it as ``curves.json`` and
-``curves.png``. No Data-Juicer import.
+:func:`daar_ops.artifacts.save_artifact`). The manifest carries its own checksum
+(``manifest_sha256``): a checkpoint whose ``layer``, ``template`` or order of ``domains`` was edited
+by hand refuses to load instead of silently changing every reward. Training curves go next to it as
+``curves.json`` and ``curves.png``. No Data-Juicer import.
 """
 
 from __future__ import annotations

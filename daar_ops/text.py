@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import string
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+from loguru import logger
 
 ALPACA_TEMPLATE = "{instruction} {input} {output}"
 
@@ -32,7 +34,9 @@ class TextTemplate:
     """A ``str.format``-style template over record fields, e.g. ``"{instruction} {input} {output}"``.
 
     A template without braces names a single field. Missing fields render as "" so a record lacking
-    ``input`` still renders; the result is stripped of outer whitespace.
+    ``input`` still renders; the result is stripped of outer whitespace. Render a whole dataset with
+    :meth:`render_all`, which refuses a field that no record has (a typo would otherwise give
+    every record an empty text and a meaningless selection).
     """
 
     def __init__(self, template: str = ALPACA_TEMPLATE):
@@ -55,8 +59,60 @@ class TextTemplate:
         values = {f: to_text(lookup(record, f)) for f in self.fields}
         return self.template.format_map(_DottedValues(values)).strip()
 
+    def render_all(self, records: Sequence[Mapping[str, Any]], on_missing: str = "raise",
+                   source: str = "the records") -> list[str]:
+        """Render every record, checking the template against the whole set.
+
+        A field that no record has (missing or null in all of them) is either a typo such as
+        ``{instrution}`` or a field this dataset lacks (``{input}`` in the default template):
+
+        * if it leaves every text empty, :class:`TemplateFieldError` names the field(s) and the
+          fields the records do have (with ``on_missing="warn"``, for a batch that may
+          legitimately lack them, a warning instead);
+        * otherwise a warning names it with the record count, and it renders as "".
+
+        Fields missing from only some records render as "" (logged at INFO with record counts).
+        """
+        if on_missing not in ("raise", "warn"):
+            raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+        records = list(records)
+        texts = [self.render(r) for r in records]
+        n = len(records)
+        if not n:
+            return texts
+        absent = {f: sum(lookup(r, f) is None for r in records) for f in self.fields}
+        nowhere = [f for f, k in absent.items() if k == n]
+        if nowhere:
+            message = (f"text template {self.template!r}: field(s) {', '.join(nowhere)} missing "
+                       f"or null in all {n} of {source}")
+            if not any(texts):
+                message += (f", so every text is empty; fields present: "
+                            f"{', '.join(present_fields(records)) or 'none'}")
+                if on_missing == "raise":
+                    raise TemplateFieldError(message)
+            logger.warning(message + ("" if not any(texts) else " (rendered as '')"))
+        partial = {f: k for f, k in absent.items() if 0 < k < n}
+        if partial:
+            logger.info("text template: " + ", ".join(
+                f"'{f}' missing in {k}/{n} records" for f, k in partial.items())
+                + " (rendered as '')")
+        return texts
+
     def __repr__(self) -> str:
         return f"TextTemplate({self.template!r})"
+
+
+class TemplateFieldError(ValueError):
+    """A text template names a field that none of the records has."""
+
+
+def present_fields(records: Sequence[Mapping[str, Any]], limit: int = 1000) -> list[str]:
+    """Sorted top-level keys with a non-null value in the first ``limit`` records."""
+    keys: set[str] = set()
+    for record in records[:limit]:
+        if isinstance(record, Mapping):
+            keys.update(str(k) for k, v in record.items() if v is not None)
+    return sorted(keys)
 
 
 def lookup(record: Mapping[str, Any], dotted: str) -> Any:

@@ -87,6 +87,10 @@ def test_changed_template_model_or_layer_never_reuses_features(extractor, tiny_l
     other_model = FeatureCache(LayerFeatureExtractor(str(tiny_qwen2), layer=2, max_length=32),
                                tmp_path, template="{instruction}")
     assert other_model.dir != base.dir and len(other_model) == 0
+    other_padding = FeatureCache(LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=32,
+                                                       length_step=16),
+                                 tmp_path, template="{instruction}")
+    assert other_padding.dir != base.dir and len(other_padding) == 0
     assert FeatureCache(extractor, tmp_path, template="{instruction}").dir == base.dir
 
 
@@ -123,3 +127,171 @@ def test_encode_records_renders_the_template(extractor, tmp_path):
     feats = cache.encode_records(records, progress=False)
     direct = extractor.encode(["add 2 and 2 4", "hi"], progress=False)
     np.testing.assert_allclose(feats.layer, direct.layer, rtol=1e-5, atol=1e-6)
+
+
+def _varied_texts(n: int, seed: int = 0) -> list[str]:
+    words = "the of a cat dog sum list plus solve explain capital answer sorted output".split()
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 50)))) for _ in range(n)]
+
+
+@pytest.fixture
+def warnings_log():
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def _overwrite_float(chunk, tensor: str, row: int, value: float) -> None:
+    """Overwrite one float32 of ``tensor`` in a safetensors file in place (same size: it parses)."""
+    import json
+    import struct
+
+    data = bytearray(chunk.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    info = json.loads(data[8:8 + header_len])[tensor]
+    width = info["shape"][1]
+    offset = 8 + header_len + info["data_offsets"][0] + 4 * row * width
+    data[offset:offset + 4] = struct.pack("<f", value)
+    chunk.write_bytes(bytes(data))
+
+
+def test_features_do_not_depend_on_what_the_cache_holds(tiny_llama, tmp_path):
+    # Issue 13 item 3: a run after a run over the same texts in another order (or a subset, or
+    # with other chunking) must give the same features bit for bit, and equal fresh features.
+    extractor = LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=256, batch_size=8)
+    texts = _varied_texts(40)
+    fresh = extractor.encode(texts, progress=False)
+    FeatureCache(extractor, tmp_path / "a", template="t", chunk_size=7).encode(
+        texts[::-1][:25], progress=False)
+    warm = FeatureCache(extractor, tmp_path / "a", template="t", chunk_size=5).encode(texts,
+                                                                                      False)
+    cold = FeatureCache(extractor, tmp_path / "b", template="t", chunk_size=64).encode(texts,
+                                                                                       False)
+    assert warm.meta["cache_hits"] == 25 and cold.meta["cache_hits"] == 0
+    for feats in (warm, cold):
+        np.testing.assert_array_equal(feats.layer, fresh.layer)
+        np.testing.assert_array_equal(feats.embedding, fresh.embedding)
+
+
+def test_runs_that_cannot_see_each_other_store_identical_copies(tiny_llama, tmp_path,
+                                                                monkeypatch):
+    # Two runs started together on one cache both encode the shared texts, in their own order and
+    # chunks. Before batch-invariant features they stored conflicting copies (issue 13 item 3).
+    from safetensors.numpy import load_file
+
+    extractor = LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=256, batch_size=8)
+    texts = _varied_texts(36, seed=5)
+    first = FeatureCache(extractor, tmp_path, template="t", chunk_size=9)
+    a = first.encode(texts[:30], progress=False)
+    blind = FeatureCache(extractor, tmp_path, template="t", chunk_size=16)
+    monkeypatch.setattr(blind, "_index", lambda index=None, seen=None: {} if index is None
+                        else index)  # sees none of the first run's chunks
+    b = blind.encode(texts[6:][::-1], progress=False)
+    np.testing.assert_array_equal(b.layer[::-1][:24], a.layer[6:30])
+    copies: dict[bytes, list[np.ndarray]] = {}
+    for chunk in first.dir.glob("chunk-*.safetensors"):
+        arrays = load_file(str(chunk))
+        for h, row in zip(arrays["text_hash"], arrays["layer"]):
+            copies.setdefault(h.tobytes(), []).append(row)
+    assert sum(len(c) > 1 for c in copies.values()) == 24
+    for rows in copies.values():
+        for row in rows[1:]:
+            np.testing.assert_array_equal(row, rows[0])
+
+
+def test_a_text_stored_by_a_concurrent_run_is_read_not_recomputed(extractor, tmp_path,
+                                                                  monkeypatch):
+    texts = _varied_texts(30, seed=3)
+    other = FeatureCache(extractor, tmp_path, template="t", chunk_size=8)
+    mine = FeatureCache(extractor, tmp_path, template="t", chunk_size=10)
+    counter = Counting(extractor)
+
+    def encode_while_another_run_writes(batch, *args, **kwargs):
+        if counter.calls == 0:  # the other run stores texts 10..29 (in its own chunks) meanwhile
+            monkeypatch.setattr(extractor, "encode", counter.inner)
+            other.encode(texts[10:][::-1], progress=False)
+            monkeypatch.setattr(extractor, "encode", encode_while_another_run_writes)
+        return counter(batch, *args, **kwargs)
+
+    monkeypatch.setattr(extractor, "encode", encode_while_another_run_writes)
+    feats = mine.encode(texts, progress=False)
+    assert counter.texts == 10  # only its first chunk; the rest came from the other run
+    monkeypatch.undo()
+    np.testing.assert_array_equal(feats.layer, extractor.encode(texts, progress=False).layer)
+
+
+def test_one_overwritten_float_in_a_chunk_is_detected_and_recomputed(extractor, tmp_path,
+                                                                     monkeypatch, warnings_log):
+    # Issue 13 item 4: the chunk still parses, so only a checksum can tell it was changed.
+    cache = FeatureCache(extractor, tmp_path, template="t", chunk_size=8)
+    good = cache.encode(TEXTS, progress=False)
+    chunk = sorted(cache.dir.glob("chunk-*.safetensors"))[0]
+    _overwrite_float(chunk, "layer", 0, -3.2e27)
+    counter = Counting(extractor)
+    monkeypatch.setattr(extractor, "encode", counter)
+    again = FeatureCache(extractor, tmp_path, template="t", chunk_size=8).encode(TEXTS, False)
+    np.testing.assert_array_equal(again.layer, good.layer)
+    assert counter.texts == 8  # exactly the texts of the changed chunk
+    assert any("checksum mismatch" in line and chunk.name in line for line in warnings_log)
+    # the rewritten chunk has the same bytes as the original, hence the same checksum name
+    assert cache._read_chunk(chunk)["layer"][0, 0] != np.float32(-3.2e27)
+    assert len(cache) == len(TEXTS)
+
+
+def test_cache_progress_moves_per_batch_not_per_chunk(extractor, tmp_path, monkeypatch):
+    import daar_ops.feature_cache as fc
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, *args, total=0, **kwargs):
+            self.total, self.updates = total, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+    monkeypatch.setattr(fc, "tqdm", RecordingBar)
+    FeatureCache(extractor, tmp_path, template="t", chunk_size=1024).encode(TEXTS)
+    (bar,) = bars
+    assert bar.total == len(TEXTS) and sum(bar.updates) == len(TEXTS)
+    assert len([n for n in bar.updates if n]) >= len(TEXTS) // extractor.batch_size
+
+
+def test_empty_text_warning_counts_every_input_not_unique_texts(extractor, tmp_path,
+                                                                warnings_log):
+    FeatureCache(extractor, tmp_path, template="t").encode(["", " ", "", "text", ""], False)
+    assert any("4/5 texts are empty" in line for line in warnings_log), warnings_log
+
+
+def test_encode_records_refuses_a_field_no_record_has(extractor, tmp_path):
+    from daar_ops.text import TemplateFieldError
+
+    cache = FeatureCache(extractor, tmp_path, template="{nonexistent_field}")
+    with pytest.raises(TemplateFieldError, match="nonexistent_field.*instruction"):
+        cache.encode_records([{"instruction": "a"}, {"instruction": "b", "output": "c"}], False)
+
+
+def test_chunks_that_keep_failing_their_checksum_are_a_clear_error(extractor, tmp_path,
+                                                                   monkeypatch):
+    from daar_ops.feature_cache import FeatureCacheError, _BrokenChunk
+
+    cache = FeatureCache(extractor, tmp_path, template="t", chunk_size=8)
+    cache.encode(TEXTS[:10], progress=False)
+
+    def always_corrupt(path):
+        raise _BrokenChunk(path, "checksum mismatch (simulated failing disk)")
+
+    monkeypatch.setattr(cache, "_read_chunk", always_corrupt)
+    with pytest.raises(FeatureCacheError, match="keep failing their checksum"):
+        cache.encode(TEXTS[:10], progress=False)

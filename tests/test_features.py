@@ -83,6 +83,72 @@ def test_order_and_batching_do_not_change_features(tiny_qwen2):
     np.testing.assert_array_equal(again.layer, b.layer)
 
 
+def _varied_texts(n: int, seed: int = 0) -> list[str]:
+    words = ("the of a cat dog sum list plus solve explain function capital answer sorted output "
+             "input").split()
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_qwen2"])
+def test_features_are_bit_identical_whatever_else_is_in_the_batch(request, arch_fixture):
+    # The module's determinism promise: a text's features depend on the text alone. Before the
+    # canonical padding, a text padded to its batch's longest text differed in the last bits.
+    path = str(request.getfixturevalue(arch_fixture))
+    texts = _varied_texts(40)
+    reference = LayerFeatureExtractor(path, layer=2, batch_size=32,
+                                      max_batch_tokens=4096).encode(texts, progress=False)
+    rng = np.random.default_rng(1)
+    for batch_size, max_batch_tokens in ((1, 2048), (5, 64), (16, 4096)):
+        ex = LayerFeatureExtractor(path, layer=2, batch_size=batch_size,
+                                   max_batch_tokens=max_batch_tokens)
+        subset = rng.permutation(len(texts))[: 3 * len(texts) // 4]
+        feats = ex.encode([texts[i] for i in subset], progress=False)
+        np.testing.assert_array_equal(feats.layer, reference.layer[subset])
+        np.testing.assert_array_equal(feats.embedding, reference.embedding[subset])
+    alone = np.stack([encode_alone(path, t) for t in texts[:6]])
+    np.testing.assert_array_equal(alone, reference.layer[:6])
+
+
+def encode_alone(path: str, text: str) -> np.ndarray:
+    return LayerFeatureExtractor(path, layer=2).encode([text], progress=False).layer[0]
+
+
+def test_batches_hold_one_padded_width_that_depends_on_the_length_only(tiny_llama):
+    ex = LayerFeatureExtractor(str(tiny_llama), layer=1, max_length=50, batch_size=4,
+                               max_batch_tokens=64, length_step=16)
+    lengths = np.array([1, 16, 17, 50, 49, 33, 2, 3, 4, 5, 6, 32])
+    widths = ex.padded_width(lengths)
+    assert widths.tolist() == [16, 16, 32, 50, 50, 48, 16, 16, 16, 16, 16, 32]
+    batches = ex.plan_batches(lengths)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(set(widths[batch].tolist())) == 1
+        assert len(batch) <= max(1, min(4, 64 // int(widths[batch[0]])))
+    assert [int(widths[b[0]]) for b in batches] == sorted((int(widths[b[0]]) for b in batches),
+                                                          reverse=True)
+    with pytest.raises(ValueError, match="length_step"):
+        LayerFeatureExtractor(str(tiny_llama), layer=1, length_step=0)
+
+
+class RecordingBar:
+    def __init__(self):
+        self.updates: list[int] = []
+
+    def update(self, n: int = 1) -> None:
+        self.updates.append(n)
+
+
+def test_progress_moves_once_per_batch(tiny_llama):
+    ex = LayerFeatureExtractor(str(tiny_llama), layer=1, batch_size=4)
+    texts = _varied_texts(18)
+    bar = RecordingBar()
+    ex.encode(texts, bar=bar)
+    assert bar.updates == [len(b) for b in ex.plan_batches(
+        np.array([len(r) for r in ex.tokenize(texts)[0]]))]
+    assert sum(bar.updates) == len(texts) and len(bar.updates) >= 5
+
+
 def test_bad_inputs_get_defined_features(tiny_llama):
     ex = LayerFeatureExtractor(str(tiny_llama), layer=2, max_length=16)
     texts = ["", "   \n\t", None, 12.5, float("nan"), ["a", 1], "bad \ud800 surrogate",

@@ -11,7 +11,7 @@ import pytest
 
 from daar_ops.artifacts import ArtifactError, check_compatible, load_artifact, save_artifact
 from daar_ops.models import KNOWN_MODELS, model_fingerprint, prepare_model, resolve_model_path
-from daar_ops.text import TextTemplate, to_text
+from daar_ops.text import TemplateFieldError, TextTemplate, to_text
 
 
 def test_template_renders_fields_and_tolerates_missing_ones():
@@ -22,6 +22,48 @@ def test_template_renders_fields_and_tolerates_missing_ones():
     assert TextTemplate("text").render({"text": 3}) == "3"
     assert TextTemplate("{meta.src}: {text}").render({"meta": {"src": "a"}, "text": "b"}) == "a: b"
     assert TextTemplate("{meta.src}: {text}").render({"text": "b"}) == ": b"
+
+
+@pytest.fixture
+def warnings_log():
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def test_render_all_refuses_a_field_that_leaves_every_text_empty(warnings_log):
+    # Issue 13 item 6: `--template {nonexistent_field}` gave every record an empty text, exit 0.
+    records = [{"instruction": "Hi", "output": "!"}, {"instruction": "Yo", "input": None}]
+    with pytest.raises(TemplateFieldError, match=r"nonexistent_field.*all 2 of the records.*"
+                                                 r"fields present: instruction, output"):
+        TextTemplate("{nonexistent_field}").render_all(records)
+    with pytest.raises(TemplateFieldError, match="text"):  # null in every record counts too
+        TextTemplate("{text}").render_all([{"text": None, "other": 1}])
+    assert TextTemplate("{nonexistent_field}").render_all([]) == []
+    assert not warnings_log
+
+
+def test_render_all_warns_about_a_field_no_record_has_when_texts_remain(warnings_log):
+    # The default template on a dataset without 'input': a warning counting records, no error.
+    records = [{"instruction": "Hi", "output": "!"}, {"instruction": "Yo", "input": None}]
+    assert TextTemplate().render_all(records) == ["Hi  !", "Yo"]
+    assert len(warnings_log) == 1 and "input missing or null in all 2 of the records" in \
+        warnings_log[0]
+    assert TextTemplate("{instruction} {output}").render_all(records) == ["Hi !", "Yo"]
+    assert len(warnings_log) == 1  # 'output' missing from one record only: not a warning
+
+
+def test_render_all_on_missing_warn_never_raises(warnings_log):
+    texts = TextTemplate("{text}").render_all([{"a": 1}] * 3, on_missing="warn",
+                                              source="this batch")
+    assert texts == ["", "", ""]
+    assert len(warnings_log) == 1 and "all 3 of this batch" in warnings_log[0] \
+        and "fields present: a" in warnings_log[0]
+    with pytest.raises(ValueError, match="on_missing"):
+        TextTemplate("{text}").render_all([], on_missing="ignore")
 
 
 @pytest.mark.parametrize("bad", ["", "  ", "{}", "{0}", "{a", 5])
