@@ -46,7 +46,7 @@ from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, 
 from daar_ops.models import SMOLLM2
 from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
 from daar_ops.ops.domain_pseudo_label_mapper import PSEUDO_LABEL_DEFAULTS
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup, to_text
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 ROW_KEY = "__daar_row__"  # the view's pointer back to the input record
 
@@ -301,15 +301,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         if not records:
             raise ValueError(f"{cfg.pool} holds no JSON object record "
                              f"({len(report.skipped)} malformed lines)")
-        absent = [f for f in tpl.fields if all(lookup(r, f) is None for r in records)]
-        if len(absent) == len(tpl.fields):
-            raise ValueError(f"no record of {cfg.pool} has any field of the template "
-                             f"{cfg.template!r} ({absent}); fields of the first record: "
-                             f"{sorted(records[0])}")
-        if absent:
-            logger.warning(f"template fields {absent} are absent from every record; they "
-                           f"render as empty text")
-        texts = [tpl.render(r) for r in records]
+        texts = tpl.render_all(records, source=f"the records of {cfg.pool}")
         probe_idx, pool_idx, duplicated = split_by_text(texts, cfg.probe_size, cfg.pool_size,
                                                         cfg.seed)
         if duplicated:

@@ -246,7 +246,7 @@ def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.Pa
         raise ValueError(f"need at least 2 domains to train psi_dom, found {domains}")
     index = {name: i for i, name in enumerate(domains)}
     y = np.array([index[labels[i]] for i in keep], dtype=np.int64)
-    texts = [tpl.render(records[i]) for i in keep]
+    texts = tpl.render_all([records[i] for i in keep], source="the labelled records")
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

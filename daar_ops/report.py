@@ -426,7 +426,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
                     else list(pool)[:pool_limit])
     if not pool_records:
         raise ValueError("the pool is empty")
-    pool_texts = [tpl.render(r) for r in pool_records]
+    pool_texts = tpl.render_all(pool_records, source="the pool records")
     n_empty = sum(1 for t in pool_texts if not t)
     if n_empty:
         logger.warning(f"report: {n_empty} pool records render to empty text under {template!r}")
@@ -439,7 +439,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
     subs: list[SubsetData] = []
     for name, src in subsets.items():
         records = read_records(src) if isinstance(src, (str, os.PathLike)) else list(src)
-        texts = [tpl.render(r) for r in records]
+        texts = tpl.render_all(records, source=f"the records of subset {name}")
         rows = np.array([row_of.get(t, -1) for t in texts], dtype=np.int64)
         emb = np.zeros((len(records), pool_emb.shape[1]), dtype=np.float32)
         emb[rows >= 0] = pool_emb[rows[rows >= 0]]

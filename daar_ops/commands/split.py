@@ -39,8 +39,8 @@ def _run(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"{pool} holds no JSON object record")
     tpl = TextTemplate(args.template)
-    probe, rest, duplicated = split_by_text([tpl.render(r) for r in records], args.probe_size,
-                                            args.pool_size, args.seed)
+    texts = tpl.render_all(records, source=str(pool))
+    probe, rest, duplicated = split_by_text(texts, args.probe_size, args.pool_size, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "probe.jsonl", (records[i] for i in probe.tolist()))

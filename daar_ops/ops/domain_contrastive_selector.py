@@ -135,7 +135,8 @@ class DomainContrastiveSelector(StatsSelector):
 
             check_compatible(self.centroid_manifest, extractor.describe(),
                              keys=("model_fingerprint", "feature_dim"), source="centroid file")
-        feats = extractor.encode([self.template.render(r) for r in rows], progress=True).embedding
+        texts = self.template.render_all(rows, source=f"the dataset of {self._name}")
+        feats = extractor.encode(texts, progress=True).embedding
         if self.centroids_path:
             centroids = self.centroids
         else:

@@ -200,7 +200,7 @@ class DS2Selector(StatsSelector):
             return out
         from daar_ops.encoders import encode_sentences
 
-        texts = [self.template.render(r) for r in records]
+        texts = self.template.render_all(records, source=f"the dataset of {self._name}")
         n_empty = sum(1 for t in texts if not t)
         if n_empty:
             logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are embedded "

@@ -194,7 +194,7 @@ class QditSelector(StatsSelector):
 
     def select(self, records: list[Mapping[str, Any]]):
         """Run the selection on plain records; returns a :class:`QditResult`."""
-        texts = [self.template.render(r) for r in records]
+        texts = self.template.render_all(records, source=f"the dataset of {self._name}")
         quality = None
         if self.quality_key and self.select_kwargs["alpha"] > 0:
             quality = [lookup(r, self.quality_key) for r in records]
