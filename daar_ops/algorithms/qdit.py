@@ -54,6 +54,9 @@ from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
 METHODS = ("lazy", "stochastic")
 SIMILARITIES = ("blocked", "dense", "knn")
+RUNNING_SCALE = "running_max"
+DIVERSITY_SCALES = (RUNNING_SCALE, "mean", "max_singleton", "none")
+DEFAULT_DIVERSITY_SCALE = RUNNING_SCALE
 QUALITY_NORMS = ("minmax", "rank", "none")
 QUALITY_FILLS = ("min", "median", "max")
 # |bf16 dot - exact dot| for unit vectors: inputs rounded (2u), output rounded (u), u = 2^-8,
@@ -394,7 +397,7 @@ def _prepare_embeddings(embeddings: np.ndarray, dtype: str) -> np.ndarray:
 
 def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
                 select_ratio: float | None = None, quality: Sequence[Any] | np.ndarray | None = None,
-                alpha: float = 0.0, diversity_scale: str | float = "mean",
+                alpha: float = 0.0, diversity_scale: str | float = DEFAULT_DIVERSITY_SCALE,
                 quality_norm: str = "minmax", quality_fill: str | float = "min",
                 method: str = "lazy", epsilon: float = 0.01, seed: int = 0,
                 similarity: str = "blocked", knn_k: int = 50, max_memory_mb: float = 2048.0,
@@ -488,6 +491,7 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     mdtype = torch.float64 if compute_dtype == "float64" else torch.float32
     m = torch.zeros(n, dtype=mdtype, device=device if similarity != "knn" else "cpu")
 
+    running = diversity_scale == RUNNING_SCALE
     need_all = method == "lazy" or diversity_scale == "max_singleton"
     if fast_bounds is None:
         fast_bounds = _bf16_is_fast(device)
@@ -496,14 +500,15 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         and diversity_scale != "max_singleton"
     meta["fast_bounds"] = fast_bounds
     first = backend.all_gains(m, progress, fast_bounds).cpu() if need_all else None
-    scale = _resolve_scale(diversity_scale, n, first)
-    wd = (1.0 - alpha) / scale
+    scale = math.nan if running else _resolve_scale(diversity_scale, n, first)
+    wd = 0.0 if running else (1.0 - alpha) / scale
     qt = torch.from_numpy(alpha * q) if q is not None else torch.zeros(n, dtype=torch.float64)
 
-    # bound[a] >= current combined score of a (stale exact score, +inf when never evaluated)
-    bound = torch.full((n,), math.inf, dtype=torch.float64)
-    if first is not None:
-        bound = wd * first + qt
+    # dstale[a] >= d(a | A): the last exact diversity gain of a (gains only shrink as A grows),
+    # +inf when never evaluated; bound[a] >= current combined score of a, derived from it
+    dstale = first.clone() if first is not None else torch.full((n,), math.inf,
+                                                                dtype=torch.float64)
+    bound = qt.clone() if running else wd * dstale + qt  # running: set at every step
     selected = torch.zeros(n, dtype=torch.bool)
     out_idx = np.empty(k, dtype=np.int64)
     out_gain = np.empty(k, dtype=np.float64)
@@ -512,9 +517,18 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     sample_size = min(n, int(math.ceil(n / k * math.log(1.0 / float(epsilon)))))
     batch = int(batch)
 
+    step_scales = np.full(k, np.nan) if running else None
+    weight = [wd]  # the diversity weight of the current step (changes each step when running)
+
     def evaluate(idx: torch.Tensor) -> torch.Tensor:
         dg = backend.gains(idx.to(m.device) if similarity != "knn" else idx, m).cpu()
-        bound[idx] = wd * dg + qt[idx]
+        dstale[idx] = dg
+        bound[idx] = weight[0] * dg + qt[idx]
+        return dg
+
+    def evaluate_diversity(idx: torch.Tensor) -> torch.Tensor:
+        dg = backend.gains(idx.to(m.device) if similarity != "knn" else idx, m).cpu()
+        dstale[idx] = dg
         return dg
 
     for step in tqdm(range(k), desc=f"QDIT {method} greedy", disable=not progress):
@@ -523,13 +537,27 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         else:
             avail = np.flatnonzero(~selected.numpy())
             pool = torch.from_numpy(np.sort(rng.choice(avail, size=sample_size, replace=False)))
+        if running:
+            # the step's scale is the best diversity gain among the candidates (exact, found
+            # lazily on the diversity bounds alone); its row then has diversity term 1
+            _, top_gain, _ = _lazy_argmax(dstale, selected, pool, evaluate_diversity, batch)
+            step_scales[step] = top_gain
+            weight[0] = (1.0 - alpha) / top_gain if top_gain > 0 else 0.0
+            if weight[0] > 0:
+                torch.add(qt, dstale, alpha=weight[0], out=bound)
+            else:  # everything left is fully covered: quality alone decides
+                bound.copy_(qt)
+            bound[selected] = -math.inf
         best, best_score, best_dg = _lazy_argmax(bound, selected, pool, evaluate, batch)
         selected[best] = True
         bound[best] = -math.inf
+        dstale[best] = -math.inf
         out_idx[step], out_gain[step], out_dgain[step] = best, best_score, best_dg
         backend.update(best, m)
     objective = float(m.sum(dtype=torch.float64))
     meta["evaluations_per_step"] = backend.n_evaluations / k
+    if running:
+        meta["step_scales"] = step_scales
     return QditResult(out_idx, out_gain, out_dgain, q, scale, objective, backend.n_evaluations,
                       meta)
 
