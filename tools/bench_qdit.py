@@ -57,14 +57,19 @@ def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-
     from daar_ops.text import TextTemplate
 
     fingerprint = model_fingerprint(resolve_model_path(model))
-    cache = daar_ops_home() / "bench" / f"qdit_{model}_{n}"
-    try:
-        tensors, manifest = load_artifact(cache, kind="qdit_bench_embeddings")
-        if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == n
+    bench = daar_ops_home() / "bench"
+    cache = bench / f"qdit_{model}_{n}"
+    # this cache, or else the smallest larger one (its first n rows are the same records)
+    larger = sorted((int(p.name.rsplit("_", 1)[1]), p) for p in bench.glob(f"qdit_{model}_*")
+                    if p.name.rsplit("_", 1)[1].isdigit() and int(p.name.rsplit("_", 1)[1]) > n)
+    for size, path in [(n, cache)] + larger:
+        try:
+            tensors, manifest = load_artifact(path, kind="qdit_bench_embeddings")
+        except ArtifactError:
+            continue
+        if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == size
                 and manifest.get("template") == TEMPLATE and manifest.get("pool") == str(pool)):
-            return tensors["embeddings"]
-    except ArtifactError:
-        pass
+            return tensors["embeddings"][:n]
     template = TextTemplate(TEMPLATE)
     texts = []
     with gzip.open(pool, "rt", encoding="utf-8") as fh:
@@ -97,7 +102,7 @@ def pool_outputs(n: int, pool: Path = DEFAULT_POOL) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 SWEEP_ALPHAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-SWEEP_SCALES = ("running_max", "mean", "max_singleton", "none")
+SWEEP_SCALES = ("budget", "running_max", "mean", "max_singleton", "none")
 QUALITY_SOURCES = ("uniform", "length", "direction")
 
 
