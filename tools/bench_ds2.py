@@ -8,9 +8,10 @@ the triple, vote-share detection score, a suggestion from every round, noise rat
 [0.05, 0.95]) and the obvious alternative to curation, replacing every score by the
 (similarity-weighted) majority of its 10 nearest neighbours, which needs no T.
 
-**Real-embedding case.** all-MiniLM-L6-v2 embeddings ("{instruction} {input}", cached under
-``$DAAR_OPS_HOME/bench``, shared with ``tools/bench_qdit.py``) of the first ``--real-n`` (3,000)
-pool records. The true class is derived from the record (its ``domain``, 4 classes: an evaluation
+**Real-embedding case.** all-MiniLM-L6-v2 embeddings of the whole sample
+("{instruction} {input} {output}", as DS2 embeds it; ``--real-template``; cached under
+``$DAAR_OPS_HOME/bench`` like ``tools/bench_qdit.py``'s) of the first ``--real-n`` (3,000) pool
+records. The true class is derived from the record (its ``domain``, 4 classes: an evaluation
 tool may read it, selection never does); observed classes are drawn through a known T
 (``off_diagonal_transition(4, 0.3)``) with seeds ``--real-seeds``. The true prior is the empirical
 class distribution. Real kNN graphs have hubs (samples that are neighbours of many others), which
@@ -96,7 +97,7 @@ def real_case(args) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_qdit import DEFAULT_POOL, pool_embeddings
 
-    emb = pool_embeddings(args.real_n, DEFAULT_POOL, progress=False)
+    emb = pool_embeddings(args.real_n, DEFAULT_POOL, progress=False, template=args.real_template)
     true, vocab = pool_domains(args.real_n, DEFAULT_POOL)
     k = len(vocab)
     t = off_diagonal_transition(k, args.off_mass)
@@ -104,7 +105,8 @@ def real_case(args) -> list[dict]:
     nb, _ = knn_cosine(emb, 2)
     purity = float((true[nb] == true[:, None]).all(axis=1).mean())
     indegree = np.bincount(nb.ravel(), minlength=len(true))
-    print(f"\nreal-embedding case: N={len(true)} MiniLM pool records, true class = domain "
+    print(f"\nreal-embedding case: N={len(true)} MiniLM embeddings of {args.real_template!r} of "
+          f"pool records, true class = domain "
           f"{vocab} (prior {np.round(prior, 3).tolist()}); T = off_diagonal_transition({k}, "
           f"{args.off_mass}); both 2-NN share the true class for {purity:.3f} of the rows; "
           f"largest 2-NN in-degree {int(indegree.max())} (mean 2)")
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=None, help="write the DS2 report (PNG + JSON) here")
     parser.add_argument("--real-n", type=int, default=3000)
     parser.add_argument("--real-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--real-template", default="{instruction} {input} {output}",
+                        help="text embedded for the real case (DS2 embeds the whole sample)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding case")
     parser.add_argument("--no-former", action="store_true",
                         help="synthetic case: skip the former-defaults comparison")

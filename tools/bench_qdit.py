@@ -49,8 +49,9 @@ def peak_rss_mb() -> float:
 
 
 def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-l6-v2",
-                    progress: bool = True) -> np.ndarray:
-    """MiniLM embeddings of the first ``n`` pool records, cached as a daar-ops artifact."""
+                    progress: bool = True, template: str = TEMPLATE) -> np.ndarray:
+    """MiniLM embeddings of the first ``n`` pool records (``template``, default
+    ``"{instruction} {input}"``), cached as a daar-ops artifact."""
     from daar_ops.artifacts import ArtifactError, load_artifact, save_artifact
     from daar_ops.encoders import encode_sentences
     from daar_ops.models import daar_ops_home, model_fingerprint, resolve_model_path
@@ -58,9 +59,11 @@ def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-
 
     fingerprint = model_fingerprint(resolve_model_path(model))
     bench = daar_ops_home() / "bench"
-    cache = bench / f"qdit_{model}_{n}"
+    stem = f"qdit_{model}" if template == TEMPLATE else \
+        f"qdit_{model}_" + "".join(c for c in template if c.isalnum())
+    cache = bench / f"{stem}_{n}"
     # this cache, or else the smallest larger one (its first n rows are the same records)
-    larger = sorted((int(p.name.rsplit("_", 1)[1]), p) for p in bench.glob(f"qdit_{model}_*")
+    larger = sorted((int(p.name.rsplit("_", 1)[1]), p) for p in bench.glob(f"{stem}_*")
                     if p.name.rsplit("_", 1)[1].isdigit() and int(p.name.rsplit("_", 1)[1]) > n)
     for size, path in [(n, cache)] + larger:
         try:
@@ -68,20 +71,20 @@ def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-
         except ArtifactError:
             continue
         if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == size
-                and manifest.get("template") == TEMPLATE and manifest.get("pool") == str(pool)):
+                and manifest.get("template") == template and manifest.get("pool") == str(pool)):
             return tensors["embeddings"][:n]
-    template = TextTemplate(TEMPLATE)
+    render = TextTemplate(template)
     texts = []
     with gzip.open(pool, "rt", encoding="utf-8") as fh:
         for line in fh:
             if len(texts) >= n:
                 break
-            texts.append(template.render(json.loads(line)))
+            texts.append(render.render(json.loads(line)))
     if len(texts) < n:
         raise SystemExit(f"the pool {pool} has only {len(texts)} records, {n} requested")
     emb = encode_sentences(texts, model=model, progress=progress)
     save_artifact(cache, {"embeddings": emb},
-                  {"model": model, "model_fingerprint": fingerprint, "n": n, "template": TEMPLATE,
+                  {"model": model, "model_fingerprint": fingerprint, "n": n, "template": template,
                    "pool": str(pool)}, kind="qdit_bench_embeddings")
     return emb
 
@@ -182,25 +185,30 @@ def plot_sweeps(sweeps: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax1b = ax1.twinx()
     first = next(iter(sweeps.values()))
     for name, sw in sweeps.items():
         a = [r["alpha"] for r in sw["rows"]]
         q = [r["quality"] for r in sw["rows"]]
         d = [r["diversity"] / sw["n"] for r in sw["rows"]]
-        line, = ax1.plot(a, q, "o-", label=f"quality ({name})")
-        ax1.plot(a, d, "s--", color=line.get_color(), label=f"diversity d(A)/N ({name})")
-        ax2.plot(d, q, "o-", color=line.get_color(), label=name)
+        width = 2.5 if name == first["scale"] else 1.2
+        line, = ax1.plot(a, q, "o-", lw=width, label=f"quality ({name})")
+        ax1b.plot(a, d, "s--", lw=width, color=line.get_color(), label=f"d(A)/N ({name})")
+        ax2.plot(d, q, "o-", lw=width, color=line.get_color(), label=name)
         for r, x_, y_ in zip(sw["rows"], d, q):
             ax2.annotate(f"{r['alpha']:g}", (x_, y_), fontsize=7, xytext=(3, 3),
                          textcoords="offset points")
     ax1.axhline(first["random_quality"][0], color="grey", ls=":", label="random quality")
-    ax1.axhline(first["random_diversity"][0] / first["n"], color="black", ls=":",
-                label="random d(A)/N")
+    ax1b.axhline(first["random_diversity"][0] / first["n"], color="black", ls=":",
+                 label="random d(A)/N")
     ax1.set_xlabel("alpha (weight of quality)")
-    ax1.set_ylabel("value")
-    ax1.legend(fontsize=6)
-    ax1.set_title(f"QDIT alpha sweep (N={first['n']}, K={first['k']})")
+    ax1.set_ylabel("mean normalised quality (circles)")
+    ax1b.set_ylabel("facility location d(A) / N (squares)")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax1b.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, fontsize=5.5, loc="center right")
+    ax1.set_title(f"QDIT alpha sweep (N={first['n']}, K={first['k']}; thick: default)")
     ax2.plot([first["random_diversity"][0] / first["n"]], [first["random_quality"][0]], "k*",
              markersize=12, label="random")
     ax2.set_xlabel("facility location d(A) / N")
@@ -239,7 +247,10 @@ def run_alpha_sweep(args) -> int:
         print(f"  {scale:14s} quality_frac={r['quality_frac']:.3f} "
               f"diversity_frac={r['diversity_frac']:.3f} top-K picks {r['top_quality_picks']}/{k}")
     plot_path = Path(args.plot)
-    plot_sweeps(sweeps, plot_path)
+    # "none" equals "budget" at K = N / 10 and "max_singleton" ~ "mean": plotted only if different
+    shown = {s_: sw for s_, sw in sweeps.items()
+             if s_ in (DEFAULT_DIVERSITY_SCALE, "running_max", "mean") or k * 10 != n}
+    plot_sweeps(shown, plot_path)
     print(f"plot: {plot_path}")
 
     if not args.quick:
