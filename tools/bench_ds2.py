@@ -67,8 +67,10 @@ def evaluate(result, true: np.ndarray, observed: np.ndarray, transition: np.ndar
              prior: np.ndarray) -> dict:
     replaced = int(result.corrupted.sum())
     wrong = observed != true
+    observed_freq = np.bincount(observed, minlength=len(prior)) / len(observed)
     return dict(t_err=float(np.abs(result.transition - transition).max()),
                 p_err=float(np.abs(result.prior - prior).max()),
+                p_err_observed=float(np.abs(observed_freq - prior).max()),
                 raw_acc=float((observed == true).mean()),
                 acc=float((result.curated == true).mean()), replaced=replaced,
                 precision=float((result.corrupted & wrong).sum() / max(replaced, 1)),
@@ -76,7 +78,8 @@ def evaluate(result, true: np.ndarray, observed: np.ndarray, transition: np.ndar
 
 
 def fmt(name: str, m: dict, seconds: float) -> str:
-    return (f"  {name:16s} T err {m['t_err']:.4f} | prior err {m['p_err']:.4f} | replaced "
+    return (f"  {name:16s} T err {m['t_err']:.4f} | prior err {m['p_err']:.4f} (observed "
+            f"distribution: {m['p_err_observed']:.4f}) | replaced "
             f"{m['replaced']:5d} precision {m['precision']:.3f} recall {m['recall']:.3f} | "
             f"accuracy {m['raw_acc']:.4f} -> {m['acc']:.4f} | {seconds:.1f} s")
 
@@ -103,6 +106,7 @@ def real_case(args) -> list[dict]:
     t = off_diagonal_transition(k, args.off_mass)
     prior = np.bincount(true, minlength=k) / len(true)
     nb, _ = knn_cosine(emb, 2)
+    # HOC assumes a sample and its 2 nearest neighbours share the true class
     purity = float((true[nb] == true[:, None]).all(axis=1).mean())
     indegree = np.bincount(nb.ravel(), minlength=len(true))
     print(f"\nreal-embedding case: N={len(true)} MiniLM embeddings of {args.real_template!r} of "

@@ -402,7 +402,7 @@ class DS2Result:
 
 def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int = 6, k: int = 10,
                   k_pool: int | None = None, hoc_steps: int = 1500, hoc_lr: float = 0.1,
-                  detection_rounds: int = 10, subset_fraction: float = 0.8,
+                  detection_rounds: int = 20, subset_fraction: float = 0.8,
                   confidence_threshold: float = 0.5, seed: int = 0, device: str = "cpu",
                   block_size: int = 4096, progress: bool = False,
                   consensus_positions: str = "own", detection_score: str = "cosine",
@@ -416,6 +416,10 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
     :param k: neighbours voting in detection and averaged in the long-tail score (DS2: 10).
     :param k_pool: neighbours computed once per row (default ``3 * k``), read by every round.
     :param confidence_threshold: replace a score by its suggestion when confidence >= this.
+    :param detection_rounds: random subsets of the detection (default 20: with the smoothed
+        suggestion share ``(count + 1) / (F + K)`` times ``noisy_rate`` a sample must be flagged
+        in most of its rounds to reach confidence 0.5, which needs enough rounds; with 4 rounds
+        nothing can be replaced, with 10 a sample must be flagged in ~every round).
     :param consensus_positions: HOC counts: ``own`` (the sample's own position, HOC; default) or
         ``all`` (every position of the triple); see :func:`consensus_vectors`.
     :param detection_score: ``cosine`` (SimiFeat, default) or ``share``; see
