@@ -7,11 +7,16 @@ not from the reference code. Pipeline, all deterministic for a given ``seed``:
 2. One exact blocked cosine kNN (:func:`daar_ops.algorithms.knn.knn_cosine`) of ``k_pool``
    neighbours per row; every later step reads prefixes of that list (memory O(N * k_pool), never
    O(N^2)).
+   :func:`uninformative_neighbourhoods` - the degenerate-geometry guard: rows whose k-NN are tied
+   or exact duplicates are never curated and left out of HOC (logged; if fewer than 3 rows are
+   informative nothing is curated).
 3. :func:`consensus_vectors` + :func:`fit_transition_matrix` (HOC) - the 1st/2nd/3rd-order
-   consensus of a sample and its 2 nearest neighbours, fitted by ``T = row-softmax(A)``,
-   ``p = softmax(b)`` minimising the sum of unsquared Frobenius distances (Adam).
-4. :func:`detect_corrupted` (SimiFeat-rank) - per-class noise rates from (T, p), weighted kNN votes
-   over random subsets, flagged fraction, suggested score and confidence.
+   consensus of a sample (its own position, as HOC) and its 2 nearest neighbours, fitted by
+   ``T = row-softmax(A)``, ``p = softmax(b)`` minimising the sum of unsquared Frobenius
+   distances (Adam).
+4. :func:`detect_corrupted` (SimiFeat-rank) - per-class noise rates from (T, p) (only impossible
+   values repaired), weighted kNN votes over random subsets, SimiFeat's cosine score, flagged
+   fraction, suggestion from the flagged rounds with add-one smoothing, and confidence.
 5. :func:`long_tail_scores` - ``tanh(mean cosine distance to the k nearest neighbours / 2)``.
 6. :func:`lexicographic_select` - curated score desc, then long-tail desc, then index.
 
