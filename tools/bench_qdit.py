@@ -10,7 +10,14 @@ greedy on seeded random parts of 10,000 rows (``partition_size``, GreeDi's first
 skipped: a dense 200k x 200k float64 matrix would be 298 GB), then compares, on a 20k subsample,
 the exact lazy greedy with the stochastic greedy and with the same partitioning.
 
-Last line: ``RESULT time_ratio_vs_apricot=<ours/apricot> objective_ratio=<ours/apricot>
+``--alpha-sweep`` measures the quality-diversity trade-off instead (paper Fig. 2): for alpha in
+{0, 0.1, 0.3, 0.5, 0.7, 0.9, 1} the mean normalised quality and the facility-location value d(A) of
+the selection, next to random subsets, for each ``diversity_scale``, on 4,000 pool records with
+seeded uniform quality (plus a plot), then the default scaling's fractions on more quality
+sources, a second pool slice, seeds and budgets. Last line:
+``RESULT alpha07_quality_frac=<(q(.7)-q(0))/(q(1)-q(0))> alpha07_diversity_frac=<(d(.7)-d(1))/(d(0)-d(1))>``.
+
+Timing run's last line: ``RESULT time_ratio_vs_apricot=<ours/apricot> objective_ratio=<ours/apricot>
 peak_rss_mb=<m>``.
 """
 
@@ -42,36 +49,235 @@ def peak_rss_mb() -> float:
 
 
 def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-l6-v2",
-                    progress: bool = True) -> np.ndarray:
-    """MiniLM embeddings of the first ``n`` pool records, cached as a daar-ops artifact."""
+                    progress: bool = True, template: str = TEMPLATE) -> np.ndarray:
+    """MiniLM embeddings of the first ``n`` pool records (``template``, default
+    ``"{instruction} {input}"``), cached as a daar-ops artifact."""
     from daar_ops.artifacts import ArtifactError, load_artifact, save_artifact
     from daar_ops.encoders import encode_sentences
     from daar_ops.models import daar_ops_home, model_fingerprint, resolve_model_path
     from daar_ops.text import TextTemplate
 
     fingerprint = model_fingerprint(resolve_model_path(model))
-    cache = daar_ops_home() / "bench" / f"qdit_{model}_{n}"
-    try:
-        tensors, manifest = load_artifact(cache, kind="qdit_bench_embeddings")
-        if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == n
-                and manifest.get("template") == TEMPLATE and manifest.get("pool") == str(pool)):
-            return tensors["embeddings"]
-    except ArtifactError:
-        pass
-    template = TextTemplate(TEMPLATE)
+    bench = daar_ops_home() / "bench"
+    stem = f"qdit_{model}" if template == TEMPLATE else \
+        f"qdit_{model}_" + "".join(c for c in template if c.isalnum())
+    cache = bench / f"{stem}_{n}"
+    # this cache, or else the smallest larger one (its first n rows are the same records)
+    larger = sorted((int(p.name.rsplit("_", 1)[1]), p) for p in bench.glob(f"{stem}_*")
+                    if p.name.rsplit("_", 1)[1].isdigit() and int(p.name.rsplit("_", 1)[1]) > n)
+    for size, path in [(n, cache)] + larger:
+        try:
+            tensors, manifest = load_artifact(path, kind="qdit_bench_embeddings")
+        except ArtifactError:
+            continue
+        if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == size
+                and manifest.get("template") == template and manifest.get("pool") == str(pool)):
+            return tensors["embeddings"][:n]
+    render = TextTemplate(template)
     texts = []
     with gzip.open(pool, "rt", encoding="utf-8") as fh:
         for line in fh:
             if len(texts) >= n:
                 break
-            texts.append(template.render(json.loads(line)))
+            texts.append(render.render(json.loads(line)))
     if len(texts) < n:
         raise SystemExit(f"the pool {pool} has only {len(texts)} records, {n} requested")
     emb = encode_sentences(texts, model=model, progress=progress)
     save_artifact(cache, {"embeddings": emb},
-                  {"model": model, "model_fingerprint": fingerprint, "n": n, "template": TEMPLATE,
+                  {"model": model, "model_fingerprint": fingerprint, "n": n, "template": template,
                    "pool": str(pool)}, kind="qdit_bench_embeddings")
     return emb
+
+
+def pool_outputs(n: int, pool: Path = DEFAULT_POOL) -> list[str]:
+    """The ``output`` field of the first ``n`` pool records (for the length quality proxy)."""
+    out = []
+    with gzip.open(pool, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if len(out) >= n:
+                break
+            out.append(str(json.loads(line).get("output") or ""))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# --alpha-sweep: the quality-diversity trade-off (paper Fig. 2)
+# --------------------------------------------------------------------------------------------
+
+SWEEP_ALPHAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+SWEEP_SCALES = ("budget", "running_max", "mean", "max_singleton", "none")
+QUALITY_SOURCES = ("uniform", "length", "direction")
+
+
+def sweep_quality(source: str, emb: np.ndarray, outputs: list[str], seed: int) -> np.ndarray:
+    """A quality score per row, from one of three sources of different structure:
+
+    * ``uniform``: seeded uniform noise (quality unrelated to the geometry; the issue's case);
+    * ``length``: log(1 + characters of the output), a real record property that differs
+      between domains (so quality is spread unevenly over the embedding space);
+    * ``direction``: cosine to a seeded random direction plus 10% noise: high quality sits in
+      one region, so quality and coverage conflict the most.
+    """
+    rng = np.random.default_rng(seed)
+    if source == "uniform":
+        return rng.random(len(emb))
+    if source == "length":
+        return np.log1p(np.array([len(o) for o in outputs], dtype=np.float64))
+    if source == "direction":
+        u = rng.standard_normal(emb.shape[1])
+        x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        proj = x @ (u / np.linalg.norm(u))
+        return proj + 0.1 * proj.std() * rng.standard_normal(len(emb))
+    raise ValueError(f"quality source must be one of {QUALITY_SOURCES}, got {source!r}")
+
+
+def alpha_sweep(emb: np.ndarray, quality: np.ndarray, k: int, scale: str | float,
+                alphas=SWEEP_ALPHAS, random_draws: int = 5, seed: int = 0) -> dict:
+    """Mean normalised quality and facility-location value of the selection per alpha, and of
+    ``random_draws`` seeded random subsets of the same size (mean and std)."""
+    from daar_ops.algorithms.qdit import facility_location_value, normalize_quality, qdit_select
+
+    qn, _ = normalize_quality(quality)
+    rows = []
+    for alpha in alphas:
+        t0 = time.perf_counter()
+        r = qdit_select(emb, select_num=k, quality=quality, alpha=alpha, diversity_scale=scale,
+                        progress=False)
+        rows.append(dict(alpha=alpha, quality=float(qn[r.indices].mean()),
+                         diversity=facility_location_value(emb, r.indices),
+                         top_quality_picks=int(np.isin(r.indices, np.argsort(-qn,
+                                                                              kind="stable")[:k]).sum()),
+                         seconds=time.perf_counter() - t0))
+    rng = np.random.default_rng(10_000 + seed)
+    rq, rd = [], []
+    for _ in range(random_draws):
+        idx = rng.choice(len(emb), size=k, replace=False)
+        rq.append(float(qn[idx].mean()))
+        rd.append(facility_location_value(emb, idx))
+    by = {r["alpha"]: r for r in rows}
+    q0, q1, d0, d1 = by[0.0]["quality"], by[1.0]["quality"], by[0.0]["diversity"], \
+        by[1.0]["diversity"]
+    for r in rows:
+        r["quality_frac"] = (r["quality"] - q0) / (q1 - q0) if q1 != q0 else float("nan")
+        r["diversity_frac"] = (r["diversity"] - d1) / (d0 - d1) if d0 != d1 else float("nan")
+    return dict(rows=rows, by_alpha=by, random_quality=(float(np.mean(rq)), float(np.std(rq))),
+                random_diversity=(float(np.mean(rd)), float(np.std(rd))), n=len(emb), k=k,
+                scale=scale)
+
+
+def print_sweep(title: str, sweep: dict) -> None:
+    print(f"\n{title}: N={sweep['n']} K={sweep['k']} diversity_scale={sweep['scale']}")
+    print("  alpha | mean quality | facility location d(A) | quality frac | diversity frac | "
+          "top-K quality picks | s")
+    for r in sweep["rows"]:
+        print(f"  {r['alpha']:5.1f} | {r['quality']:12.4f} | {r['diversity']:22.2f} | "
+              f"{r['quality_frac']:12.3f} | {r['diversity_frac']:14.3f} | "
+              f"{r['top_quality_picks']:5d}/{sweep['k']:<5d}       | {r['seconds']:.1f}")
+    (rq, sq), (rd, sd) = sweep["random_quality"], sweep["random_diversity"]
+    print(f"  random| {rq:12.4f} | {rd:22.2f} | (5 draws; std quality {sq:.4f}, d {sd:.2f})")
+
+
+def plot_sweeps(sweeps: dict[str, dict], path: Path) -> None:
+    """Paper Fig. 2 style: quality and diversity of the selection against alpha (left), and the
+    quality-diversity path (right), one line per scaling, random as a dashed line / star."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax1b = ax1.twinx()
+    first = next(iter(sweeps.values()))
+    for name, sw in sweeps.items():
+        a = [r["alpha"] for r in sw["rows"]]
+        q = [r["quality"] for r in sw["rows"]]
+        d = [r["diversity"] / sw["n"] for r in sw["rows"]]
+        width = 2.5 if name == first["scale"] else 1.2
+        line, = ax1.plot(a, q, "o-", lw=width, label=f"quality ({name})")
+        ax1b.plot(a, d, "s--", lw=width, color=line.get_color(), label=f"d(A)/N ({name})")
+        ax2.plot(d, q, "o-", lw=width, color=line.get_color(), label=name)
+        for r, x_, y_ in zip(sw["rows"], d, q):
+            ax2.annotate(f"{r['alpha']:g}", (x_, y_), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    ax1.axhline(first["random_quality"][0], color="grey", ls=":", label="random quality")
+    ax1b.axhline(first["random_diversity"][0] / first["n"], color="black", ls=":",
+                 label="random d(A)/N")
+    ax1.set_xlabel("alpha (weight of quality)")
+    ax1.set_ylabel("mean normalised quality (circles)")
+    ax1b.set_ylabel("facility location d(A) / N (squares)")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax1b.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, fontsize=5.5, loc="center right")
+    ax1.set_title(f"QDIT alpha sweep (N={first['n']}, K={first['k']}; thick: default)")
+    ax2.plot([first["random_diversity"][0] / first["n"]], [first["random_quality"][0]], "k*",
+             markersize=12, label="random")
+    ax2.set_xlabel("facility location d(A) / N")
+    ax2.set_ylabel("mean normalised quality")
+    ax2.legend(fontsize=7)
+    ax2.set_title("quality vs diversity (labels: alpha)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_alpha_sweep(args) -> int:
+    from daar_ops.algorithms.qdit import DEFAULT_DIVERSITY_SCALE
+
+    n = args.n if args.n_given else 4000
+    slices = (0, n)  # two disjoint slices of the pool
+    total = max(slices) + n
+    t_start = time.perf_counter()
+    emb_all = pool_embeddings(total, args.pool)
+    outputs_all = pool_outputs(total, args.pool)
+    k = args.k or max(1, n // 10)
+    print(f"QDIT alpha sweep: all-MiniLM-L6-v2 embeddings of pool records [0, {n}) "
+          f"(robustness also [{n}, {2 * n})), K={k}, lazy greedy, float32; "
+          f"torch threads={args.threads}; default diversity_scale={DEFAULT_DIVERSITY_SCALE}",
+          flush=True)
+    emb, outputs = emb_all[:n], outputs_all[:n]
+    quality = sweep_quality("uniform", emb, outputs, seed=0)
+    sweeps = {}
+    for scale in SWEEP_SCALES:
+        sweeps[scale] = alpha_sweep(emb, quality, k, scale, seed=0)
+        print_sweep("uniform quality, seed 0", sweeps[scale])
+    print("\nscaling comparison (uniform quality, slice 0, seed 0): fractions at alpha=0.7")
+    for scale, sw in sweeps.items():
+        r = sw["by_alpha"][0.7]
+        print(f"  {scale:14s} quality_frac={r['quality_frac']:.3f} "
+              f"diversity_frac={r['diversity_frac']:.3f} top-K picks {r['top_quality_picks']}/{k}")
+    plot_path = Path(args.plot)
+    # "none" equals "budget" at K = N / 10 and "max_singleton" ~ "mean": plotted only if different
+    shown = {s_: sw for s_, sw in sweeps.items()
+             if s_ in (DEFAULT_DIVERSITY_SCALE, "running_max", "mean") or k * 10 != n}
+    plot_sweeps(shown, plot_path)
+    print(f"plot: {plot_path}")
+
+    if not args.quick:
+        print(f"\nrobustness of diversity_scale={DEFAULT_DIVERSITY_SCALE}: fractions at "
+              "alpha = 0.5 / 0.7 / 0.9 (quality_frac, diversity_frac)")
+        cases = [(src, off, seed, k) for src in QUALITY_SOURCES for off in slices
+                 for seed in ((0,) if src == "length" else (0, 1, 2))]
+        cases += [("uniform", off, 0, kk) for off in slices for kk in (n // 20, n // 5)]
+        fr7 = []
+        for src, off, seed, kk in cases:
+            e, o = emb_all[off:off + n], outputs_all[off:off + n]
+            sw = alpha_sweep(e, sweep_quality(src, e, o, seed), kk, DEFAULT_DIVERSITY_SCALE,
+                             alphas=(0.0, 0.5, 0.7, 0.9, 1.0), random_draws=1, seed=seed)
+            b = sw["by_alpha"]
+            fr7.append((b[0.7]["quality_frac"], b[0.7]["diversity_frac"]))
+            print(f"  quality={src:9s} slice=[{off},{off + n}) seed={seed} K={kk:4d}: " + "  ".join(
+                f"a={a}: {b[a]['quality_frac']:.2f}/{b[a]['diversity_frac']:.2f}"
+                for a in (0.5, 0.7, 0.9)), flush=True)
+        qf, df = np.array(fr7).T
+        print(f"  alpha=0.7 over {len(fr7)} cases: quality_frac {qf.mean():.3f} +- {qf.std():.3f} "
+              f"[{qf.min():.3f}, {qf.max():.3f}], diversity_frac {df.mean():.3f} +- "
+              f"{df.std():.3f} [{df.min():.3f}, {df.max():.3f}]")
+    main = sweeps[DEFAULT_DIVERSITY_SCALE]["by_alpha"][0.7]
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"RESULT alpha07_quality_frac={main['quality_frac']:.3f} "
+          f"alpha07_diversity_frac={main['diversity_frac']:.3f}")
+    return 0
 
 
 def synthetic_embeddings(n: int, d: int = 384, centers: int = 1000, noise: float = 0.8,
@@ -131,8 +337,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="--synthetic: stochastic vs exact objective on this many rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-apricot", action="store_true")
+    ap.add_argument("--alpha-sweep", action="store_true",
+                    help="quality-diversity sweep over alpha (paper Fig. 2) instead of timing; "
+                    "N=4000 pool records unless --n is given, K=N/10")
+    ap.add_argument("--plot", default="outputs/qdit_alpha_sweep.png",
+                    help="--alpha-sweep: where the plot goes")
+    ap.add_argument("--quick", action="store_true",
+                    help="--alpha-sweep: skip the robustness cases")
     args = ap.parse_args(argv)
+    args.n_given = any(a == "--n" or a.startswith("--n=") for a in (argv or sys.argv[1:]))
     torch.set_num_threads(args.threads)
+    if args.alpha_sweep:
+        return run_alpha_sweep(args)
     from daar_ops.algorithms.qdit import facility_location_value, qdit_select
 
     method, dtype = args.method, args.compute_dtype

@@ -7,11 +7,16 @@ not from the reference code. Pipeline, all deterministic for a given ``seed``:
 2. One exact blocked cosine kNN (:func:`daar_ops.algorithms.knn.knn_cosine`) of ``k_pool``
    neighbours per row; every later step reads prefixes of that list (memory O(N * k_pool), never
    O(N^2)).
+   :func:`uninformative_neighbourhoods` - the degenerate-geometry guard: rows whose k-NN are tied
+   or exact duplicates are never curated and left out of HOC (logged; if fewer than 3 rows are
+   informative nothing is curated).
 3. :func:`consensus_vectors` + :func:`fit_transition_matrix` (HOC) - the 1st/2nd/3rd-order
-   consensus of a sample and its 2 nearest neighbours, fitted by ``T = row-softmax(A)``,
-   ``p = softmax(b)`` minimising the sum of unsquared Frobenius distances (Adam).
-4. :func:`detect_corrupted` (SimiFeat-rank) - per-class noise rates from (T, p), weighted kNN votes
-   over random subsets, flagged fraction, suggested score and confidence.
+   consensus of a sample (its own position, as HOC) and its 2 nearest neighbours, fitted by
+   ``T = row-softmax(A)``, ``p = softmax(b)`` minimising the sum of unsquared Frobenius
+   distances (Adam).
+4. :func:`detect_corrupted` (SimiFeat-rank) - per-class noise rates from (T, p) (only impossible
+   values repaired), weighted kNN votes over random subsets, SimiFeat's cosine score, flagged
+   fraction, suggestion from the flagged rounds with add-one smoothing, and confidence.
 5. :func:`long_tail_scores` - ``tanh(mean cosine distance to the k nearest neighbours / 2)``.
 6. :func:`lexicographic_select` - curated score desc, then long-tail desc, then index.
 
@@ -77,33 +82,60 @@ def scores_to_classes(scores: Sequence[float] | np.ndarray, low: float = 4.0, hi
 # 2-3. HOC estimation of T and p
 
 
-def consensus_vectors(labels: np.ndarray, neighbors: np.ndarray, num_classes: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Empirical 1st/2nd/3rd-order consensus of each row and its two nearest neighbours.
+CONSENSUS_POSITIONS = ("own", "all")
 
-    Under the HOC assumption (a sample and its 2-NN share the true class) each position of the
-    triple ``(y_i, y_n1, y_n2)`` has marginal ``c1 = p T``, every pair ``c2 = T' diag(p) T`` and the
-    triple ``c3_jlm = sum_i p_i T_ij T_il T_im``. Because these are symmetric, the estimates average
-    over all positions / pairs / orderings of the triple (less variance, same expectation). All N
-    triples are used: DS2 averages the frequencies over random subsets, whose expectation this is.
+
+def consensus_vectors(labels: np.ndarray, neighbors: np.ndarray, num_classes: int,
+                      positions: str = "own", rows: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empirical 1st/2nd/3rd-order consensus of each row and its two nearest neighbours (HOC).
+
+    Under the HOC assumption (a sample and its 2-NN share the true class) the triple
+    ``(y_i, y_n1, y_n2)`` has ``c1 = p T`` (one label), ``c2 = T' diag(p) T`` (two labels) and
+    ``c3_jlm = sum_i p_i T_ij T_il T_im`` (three labels).
+
+    * ``positions="own"`` (default, HOC): ``c1`` counts the sample's own label, ``c2`` the pair
+      (own, 1st neighbour), ``c3`` the triple (own, 1st, 2nd) - every row counted once, so ``c1``
+      is exactly the observed score distribution. ``c2`` / ``c3`` are then symmetrised (the model
+      is symmetric; the fitted loss only sees the symmetric part plus a constant).
+    * ``positions="all"``: every position / pair / ordering of the triple is counted. Samples that
+      are neighbours of many others (hubs, common on real kNN graphs) then weigh more, which moves
+      ``c1`` away from the observed distribution and biases the prior (measured in
+      ``tools/bench_ds2.py``); kept for comparison.
+
+    All N triples are used (DS2 averages the frequencies over random subsets, whose expectation
+    this is). ``rows`` restricts the counts to those rows (as centre of the triple).
 
     :param neighbors: [N, >=2] indices of each row's nearest neighbours (most similar first).
     :returns: c1 [K], c2 [K, K], c3 [K, K, K] (float64, each summing to 1).
     """
+    if positions not in CONSENSUS_POSITIONS:
+        raise ValueError(f"positions must be one of {CONSENSUS_POSITIONS}, got {positions!r}")
     y = np.asarray(labels, dtype=np.int64)
     nb = np.asarray(neighbors)[:, :2]
     if nb.shape[1] < 2:
         raise ValueError("HOC needs 2 neighbours per row")
+    if rows is not None:
+        nb = nb[rows]
+        centre = y[rows]
+    else:
+        centre = y
     k = num_classes
-    triple = np.stack([y, y[nb[:, 0]], y[nb[:, 1]]], axis=1)
-    c1 = np.bincount(triple.ravel(), minlength=k).astype(np.float64)
+    triple = np.stack([centre, y[nb[:, 0]], y[nb[:, 1]]], axis=1)
     c2 = np.zeros((k, k))
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        np.add.at(c2, (triple[:, a], triple[:, b]), 1.0)
-    c2 = c2 + c2.T
     c3 = np.zeros((k, k, k))
-    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
-        np.add.at(c3, (triple[:, perm[0]], triple[:, perm[1]], triple[:, perm[2]]), 1.0)
+    if positions == "own":
+        c1 = np.bincount(triple[:, 0], minlength=k).astype(np.float64)
+        np.add.at(c2, (triple[:, 0], triple[:, 1]), 1.0)
+        np.add.at(c3, (triple[:, 0], triple[:, 1], triple[:, 2]), 1.0)
+    else:
+        c1 = np.bincount(triple.ravel(), minlength=k).astype(np.float64)
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            np.add.at(c2, (triple[:, a], triple[:, b]), 1.0)
+        np.add.at(c3, (triple[:, 0], triple[:, 1], triple[:, 2]), 1.0)
+    c2 = c2 + c2.T
+    c3 = sum(c3.transpose(perm) for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0),
+                                             (2, 0, 1), (2, 1, 0)))
     return c1 / c1.sum(), c2 / c2.sum(), c3 / c3.sum()
 
 
@@ -150,15 +182,23 @@ def fit_transition_matrix(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, steps:
 
 
 def noise_rates(transition: np.ndarray, prior: np.ndarray, observed_freq: np.ndarray,
-                clip: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
+                clip: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Per observed class c: ``eta_c = 1 - T_cc p_c / P(observed = c)``, clipped to ``clip``.
 
-    Classes never observed get ``clip[0]`` (nothing to flag)."""
+    The default ``(0, 1)`` only repairs impossible values (as the DS2 reference does): a
+    negative estimate means HOC judged the class clean (nothing is flagged), one above 1 that it
+    is all noise. A class never observed gets ``clip[0]`` (nothing to flag). The former default
+    ``(0.05, 0.95)`` forced at least 5% of every class to be flagged in every round, which made
+    well-rated classes lose correct scores (lower precision; see docs/ds2.md).
+    """
+    lo, hi = float(clip[0]), float(clip[1])
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"noise-rate clip must satisfy 0 <= low <= high <= 1, got {clip}")
     obs = np.asarray(observed_freq, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         eta = 1.0 - np.diag(transition) * prior / obs
-    eta = np.where(obs > 0, eta, clip[0])
-    return np.clip(np.nan_to_num(eta, nan=clip[0]), clip[0], clip[1])
+    eta = np.where(obs > 0, eta, lo)
+    return np.clip(np.nan_to_num(eta, nan=lo), lo, hi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,9 +222,15 @@ def _first_k_kept(kept_nb: np.ndarray, k: int) -> np.ndarray:
     return kept_nb & (np.cumsum(kept_nb, axis=1) <= k)
 
 
+DETECTION_SCORES = ("cosine", "share")
+SUGGESTIONS = ("flagged", "all")
+
+
 def detect_corrupted(labels: np.ndarray, neighbors: np.ndarray, sims: np.ndarray,
                      eta: np.ndarray, num_classes: int, k: int = 10, rounds: int = 10,
-                     subset_fraction: float = 0.8, seed: int = 0, progress: bool = False
+                     subset_fraction: float = 0.8, seed: int = 0, progress: bool = False,
+                     score: str = "cosine", self_weight: float = 0.0,
+                     suggestion: str = "flagged", informative: np.ndarray | None = None
                      ) -> Detection:
     """SimiFeat-rank detection over ``rounds`` random subsets.
 
@@ -193,16 +239,41 @@ def detect_corrupted(labels: np.ndarray, neighbors: np.ndarray, sims: np.ndarray
     sorted neighbour list (``neighbors`` [N, k_pool]), which is exact as long as ``k`` of the
     ``k_pool`` listed neighbours were drawn (with k_pool = 3k and fraction 0.8 essentially always;
     otherwise the drawn ones among them vote). Neighbours vote for their scores with weight
-    ``1 - cosine distance`` (= similarity, floored at 0). Per observed class c the rows whose
-    ``-log(normalised vote for their own score)`` is in the top ``eta_c`` fraction are flagged
-    (ties broken by a seeded random key). Each round also records the most voted *other* score as
-    the row's suggestion. A drawn row without any usable vote (no drawn neighbour with positive
-    similarity) is neither flagged nor given a suggestion in that round.
+    ``1 - cosine distance`` (= similarity, floored at 0), plus ``self_weight`` for the row's own
+    score, giving the soft label ``v``. The detection score of a row with observed score y is
+
+    * ``score="cosine"`` (default, SimiFeat's rank score): ``v_y / ||v||_2``, the cosine between
+      the soft label and the one-hot observed score. At equal own share, a row whose other votes
+      agree on one alternative scores lower (is more suspicious) than one whose other votes
+      scatter;
+    * ``score="share"``: ``v_y / sum(v)``, the own score's share of the votes (the former
+      behaviour).
+
+    Per observed class c the ``round(eta_c * n_c)`` drawn rows with the lowest score are flagged
+    (ties broken by a seeded random key). Suggestions:
+
+    * ``suggestion="flagged"`` (default, DS2 reference): in each round where a row is flagged its
+      soft label's majority score is recorded; over the F flagged rounds the most frequent one is
+      the suggestion, with share ``(count + 1) / (F + K)`` (add-one smoothing over the K classes,
+      so a row flagged once cannot be fully confident). A row never flagged keeps its score;
+    * ``suggestion="all"``: every round records the most voted score other than the row's own;
+      share = count / drawn (the former behaviour).
+
+    ``confidence = share * noisy_rate`` with ``noisy_rate = (flagged + 1) / (drawn + 2)``.
+    A drawn row without any usable vote (no drawn neighbour with positive similarity), and any
+    row where ``informative`` is False, is never flagged and gets no suggestion.
     """
+    if score not in DETECTION_SCORES:
+        raise ValueError(f"score must be one of {DETECTION_SCORES}, got {score!r}")
+    if suggestion not in SUGGESTIONS:
+        raise ValueError(f"suggestion must be one of {SUGGESTIONS}, got {suggestion!r}")
+    if not (math.isfinite(self_weight) and self_weight >= 0):
+        raise ValueError(f"self_weight must be a finite number >= 0, got {self_weight!r}")
     y = np.asarray(labels, dtype=np.int64)
     n = y.shape[0]
     nb, w_all = np.asarray(neighbors), np.maximum(np.asarray(sims, dtype=np.float64), 0.0)
     nb_labels = y[nb]
+    usable = np.ones(n, dtype=bool) if informative is None else np.asarray(informative, bool)
     rng = np.random.default_rng(seed)
     drawn = np.zeros(n, dtype=np.int64)
     flagged = np.zeros(n, dtype=np.int64)
@@ -214,35 +285,66 @@ def detect_corrupted(labels: np.ndarray, neighbors: np.ndarray, sims: np.ndarray
         sel = _first_k_kept(kept[nb], k) & kept[:, None]
         w = np.where(sel, w_all, 0.0)
         votes = np.stack([(w * (nb_labels == c)).sum(axis=1) for c in range(num_classes)], axis=1)
-        total = votes.sum(axis=1)
         # A row with no usable vote (no drawn neighbour with positive similarity) is neither
         # flagged nor given a suggestion this round; it still counts as drawn.
-        has_vote = total > 0
-        norm = votes / np.maximum(total, 1e-300)[:, None]
-        own = norm[rows, y]
-        score = np.where(has_vote, -np.log(own + 1e-12), -np.inf)
-        other = norm.copy()
-        other[rows, y] = -1.0
-        suggestion = np.argmax(other, axis=1)  # lowest class among ties: deterministic
+        has_vote = (votes.sum(axis=1) > 0) & usable
+        if self_weight > 0:
+            votes[rows, y] += self_weight
+        if score == "cosine":
+            norm = np.sqrt((votes ** 2).sum(axis=1))
+        else:
+            norm = votes.sum(axis=1)
+        own = votes[rows, y] / np.maximum(norm, 1e-300)
+        suspicion = np.where(has_vote, -np.log(own + 1e-12), -np.inf)
+        flagged_now = np.zeros(n, dtype=bool)
         for c in range(num_classes):
-            members = np.flatnonzero(kept & (y == c))
+            members = np.flatnonzero(kept & (y == c) & has_vote)
             if members.size == 0:
                 continue
-            members = members[has_vote[members]]
             n_flag = int(math.floor(eta[c] * members.size + 0.5))
             if n_flag == 0:
                 continue
-            order = np.lexsort((tie[members], -score[members]))  # most suspicious first
-            flagged[members[order[:n_flag]]] += 1
+            order = np.lexsort((tie[members], -suspicion[members]))  # most suspicious first
+            flagged_now[members[order[:n_flag]]] = True
+        flagged += flagged_now
         drawn[kept] += 1
-        voted = kept & has_vote
-        sugg_counts[rows[voted], suggestion[voted]] += 1
+        if suggestion == "flagged":
+            majority = np.argmax(votes, axis=1)  # lowest class among ties: deterministic
+            sugg_counts[rows[flagged_now], majority[flagged_now]] += 1
+        else:
+            other = votes.copy()
+            other[rows, y] = -1.0
+            voted = kept & has_vote
+            sugg_counts[rows[voted], np.argmax(other, axis=1)[voted]] += 1
     noisy_rate = (flagged + 1.0) / (drawn + 2.0)
     suggested = np.argmax(sugg_counts, axis=1)
-    share = sugg_counts[rows, suggested] / np.maximum(drawn, 1)
+    if suggestion == "flagged":
+        suggested = np.where(flagged > 0, suggested, y)
+        share = np.where(flagged > 0, (sugg_counts[rows, suggested] + 1.0)
+                         / (flagged + num_classes), 0.0)
+    else:
+        share = sugg_counts[rows, suggested] / np.maximum(drawn, 1)
     return Detection(noisy_rate=noisy_rate, suggested=suggested.astype(np.int64),
                      suggestion_share=share, confidence=share * noisy_rate, drawn=drawn,
                      flagged=flagged)
+
+
+def uninformative_neighbourhoods(sims: np.ndarray, k: int, tol: float = 1e-6) -> np.ndarray:
+    """Rows whose k-NN vote carries no information about *that* row (True = uninformative):
+
+    * ties: the k-th neighbour is as similar as the last listed one (``sims[:, k-1] <=
+      sims[:, -1] + tol``), so which k rows vote is decided by the tie-break, not by the
+      geometry (e.g. many identical embeddings, or a row equidistant from everything);
+    * zero distances: all k voters are exact duplicates of the row (``sims[:, k-1] >= 1 - tol``),
+      so the row cannot be told apart from the rows it would be compared with.
+
+    :param sims: [N, k_pool] sorted neighbour similarities (most similar first), k_pool >= k.
+    """
+    s = np.asarray(sims, dtype=np.float64)
+    kk = min(k, s.shape[1])
+    kth = s[:, kk - 1]
+    tied = kth <= s[:, -1] + tol if s.shape[1] > kk else (s[:, 0] - s[:, -1]) <= tol
+    return tied | (kth >= 1.0 - tol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,9 +399,13 @@ class DS2Result:
 
 def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int = 6, k: int = 10,
                   k_pool: int | None = None, hoc_steps: int = 1500, hoc_lr: float = 0.1,
-                  detection_rounds: int = 10, subset_fraction: float = 0.8,
+                  detection_rounds: int = 20, subset_fraction: float = 0.8,
                   confidence_threshold: float = 0.5, seed: int = 0, device: str = "cpu",
-                  block_size: int = 4096, progress: bool = False) -> DS2Result:
+                  block_size: int = 4096, progress: bool = False,
+                  consensus_positions: str = "own", detection_score: str = "cosine",
+                  self_weight: float = 0.0, suggestion: str = "flagged",
+                  noise_rate_clip: tuple[float, float] = (0.0, 1.0),
+                  tie_tolerance: float = 1e-6) -> DS2Result:
     """Estimate T and p, detect corrupted scores, curate them, and compute long-tail scores.
 
     :param embeddings: [N, d] sample embeddings (any scale; cosine geometry is used).
@@ -307,6 +413,21 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
     :param k: neighbours voting in detection and averaged in the long-tail score (DS2: 10).
     :param k_pool: neighbours computed once per row (default ``3 * k``), read by every round.
     :param confidence_threshold: replace a score by its suggestion when confidence >= this.
+    :param detection_rounds: random subsets of the detection (default 20: with the smoothed
+        suggestion share ``(count + 1) / (F + K)`` times ``noisy_rate`` a sample must be flagged
+        in most of its rounds to reach confidence 0.5, which needs enough rounds; with 4 rounds
+        nothing can be replaced, with 10 a sample must be flagged in ~every round).
+    :param consensus_positions: HOC counts: ``own`` (the sample's own position, HOC; default) or
+        ``all`` (every position of the triple); see :func:`consensus_vectors`.
+    :param detection_score: ``cosine`` (SimiFeat, default) or ``share``; see
+        :func:`detect_corrupted`, which also explains ``self_weight`` and ``suggestion``.
+    :param noise_rate_clip: bounds of the per-class noise rates (default: only impossible values
+        are repaired); see :func:`noise_rates`.
+    :param tie_tolerance: similarity tolerance of the degenerate-geometry guard: rows whose k-NN
+        are tied or exact duplicates (:func:`uninformative_neighbourhoods`) are never curated and
+        are left out of the HOC counts; if fewer than 3 rows are informative nothing is curated
+        (T is then reported as the identity and the prior as the observed distribution, with
+        ``info["curation_skipped"]``).
     """
     y = np.asarray(labels, dtype=np.int64)
     n = y.shape[0]
@@ -321,28 +442,58 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
         raise ValueError(f"k must be >= 2, got {k}")
     if not 0.0 < subset_fraction <= 1.0:
         raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
+    if consensus_positions not in CONSENSUS_POSITIONS:
+        raise ValueError(f"consensus_positions must be one of {CONSENSUS_POSITIONS}, "
+                         f"got {consensus_positions!r}")
+    if detection_score not in DETECTION_SCORES or suggestion not in SUGGESTIONS:
+        raise ValueError(f"detection_score must be one of {DETECTION_SCORES} and suggestion one "
+                         f"of {SUGGESTIONS}, got {detection_score!r}, {suggestion!r}")
     emb = np.asarray(embeddings, dtype=np.float32)
     if not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb).all(axis=1)).sum())
         logger.warning(f"DS2: {bad} embeddings contain NaN/inf; those rows are set to 0")
         emb = np.where(np.isfinite(emb), emb, 0.0).astype(np.float32)
     k_pool = min(k_pool or 3 * k, n - 1)
+    k_vote = min(k, k_pool)
     nb, sims = knn_cosine(l2_normalize(emb), k_pool, block_size=block_size, device=device,
                           progress=progress)
-    c1, c2, c3 = consensus_vectors(y, nb, num_classes)
+    long_tail = long_tail_scores(sims, k=k_vote)
+    uninformative = uninformative_neighbourhoods(sims, k_vote, tol=tie_tolerance)
+    informative_rows = np.flatnonzero(~uninformative)
+    info = dict(n=n, num_classes=num_classes, k=k, k_pool=k_pool, hoc_steps=hoc_steps,
+                detection_rounds=detection_rounds, subset_fraction=subset_fraction,
+                confidence_threshold=confidence_threshold, seed=seed,
+                consensus_positions=consensus_positions, detection_score=detection_score,
+                self_weight=self_weight, suggestion=suggestion,
+                noise_rate_clip=list(noise_rate_clip), n_uninformative=int(uninformative.sum()))
+    if uninformative.any():
+        logger.warning(f"DS2: {int(uninformative.sum())}/{n} samples have uninformative "
+                       f"neighbourhoods (their {k_vote} nearest neighbours are tied or exact "
+                       f"duplicates); their scores are not curated")
+    if informative_rows.size < 3:
+        logger.warning("DS2: the embeddings carry no neighbourhood information (fewer than 3 "
+                       "samples with an informative k-NN); no score is curated, T is reported as "
+                       "the identity")
+        observed = np.bincount(y, minlength=num_classes) / n
+        zeros = np.zeros(n)
+        info.update(curation_skipped="uninformative neighbourhoods", hoc_loss=float("nan"),
+                    n_corrupted=0, c1=observed.tolist())
+        return DS2Result(raw=y, curated=y.copy(), corrupted=np.zeros(n, dtype=bool),
+                         confidence=zeros, suggested=y.copy(), noisy_rate=zeros.copy(),
+                         long_tail=long_tail, transition=np.eye(num_classes), prior=observed,
+                         eta=np.zeros(num_classes), info=info)
+    rows = None if informative_rows.size == n else informative_rows
+    c1, c2, c3 = consensus_vectors(y, nb, num_classes, positions=consensus_positions, rows=rows)
     transition, prior, loss = fit_transition_matrix(c1, c2, c3, steps=hoc_steps, lr=hoc_lr)
-    observed = np.bincount(y, minlength=num_classes) / n
-    eta = noise_rates(transition, prior, observed)
-    det = detect_corrupted(y, nb, sims, eta, num_classes, k=min(k, k_pool),
-                           rounds=detection_rounds, subset_fraction=subset_fraction, seed=seed,
-                           progress=progress)
-    corrupted = (det.confidence >= confidence_threshold) & (det.suggested != y)
+    observed = np.bincount(y[informative_rows], minlength=num_classes) / informative_rows.size
+    eta = noise_rates(transition, prior, observed, clip=noise_rate_clip)
+    det = detect_corrupted(y, nb, sims, eta, num_classes, k=k_vote, rounds=detection_rounds,
+                           subset_fraction=subset_fraction, seed=seed, progress=progress,
+                           score=detection_score, self_weight=self_weight,
+                           suggestion=suggestion, informative=~uninformative)
+    corrupted = (det.confidence >= confidence_threshold) & (det.suggested != y) & ~uninformative
     curated = np.where(corrupted, det.suggested, y)
-    long_tail = long_tail_scores(sims, k=min(k, k_pool))
-    info = dict(n=n, num_classes=num_classes, k=k, k_pool=k_pool, hoc_loss=loss,
-                hoc_steps=hoc_steps, detection_rounds=detection_rounds,
-                subset_fraction=subset_fraction, confidence_threshold=confidence_threshold,
-                seed=seed, n_corrupted=int(corrupted.sum()), c1=c1.tolist())
+    info.update(hoc_loss=loss, n_corrupted=int(corrupted.sum()), c1=c1.tolist())
     logger.info(f"DS2: {int(corrupted.sum())}/{n} scores curated (HOC loss {loss:.4f})")
     return DS2Result(raw=y, curated=curated.astype(np.int64), corrupted=corrupted,
                      confidence=det.confidence, suggested=det.suggested,

@@ -9,11 +9,24 @@ similarity of L2-normalised embeddings, clipped at 0, so ``d(a | A) = sum_v max(
 with ``m(v)`` the current coverage of v. ``q`` is the quality normalised by
 :func:`normalize_quality` (default: min-max to [0, 1]).
 
-Scaling (the paper leaves it open; ``d(a|A)`` grows with N): ``diversity_scale="mean"`` (default)
-divides the gain by N, i.e. uses the *average* coverage gain over the pool, which lies in [0, 1]
-like the normalised quality and does not change meaning with the pool size. ``"max_singleton"``
-divides by the largest first-step gain (the first pick has diversity term 1); a positive number
-divides by that number; ``"none"`` (= 1.0) uses the raw sum.
+Scaling (the paper leaves it open; ``d(a|A)`` is a sum over the N rows, and a pick's gain is
+about what the N / K rows it stands for gain, so it grows like N / K):
+
+* ``"budget"`` (default): ``d(a|A) / (0.1 * N / K)``, i.e. the paper's raw gain at a 10% budget
+  (where the scale is exactly 1), kept at that meaning for any N and K. Gains fall over the
+  selection, so early picks are driven by coverage and later ones weigh quality more; on the
+  shared pool's MiniLM embeddings alpha = 0.7 lands between the ends (about 0.84 of the
+  quality gain and 0.67 of the coverage gain with uniform quality, stable for K = N/20 .. N/5
+  and N = 4k .. 8k; ``tools/bench_qdit.py --alpha-sweep``).
+* ``"running_max"``: divide by the best gain among the candidates of the step (the best
+  diversity candidate has term 1 - alpha at every step): a constant per-step trade-off, which
+  makes the sweep switch sharply from coverage to quality (alpha = 0.7 got 0.97 of the quality
+  gain).
+* ``"mean"`` (divide by N) and ``"max_singleton"`` (divide by the best first-step gain): the
+  diversity term falls to ~1e-3 after a few picks, so any alpha >= 0.1 selects the top-K by
+  quality (399 of 400 at alpha = 0.7): alpha does not trade anything.
+* ``"none"`` (= 1.0): the raw sum (same as ``budget`` at K = N / 10, drifts with K / N); a positive
+  number divides by that number.
 
 Optimisers (all deterministic for a seed; ties broken by the lower index):
 
@@ -55,6 +68,12 @@ from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
 METHODS = ("lazy", "stochastic")
 SIMILARITIES = ("blocked", "dense", "knn")
+RUNNING_SCALE = "running_max"
+ADAPTIVE_SCALES = (RUNNING_SCALE,)
+DIVERSITY_SCALES = ("budget", RUNNING_SCALE, "mean", "max_singleton", "none")
+DEFAULT_DIVERSITY_SCALE = "budget"
+# "budget": d(a|A) / (REFERENCE_RATIO * N / K); see _resolve_scale and docs/qdit.md
+REFERENCE_RATIO = 0.1
 QUALITY_NORMS = ("minmax", "rank", "none")
 QUALITY_FILLS = ("min", "median", "max")
 # |bf16 dot - exact dot| for unit vectors: inputs rounded (2u), output rounded (u), u = 2^-8,
@@ -387,7 +406,7 @@ def _prepare_embeddings(embeddings: np.ndarray, dtype: str) -> np.ndarray:
 
 def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
                 select_ratio: float | None = None, quality: Sequence[Any] | np.ndarray | None = None,
-                alpha: float = 0.0, diversity_scale: str | float = "mean",
+                alpha: float = 0.0, diversity_scale: str | float = DEFAULT_DIVERSITY_SCALE,
                 quality_norm: str = "minmax", quality_fill: str | float = "min",
                 method: str = "lazy", epsilon: float = 0.01, seed: int = 0,
                 similarity: str = "blocked", knn_k: int = 50, max_memory_mb: float = 2048.0,
@@ -400,7 +419,8 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     :param quality: [N] quality scores (any scale; invalid values handled by ``quality_fill``);
         required when ``alpha > 0``.
     :param alpha: weight of quality in [0, 1]; 0 = pure diversity (facility location).
-    :param diversity_scale: ``mean`` (gain / N, default), ``max_singleton``, ``none`` or a number.
+    :param diversity_scale: ``budget`` (gain / (0.1 N / K), default), ``running_max``, ``mean``
+        (gain / N), ``max_singleton``, ``none`` or a positive number (see the module docstring).
     :param method: ``lazy`` (exact) or ``stochastic`` (with ``epsilon`` and ``seed``).
     :param similarity: ``blocked`` (default), ``dense`` or ``knn`` (with ``knn_k``).
     :param max_memory_mb: memory for similarity blocks and the row cache (``blocked``).
@@ -479,6 +499,7 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     mdtype = torch.float64 if compute_dtype == "float64" else torch.float32
     m = torch.zeros(n, dtype=mdtype, device=device if similarity != "knn" else "cpu")
 
+    running = diversity_scale in ADAPTIVE_SCALES  # the scale is set anew at every step
     need_all = method == "lazy" or diversity_scale == "max_singleton"
     if fast_bounds is None:
         fast_bounds = _bf16_is_fast(device)
@@ -487,14 +508,16 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         and diversity_scale != "max_singleton"
     meta["fast_bounds"] = fast_bounds
     first = backend.all_gains(m, progress, fast_bounds).cpu() if need_all else None
-    scale = _resolve_scale(diversity_scale, n, first)
-    wd = (1.0 - alpha) / scale
-    qt = torch.from_numpy(alpha * q) if q is not None else torch.zeros(n, dtype=torch.float64)
+    scale = math.nan if running else _resolve_scale(diversity_scale, n, first, k)
+    qv = torch.from_numpy(q) if q is not None else torch.zeros(n, dtype=torch.float64)
 
-    # bound[a] >= current combined score of a (stale exact score, +inf when never evaluated)
-    bound = torch.full((n,), math.inf, dtype=torch.float64)
-    if first is not None:
-        bound = wd * first + qt
+    # dstale[a] >= d(a | A): the last exact diversity gain of a (gains only shrink as A grows),
+    # +inf when never evaluated. The step's score is wd * d(a | A) + wq * q(a) with wd, wq >= 0,
+    # so bound = wd * dstale + wq * q is an upper bound of it (what the lazy greedy needs).
+    dstale = first.clone() if first is not None else torch.full((n,), math.inf,
+                                                                dtype=torch.float64)
+    weights = [0.0, alpha] if running else [(1.0 - alpha) / scale, alpha]  # [wd, wq]
+    bound = weights[0] * dstale + weights[1] * qv if not running else qv.clone()
     selected = torch.zeros(n, dtype=torch.bool)
     out_idx = np.empty(k, dtype=np.int64)
     out_gain = np.empty(k, dtype=np.float64)
@@ -502,10 +525,16 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     rng = np.random.default_rng(seed)
     sample_size = min(n, int(math.ceil(n / k * math.log(1.0 / float(epsilon)))))
     batch = int(batch)
+    step_scales = np.full(k, np.nan) if running else None
+
+    def gains_of(idx: torch.Tensor) -> torch.Tensor:
+        dg = backend.gains(idx.to(m.device) if similarity != "knn" else idx, m).cpu()
+        dstale[idx] = dg
+        return dg
 
     def evaluate(idx: torch.Tensor) -> torch.Tensor:
-        dg = backend.gains(idx.to(m.device) if similarity != "knn" else idx, m).cpu()
-        bound[idx] = wd * dg + qt[idx]
+        dg = gains_of(idx)
+        bound[idx] = weights[0] * dg + weights[1] * qv[idx]
         return dg
 
     for step in tqdm(range(k), desc=f"QDIT {method} greedy", disable=not progress):
@@ -514,13 +543,27 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         else:
             avail = np.flatnonzero(~selected.numpy())
             pool = torch.from_numpy(np.sort(rng.choice(avail, size=sample_size, replace=False)))
+        if running:
+            # the best diversity gain among the candidates (exact, found lazily on the diversity
+            # bounds alone); that row then has diversity term 1 - alpha
+            _, top_gain, _ = _lazy_argmax(dstale, selected, pool, gains_of, batch)
+            step_scales[step] = top_gain
+            weights[:] = [(1.0 - alpha) / top_gain if top_gain > 0 else 0.0, alpha]
+            if weights[0] > 0:
+                torch.add(weights[1] * qv, dstale, alpha=weights[0], out=bound)
+            else:  # everything left is fully covered: quality alone decides
+                torch.mul(qv, weights[1], out=bound)
+            bound[selected] = -math.inf
         best, best_score, best_dg = _lazy_argmax(bound, selected, pool, evaluate, batch)
         selected[best] = True
         bound[best] = -math.inf
+        dstale[best] = -math.inf
         out_idx[step], out_gain[step], out_dgain[step] = best, best_score, best_dg
         backend.update(best, m)
     objective = float(m.sum(dtype=torch.float64))
     meta["evaluations_per_step"] = backend.n_evaluations / k
+    if running:
+        meta["step_scales"] = step_scales
     return QditResult(out_idx, out_gain, out_dgain, q, scale, objective, backend.n_evaluations,
                       meta)
 
@@ -569,7 +612,12 @@ def _bf16_is_fast(device: str) -> bool:
         return False
 
 
-def _resolve_scale(diversity_scale: str | float, n: int, first: torch.Tensor | None) -> float:
+def _resolve_scale(diversity_scale: str | float, n: int, first: torch.Tensor | None,
+                   k: int = 1) -> float:
+    if diversity_scale == "budget":
+        # the raw gain at a 10% budget, kept at that meaning for any N and K: per-pick gains
+        # grow like N / K (each pick stands for N / K rows), so divide by 0.1 * N / K
+        return max(REFERENCE_RATIO * n / max(k, 1), 1e-12)
     if diversity_scale == "mean":
         return float(n)
     if diversity_scale == "none":
@@ -580,8 +628,8 @@ def _resolve_scale(diversity_scale: str | float, n: int, first: torch.Tensor | N
     if isinstance(diversity_scale, (int, float)) and not isinstance(diversity_scale, bool) \
             and math.isfinite(diversity_scale) and diversity_scale > 0:
         return float(diversity_scale)
-    raise ValueError("diversity_scale must be 'mean', 'max_singleton', 'none' or a positive "
-                     f"number, got {diversity_scale!r}")
+    raise ValueError(f"diversity_scale must be one of {DIVERSITY_SCALES} or a positive number, "
+                     f"got {diversity_scale!r}")
 
 
 def _lazy_argmax(bound: torch.Tensor, selected: torch.Tensor, pool: torch.Tensor | None,
