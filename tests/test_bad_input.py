@@ -302,10 +302,10 @@ def test_dataset_smaller_than_the_selection_keeps_everything(name, art):
 def test_ratio_selection_of_a_tiny_dataset_keeps_floor_not_crash(art):
     out = run(make("diversity_reward_filter", art, top_ratio=0.2), _records(3))
     assert len(out) == 0  # floor(0.2 * 3) = 0, documented
-    from daar_ops.algorithms.ds2 import resolve_budget
+    from daar_ops.core import budget
 
     out = run(make("ds2_filter", art, select_ratio=0.2), _with_score(_records(3)))
-    assert len(out) == resolve_budget(3, 0.2)
+    assert len(out) == budget(3, ratio=0.2)
 
 
 # -- K = 1 domain ----------------------------------------------------------------------------------

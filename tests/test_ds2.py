@@ -12,7 +12,7 @@ import torch
 from daar_ops.algorithms.ds2 import (consensus_vectors, curate_scores, detect_corrupted,
                                      ds2_select, fit_transition_matrix, lexicographic_select,
                                      long_tail_scores, make_synthetic_ds2, noise_rates,
-                                     off_diagonal_transition, resolve_budget, scores_to_classes,
+                                     off_diagonal_transition, scores_to_classes,
                                      write_ds2_report)
 from daar_ops.algorithms.rating import build_prompt, parse_rating
 from daar_ops.raters import ScoreTokenRater
@@ -316,16 +316,6 @@ def test_lexicographic_select_breaks_ties_by_long_tail_then_index():
     tail = np.array([0.9, 0.1, 0.5, 0.9, 0.5])
     assert lexicographic_select(curated, tail, 4).tolist() == [2, 4, 1, 0]
     assert lexicographic_select(curated, tail, 0).tolist() == []
-
-
-def test_resolve_budget():
-    assert resolve_budget(10, select_ratio=0.2) == 2
-    assert resolve_budget(10, select_num=50) == 10
-    assert resolve_budget(0, select_ratio=0.5) == 0
-    with pytest.raises(ValueError):
-        resolve_budget(10, select_ratio=1.5)
-    with pytest.raises(ValueError):
-        resolve_budget(10)
 
 
 def test_report_files(tmp_path, curated):

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from daar_ops.algorithms.qdit import (facility_location_value, normalize_quality, qdit_select,
-                                      resolve_budget)
+from daar_ops.algorithms.qdit import (facility_location_value, normalize_quality, qdit_select)
 
 torch.set_num_threads(1)
 
@@ -218,13 +217,11 @@ def test_bfloat16_is_close_to_exact():
 
 
 def test_budgets():
-    assert resolve_budget(10, select_ratio=0.25) == 2  # the package rule: floor(ratio * n)
-    assert resolve_budget(10, select_num=50) == 10
-    assert resolve_budget(0, select_ratio=0.5) == 0
     for bad in [dict(), dict(select_num=1, select_ratio=0.1), dict(select_ratio=1.5),
                 dict(select_num=-1), dict(select_num=2.5)]:
         with pytest.raises(ValueError):
-            resolve_budget(10, **bad)
+            qdit_select(_clustered(5), progress=False, **bad)
+    assert qdit_select(_clustered(5), select_ratio=0.25, progress=False).indices.size == 1
     x = _clustered(5)
     r = qdit_select(x, select_num=9, progress=False)
     assert sorted(r.indices.tolist()) == list(range(5))

@@ -207,3 +207,14 @@ def test_dj_process_recipe_on_a_small_slice(tmp_path, shared_pool, minilm_path):
     ranks = sorted(r["__dj__stats__"]["qdit_rank"] for r in rows)
     assert ranks == list(range(10))
     assert all(math.isfinite(r["__dj__stats__"]["qdit_gain"]) for r in rows)
+
+
+def test_lower_is_better_quality_is_negated(fake_encoder):
+    rows = _records(30)
+    for i, r in enumerate(rows):
+        r["score"] = float(i)
+    high = _run(_op(select_num=5, quality_key="score", alpha=1.0), rows)
+    low = _run(_op(select_num=5, quality_key="score", alpha=1.0,
+                   quality_higher_is_better=False), rows)
+    assert sorted(r["score"] for r in high) == [25.0, 26.0, 27.0, 28.0, 29.0]
+    assert sorted(r["score"] for r in low) == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -361,18 +361,12 @@ def long_tail_scores(sims: np.ndarray, k: int = 10) -> np.ndarray:
 # 6. Selection
 
 
-def resolve_budget(n: int, select_ratio: float | None = None, select_num: int | None = None
-                   ) -> int:
-    """Number of rows to keep: the package's one rule, :func:`daar_ops.core.budget`."""
-    return budget(n, ratio=select_ratio, num=select_num)
-
-
-def lexicographic_select(curated: np.ndarray, long_tail: np.ndarray, budget: int) -> np.ndarray:
-    """Indices of the ``budget`` rows with the highest curated score, ties broken by the higher
+def lexicographic_select(curated: np.ndarray, long_tail: np.ndarray, n_keep: int) -> np.ndarray:
+    """Indices of the ``n_keep`` rows with the highest curated score, ties broken by the higher
     long-tail score, then the lower index; returned in selection order."""
     curated, long_tail = np.asarray(curated, np.float64), np.asarray(long_tail, np.float64)
     order = np.lexsort((np.arange(curated.shape[0]), -long_tail, -curated))
-    return order[:budget]
+    return order[:n_keep]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,9 +499,9 @@ def ds2_select(embeddings: np.ndarray, labels: np.ndarray, select_ratio: float |
                select_num: int | None = None, **kwargs: Any) -> DS2Result:
     """:func:`curate_scores` then :func:`lexicographic_select` of the budget."""
     result = curate_scores(embeddings, labels, **kwargs)
-    budget = resolve_budget(len(result.raw), select_ratio, select_num)
-    result.selected = lexicographic_select(result.curated, result.long_tail, budget)
-    result.info["budget"] = budget
+    keep_n = budget(len(result.raw), ratio=select_ratio, num=select_num)
+    result.selected = lexicographic_select(result.curated, result.long_tail, keep_n)
+    result.info["budget"] = keep_n
     return result
 
 

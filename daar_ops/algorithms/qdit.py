@@ -100,11 +100,6 @@ class QditResult:
 # budget and quality
 # --------------------------------------------------------------------------------------------
 
-def resolve_budget(n: int, select_num: int | None = None, select_ratio: float | None = None) -> int:
-    """Number of rows to select from ``n``: the package's one rule, :func:`daar_ops.core.budget`."""
-    return budget(n, ratio=select_ratio, num=select_num)
-
-
 def normalize_quality(values: Sequence[Any] | np.ndarray, method: str = "minmax",
                       fill: str | float = "min") -> tuple[np.ndarray, np.ndarray]:
     """Quality scores as float64 in [0, 1] (for ``minmax``/``rank``), and the invalid-value mask.
@@ -454,7 +449,7 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     alpha = float(alpha)
     x_np = np.asarray(embeddings)
     n = x_np.shape[0] if x_np.ndim == 2 else -1
-    k = resolve_budget(max(n, 0), select_num, select_ratio)
+    k = budget(max(n, 0), ratio=select_ratio, num=select_num)
     if alpha > 0 and quality is None:
         raise ValueError("alpha > 0 needs quality scores")
     if quality is not None and len(quality) != n:

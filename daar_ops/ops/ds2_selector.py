@@ -81,7 +81,7 @@ class DS2Selector(StatsSelector):
         k_pool: Optional[int] = None,
         hoc_steps: int = 1500,
         hoc_lr: float = 0.1,
-        detection_rounds: int = 10,
+        detection_rounds: int = 20,
         subset_fraction: float = 0.8,
         confidence_threshold: float = 0.5,
         seed: int = 0,

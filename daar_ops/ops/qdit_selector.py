@@ -10,8 +10,9 @@ from loguru import logger
 
 from data_juicer.ops.base_op import OPERATORS
 
-from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, METHODS, QUALITY_FILLS, QUALITY_NORMS,
-                                      SIMILARITIES, qdit_select)
+from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, DEFAULT_DIVERSITY_SCALE, DIVERSITY_SCALES,
+                                      METHODS, QUALITY_FILLS, QUALITY_NORMS, SIMILARITIES,
+                                      qdit_select)
 from daar_ops.core import QDIT_GAIN_KEY as GAIN_KEY
 from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
 from daar_ops.core import budget
@@ -50,7 +51,8 @@ class QditSelector(StatsSelector):
                  text_template: Optional[str] = None,
                  quality_key: Optional[str] = None,
                  alpha: float = 0.0,
-                 diversity_scale: Union[str, float] = "mean",
+                 diversity_scale: Union[str, float] = DEFAULT_DIVERSITY_SCALE,
+                 quality_higher_is_better: bool = True,
                  quality_norm: str = "minmax",
                  quality_fill: Union[str, float] = "min",
                  method: str = "lazy",
@@ -79,9 +81,13 @@ class QditSelector(StatsSelector):
         :param quality_key: numeric field or stats key holding the quality score, nested keys
             with dots (e.g. ``__dj__stats__.llm_quality_score``). Required when ``alpha > 0``.
         :param alpha: quality weight in [0, 1]; 0 = pure diversity, the paper uses ~0.7.
-        :param diversity_scale: how d(a|A) is scaled against q: ``mean`` (divide by N: the average
-            coverage gain, in [0, 1]; default), ``max_singleton`` (divide by the best first gain),
-            ``none`` (raw sum) or a positive number.
+        :param diversity_scale: how d(a|A) is scaled against q (docs/qdit.md): ``budget``
+            (default: the raw gain at a 10% budget, ``0.1 * N / K``, so alpha keeps its meaning
+            for any N and K), ``running_max`` (the step's best gain), ``mean`` (divide by N),
+            ``max_singleton`` (the best first gain), ``none`` (raw sum) or a positive number.
+        :param quality_higher_is_better: False for a score where lower means better (e.g.
+            Data-Juicer's IFD ``ifd_score``, whose relevance is ``1 - IFD``): it is negated
+            before normalisation.
         :param quality_norm: ``minmax`` (to [0, 1], default), ``rank`` (percentile) or ``none``.
         :param quality_fill: value for missing/non-numeric/NaN/inf quality: ``min`` (default),
             ``median``, ``max`` of the valid scores, or a number. Counted in a log line.
@@ -127,9 +133,9 @@ class QditSelector(StatsSelector):
         if not isinstance(quality_fill, str) and not math.isfinite(float(quality_fill)):
             raise ValueError(f"{OP_NAME}: quality_fill must be finite")
         if isinstance(diversity_scale, str):
-            if diversity_scale not in ("mean", "max_singleton", "none"):
-                raise ValueError(f"{OP_NAME}: diversity_scale must be 'mean', 'max_singleton', "
-                                 f"'none' or a positive number, got {diversity_scale!r}")
+            if diversity_scale not in DIVERSITY_SCALES:
+                raise ValueError(f"{OP_NAME}: diversity_scale must be one of {DIVERSITY_SCALES} "
+                                 f"or a positive number, got {diversity_scale!r}")
         elif not (math.isfinite(float(diversity_scale)) and float(diversity_scale) > 0):
             raise ValueError(f"{OP_NAME}: diversity_scale must be positive, got {diversity_scale}")
         if method not in METHODS:
@@ -156,6 +162,7 @@ class QditSelector(StatsSelector):
         self.select_num = None if select_num is None else int(select_num)
         self.template = TextTemplate(text_template or self.text_key)
         self.quality_key = quality_key
+        self.quality_sign = 1.0 if quality_higher_is_better else -1.0
         self.embedder = embedder
         self.embedding_model = embedding_model or (
             "all-minilm-l6-v2" if embedder == "sentence_transformers" else "smollm2-135m-instruct")
@@ -197,7 +204,7 @@ class QditSelector(StatsSelector):
         texts = self.template.render_all(records, source=f"the dataset of {self._name}")
         quality = None
         if self.quality_key and self.select_kwargs["alpha"] > 0:
-            quality = [lookup(r, self.quality_key) for r in records]
+            quality = [_signed(lookup(r, self.quality_key), self.quality_sign) for r in records]
         emb = self._embed(texts)
         return qdit_select(emb, select_num=self.select_num, select_ratio=self.select_ratio,
                            quality=quality, device=self._device(), batch=16, progress=True,
@@ -224,6 +231,13 @@ class QditSelector(StatsSelector):
                     f"facility-location objective {result.objective:.4f}; "
                     f"{result.n_evaluations} gain evaluations")
         return {RANK_KEY: ranks.tolist(), GAIN_KEY: [float(g) for g in gains]}, ranks >= 0
+
+
+def _signed(value: Any, sign: float) -> Any:
+    """A quality value oriented higher-is-better; non-numbers stay as they are (filled later)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return sign * float(value)
 
 
 @OPERATORS.register_module(ALIAS)

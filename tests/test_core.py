@@ -1,0 +1,33 @@
+"""The ground floor: the one budget rule, the tie rule, null-safe cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daar_ops.core import as_dict, budget, rank_order, uniform_dicts
+
+
+def test_the_one_budget_rule():
+    assert budget(10, ratio=0.25) == 2  # floor(ratio * n), as topk_specified_field_selector
+    assert budget(40000, ratio=0.2) == 8000  # not 7999 from 0.2 * 40000 = 7999.999...
+    assert budget(10, num=50) == 10 and budget(10, num=3) == 3
+    assert budget(0, ratio=0.5) == 0 and budget(7, ratio=1.0) == 7
+    for bad in (dict(), dict(ratio=0.1, num=1), dict(ratio=1.5), dict(ratio=-0.1),
+                dict(num=-1), dict(num=2.5), dict(num=True)):
+        with pytest.raises(ValueError):
+            budget(10, **bad)
+
+
+def test_tie_rule_and_non_finite_scores():
+    order = rank_order([1.0, 3.0, 3.0, np.nan, -np.inf, np.inf, 2.0])
+    assert order.tolist()[:4] == [1, 2, 6, 0]  # ties: the earlier sample first
+    assert set(order.tolist()[4:]) == {3, 4, 5}  # non-finite last
+
+
+def test_null_and_non_dict_cells_are_empty_and_batches_share_keys():
+    assert as_dict(None) == {} and as_dict("x") == {} and as_dict([1]) == {}
+    d = {"a": 1}
+    assert as_dict(d) == d and as_dict(d) is not d
+    assert uniform_dicts([{"a": 1}, None, {"b": 2}]) == [
+        {"a": 1, "b": None}, {"a": None, "b": None}, {"a": None, "b": 2}]
