@@ -100,7 +100,7 @@ class DS2Selector(StatsSelector):
         :param num_classes: number of score classes K (DS2: 6).
         :param missing_score: score used for missing, NaN/inf or non-numeric values (logged);
             default ``score_low`` (DS2 counts failed ratings as the lowest class).
-        :param select_ratio: keep round(select_ratio * N) samples, in [0, 1].
+        :param select_ratio: keep floor(select_ratio * N) samples, in [0, 1].
         :param select_num: keep this many samples (all if the dataset is smaller; logged).
         :param text_template: text embedded per sample, e.g. ``"{instruction} {input} {output}"``;
             default: the ``text_key`` field.

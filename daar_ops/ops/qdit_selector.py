@@ -73,8 +73,8 @@ class QditSelector(StatsSelector):
         """
         Initialization method.
 
-        :param select_ratio: fraction of the dataset to keep, in [0, 1] (rounded to the nearest
-            count). Give this or ``select_num``.
+        :param select_ratio: fraction of the dataset to keep, in [0, 1]: ``floor(ratio * N)``
+            samples (the package's one budget rule). Give this or ``select_num``.
         :param select_num: number of samples to keep (all are kept when the dataset is smaller).
         :param text_template: what is embedded: a ``str.format`` template over fields, e.g.
             ``"{instruction} {input}"``, or a single field name. Default: the ``text_key`` field.
