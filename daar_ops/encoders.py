@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from daar_ops.features import resolve_device
+from daar_ops.core import resolve_device
 from daar_ops.models import resolve_model_path
 from daar_ops.text import to_text
 

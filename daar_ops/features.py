@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,6 +37,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from daar_ops.core import resolve_device
 from daar_ops.models import model_fingerprint, resolve_model_path
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -68,14 +68,6 @@ class LayerFeatures:
     @property
     def n_empty(self) -> int:
         return int(self.empty.sum())
-
-
-def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    return device
 
 
 class LayerFeatureExtractor:
@@ -287,33 +279,6 @@ def log_feature_counts(n: int, truncated: np.ndarray, empty: np.ndarray, max_len
         logger.info(f"{int(truncated.sum())}/{n} texts truncated to {max_length} tokens")
     if empty.any():
         logger.warning(f"{int(empty.sum())}/{n} texts are empty; encoded as one EOS token")
-
-
-def limit_worker_threads() -> None:
-    """One torch thread inside a Data-Juicer worker process: N workers x all cores each would
-    oversubscribe the CPU. The main process keeps its setting."""
-    import multiprocessing as mp
-
-    if mp.current_process().name != "MainProcess":
-        torch.set_num_threads(1)
-
-
-_EXTRACTORS: dict[tuple, LayerFeatureExtractor] = {}
-_EXTRACTORS_LOCK = threading.Lock()
-
-
-def cached_extractor(model: str, layer: int = 3, max_length: int = 512, batch_size: int = 32,
-                     dtype: str = "float32", device: str | None = "cpu", length_step: int = 8
-                     ) -> LayerFeatureExtractor:
-    """One extractor per process and setting: operators call this so the model loads once per
-    worker while the operator object itself stays small and picklable."""
-    key = (str(model), layer, max_length, batch_size, dtype, device, length_step)
-    with _EXTRACTORS_LOCK:
-        if key not in _EXTRACTORS:
-            _EXTRACTORS[key] = LayerFeatureExtractor(model, layer=layer, max_length=max_length,
-                                                     batch_size=batch_size, dtype=dtype,
-                                                     device=device, length_step=length_step)
-        return _EXTRACTORS[key]
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ class ScoreTokenRater:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from daar_ops.features import DTYPES, resolve_device
+        from daar_ops.core import resolve_device
+        from daar_ops.features import DTYPES
         from daar_ops.models import resolve_model_path
 
         if dtype not in DTYPES:
