@@ -34,6 +34,27 @@ def with_fields(dataset: Any, column: str, fields: Mapping[str, Any]) -> Any:
     return dataset.cast_column(column, merged)
 
 
+def render_rows(template: Any, samples: Mapping[str, Any], rows: Any, op_name: str) -> list:
+    """The texts of the batch rows ``rows`` (indices into ``samples``, a Data-Juicer batch).
+
+    A row that cannot be rendered becomes "" with a warning: one bad sample never costs the
+    other samples of its batch (Data-Juicer's ``skip_op_error`` would drop the whole batch)."""
+    from loguru import logger
+
+    from daar_ops.core import STATS_FIELD
+
+    fields = [f for f in samples.keys() if f != STATS_FIELD]
+    texts = []
+    for i in rows:
+        try:
+            texts.append(template.render({f: samples[f][i] for f in fields}))
+        except Exception as err:  # noqa: BLE001 - the warning names it; the batch goes on
+            logger.warning(f"{op_name}: sample text could not be rendered ({err}); used as "
+                           f"empty text")
+            texts.append("")
+    return texts
+
+
 def _is_null(feature: Any) -> bool:
     from datasets import Value
 

@@ -18,8 +18,8 @@ from daar_ops.core import (CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWA
                            uniform_dicts)
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
-from daar_ops.ops._columns import (float_feature, float_list_feature, string_feature,
-                                   with_fields)
+from daar_ops.ops._columns import (float_feature, float_list_feature, render_rows,
+                                   string_feature, with_fields)
 from daar_ops.ops._selector import StatsSelector
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
@@ -205,15 +205,7 @@ def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = 
     if stale:
         logger.info(f"{op._name}: {stale} samples carried {REWARD_KEY} from another (or an "
                     f"unrecorded) checkpoint; recomputed with {op.checkpoint}")
-    fields = [f for f in samples.keys() if f != Fields.stats]
-    texts = []
-    for i in todo:
-        try:
-            texts.append(op.template.render({f: samples[f][i] for f in fields}))
-        except Exception as err:  # one unrenderable sample must not cost its batch
-            logger.warning(f"{op._name}: sample text could not be rendered ({err}); scored as "
-                           f"empty text")
-            texts.append("")
+    texts = render_rows(op.template, samples, todo, op._name)
     scorer = load(op.model_key, rank, op.use_cuda())
     reward, probs, _ = scorer.score_texts(texts)
     bad = ~np.isfinite(reward) | ~np.isfinite(probs).all(axis=1)

@@ -17,7 +17,8 @@ from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
-from daar_ops.ops._columns import float_list_feature, string_feature, with_fields
+from daar_ops.ops._columns import (float_list_feature, render_rows, string_feature,
+                                   with_fields)
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
@@ -228,14 +229,7 @@ class DomainPseudoLabelMapper(Mapper):
             logger.info(f"{OP_NAME}: {stale} samples carried a {self.label_key} from other "
                         f"centroids; relabelled")
         if todo:
-            texts = []
-            for i in todo:
-                row = {key: samples[key][i] for key in keys}
-                try:
-                    texts.append(self.template.render(row))
-                except Exception as err:  # a field that cannot be rendered -> empty text
-                    logger.warning(f"{OP_NAME}: sample text could not be rendered ({err})")
-                    texts.append("")
+            texts = render_rows(self.template, samples, todo, OP_NAME)
             empty = sum(1 for t in texts if not t.strip())
             if empty:
                 logger.warning(f"{OP_NAME}: {empty}/{len(texts)} samples have empty text; they "

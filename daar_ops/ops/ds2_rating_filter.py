@@ -15,7 +15,7 @@ from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_ra
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
                            DS2_SCORE_KEY, as_dict, uniform_dicts)
 from daar_ops.model_keys import load, model_key
-from daar_ops.ops._columns import float_feature, with_fields
+from daar_ops.ops._columns import float_feature, render_rows, with_fields
 from daar_ops.text import TextTemplate
 
 OP_NAME = "ds2_rating_filter"
@@ -209,14 +209,7 @@ class DS2RatingFilter(Filter):
         todo = [i for i in range(len(stats)) if stats[i].get(SCORE_KEY) is None]
         if not todo:
             return samples
-        fields = [f for f in samples.keys() if f != Fields.stats]
-        texts = []
-        for i in todo:
-            try:
-                texts.append(self.template.render({f: samples[f][i] for f in fields}))
-            except Exception as err:  # one unrenderable sample must not cost its batch
-                logger.warning(f"{OP_NAME}: sample text could not be rendered ({err})")
-                texts.append("")
+        texts = render_rows(self.template, samples, todo, OP_NAME)
         n_empty = sum(1 for t in texts if not t.strip())
         if n_empty:
             logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are rated "
