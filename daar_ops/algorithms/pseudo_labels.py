@@ -1,0 +1,312 @@
+"""DaaR stage 1, robust form: pseudo-label a pool from a few anchors per domain.
+
+Plain numpy / scikit-learn over arrays: no Data-Juicer import, no model loading, no file I/O.
+
+Inputs are features of the pool ([N, d]) and of *anchors* ([M, d]) with a domain index each:
+the model's synthetic samples and, optionally, the embedded domain descriptions. Methods
+(:data:`METHODS`):
+
+* ``fixed``: nearest prototype (a prototype = mean of a domain's unit-length anchors). With
+  synthetic anchors only and the LM's embedding layer this is the paper's "constrained k-means with
+  fixed prototypes" (:meth:`Stage1Config.paper`).
+* ``kmeans``: Lloyd iterations over the pool initialised at the prototypes (the reference code's
+  refinement). Clusters can drift away from their domain: a default chosen on one pool.
+* ``cluster``: "cluster then label": k-means with many clusters (``clusters_per_domain`` x K) on
+  the pool, then each cluster takes the domain of the prototype nearest to its mean, after a
+  hubness correction (each domain's similarity column is centred over the clusters, so one
+  prototype that is close to everything cannot take every cluster). Clusters of a k-means with
+  many centres are nearly pure, and a cluster's mean is far less noisy than one record, so labels
+  cannot drift the way 4-cluster k-means does.
+
+Every method returns labels, a margin per record (best minus second-best score: a label-free
+confidence) and an info dict. :func:`purity_filter` removes anchors nearer another domain's
+prototype than their own (leave-one-out) before prototypes are built. :func:`health` gives a
+label-free signal of how reliable the labels are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+METHODS = ("fixed", "kmeans", "cluster")
+SPACES = ("sentence", "embedding", "layer")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Settings of stage 1. Defaults: chosen on the worst of the evaluation pools
+    (``tools/eval_pseudo_labels.py``, docs/daar_stage1.md).
+
+    :param space: where the pool is labelled: ``sentence`` (all-MiniLM-L6-v2 sentence
+        embeddings of the rendered record), ``embedding`` (the LM's embedding layer, the paper) or
+        ``layer`` (raw output of LM decoder layer ``layer``).
+    :param use_descriptions: embedded domain descriptions ("{name}: {description}") join the
+        synthetic samples as anchors.
+    :param description_weight: share of a prototype that comes from its descriptions (the rest
+        from its synthetic samples), in [0, 1].
+    :param purity: drop synthetic anchors nearer another domain's prototype (leave-one-out).
+    :param clusters_per_domain: ``cluster`` method: k-means clusters per domain.
+    :param refine_iters: ``kmeans`` method: Lloyd iterations.
+    """
+
+    method: str = "cluster"
+    space: str = "sentence"
+    layer: int = 3
+    use_descriptions: bool = True
+    description_weight: float = 0.5
+    purity: bool = True
+    clusters_per_domain: int = 8
+    refine_iters: int = 3
+    hubness_correction: bool = True
+    seed: int = 0
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "Stage1Config":
+        """The paper's procedure: fixed prototypes from the synthetic samples, embedding layer."""
+        base = cls(method="fixed", space="embedding", use_descriptions=False, purity=False,
+                   hubness_correction=False)
+        return replace(base, **overrides)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if not 0.0 <= self.description_weight <= 1.0:
+            raise ValueError(f"description_weight must be in [0, 1], got "
+                             f"{self.description_weight}")
+        if self.clusters_per_domain < 1 or self.refine_iters < 0:
+            raise ValueError("clusters_per_domain must be >= 1 and refine_iters >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def prototypes(anchor_features: np.ndarray, anchor_labels: np.ndarray, n_domains: int,
+               anchor_weights: np.ndarray | None = None) -> np.ndarray:
+    """[K, d] unit-length prototypes: the weighted mean of each domain's unit anchors.
+
+    Raises ValueError when a domain has no anchor (a prototype cannot be made up).
+    """
+    a = unit_rows(anchor_features)
+    labels = np.asarray(anchor_labels, dtype=np.int64)
+    w = np.ones(len(a)) if anchor_weights is None else np.asarray(anchor_weights, np.float64)
+    if a.ndim != 2 or len(a) != len(labels) or len(w) != len(a):
+        raise ValueError(f"anchor features {a.shape}, labels {labels.shape} and weights "
+                         f"{w.shape} do not match")
+    out = np.zeros((n_domains, a.shape[1]))
+    for k in range(n_domains):
+        rows = labels == k
+        if not rows.any() or w[rows].sum() <= 0:
+            raise ValueError(f"domain {k} has no anchor: cannot build its prototype")
+        out[k] = (w[rows, None] * a[rows]).sum(0) / w[rows].sum()
+    return unit_rows(out)
+
+
+def anchor_weights(anchor_labels: np.ndarray, is_description: np.ndarray,
+                   description_weight: float) -> np.ndarray:
+    """Weights that give each domain's descriptions together ``description_weight`` of its
+    prototype and its synthetic samples the rest (a domain with only one kind gets all of it)."""
+    labels = np.asarray(anchor_labels, dtype=np.int64)
+    desc = np.asarray(is_description, dtype=bool)
+    w = np.zeros(len(labels))
+    for k in np.unique(labels):
+        rows = labels == k
+        n_desc, n_syn = int((rows & desc).sum()), int((rows & ~desc).sum())
+        share = description_weight if n_syn else 1.0
+        share = share if n_desc else 0.0
+        if n_desc:
+            w[rows & desc] = share / n_desc
+        if n_syn:
+            w[rows & ~desc] = (1.0 - share) / n_syn
+    return w
+
+
+def purity_filter(anchor_features: np.ndarray, anchor_labels: np.ndarray, n_domains: int,
+                  protected: np.ndarray | None = None) -> np.ndarray:
+    """[M] bool keep-mask: an anchor is dropped when, with itself left out of its own domain's
+    mean, another domain's mean is more similar (cosine). Anchors in ``protected`` (e.g. the
+    descriptions) are kept and never left out; a domain never loses its last anchor."""
+    a = unit_rows(anchor_features)
+    labels = np.asarray(anchor_labels, dtype=np.int64)
+    prot = np.zeros(len(a), bool) if protected is None else np.asarray(protected, bool)
+    sums = np.zeros((n_domains, a.shape[1]))
+    counts = np.zeros(n_domains)
+    np.add.at(sums, labels, a)
+    np.add.at(counts, labels, 1)
+    keep = np.ones(len(a), dtype=bool)
+    for i in np.flatnonzero(~prot):
+        k = labels[i]
+        if counts[k] <= 1:
+            continue
+        means = sums.copy()
+        means[k] -= a[i]
+        means = unit_rows(means / np.maximum(counts - (np.arange(n_domains) == k), 1)[:, None])
+        sims = means @ a[i]
+        keep[i] = int(np.argmax(sims)) == k
+    for k in range(n_domains):  # a domain keeps at least its best anchor
+        rows = labels == k
+        if rows.any() and not (keep & rows).any():
+            keep[np.flatnonzero(rows)[0]] = True
+    return keep
+
+
+def _margins(scores: np.ndarray) -> np.ndarray:
+    if scores.shape[1] < 2:
+        return np.zeros(len(scores))
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def label_fixed(pool: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = unit_rows(pool) @ protos.T
+    return np.argmax(scores, 1).astype(np.int64), scores
+
+
+def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    x = unit_rows(pool)
+    c = protos.copy()
+    for _ in range(iters):
+        labels = np.argmax(x @ c.T, 1)
+        for k in range(len(c)):
+            members = x[labels == k]
+            if len(members):
+                c[k] = members.mean(0)
+        c = unit_rows(c)
+    scores = x @ c.T
+    return np.argmax(scores, 1).astype(np.int64), scores
+
+
+def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: int,
+                   hubness_correction: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Cluster the pool (spherical k-means via sklearn on unit rows), label each cluster by the
+    prototype nearest to its mean; a record's scores are its cluster's scores."""
+    from sklearn.cluster import KMeans
+
+    x = unit_rows(pool)
+    n_clusters = int(min(n_clusters, len(x)))
+    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed, max_iter=100).fit(x)
+    assign = km.labels_
+    means = unit_rows(np.stack([x[assign == c].mean(0) if (assign == c).any()
+                                else km.cluster_centers_[c] for c in range(n_clusters)]))
+    cluster_scores = means @ protos.T
+    if hubness_correction:
+        # Centre each domain's column over the clusters: a prototype close to everything (a hub)
+        # loses its advantage, what remains is which clusters it is *relatively* close to.
+        cluster_scores = cluster_scores - cluster_scores.mean(0, keepdims=True)
+    cluster_label = np.argmax(cluster_scores, 1)
+    sizes = np.bincount(assign, minlength=n_clusters)
+    return (cluster_label[assign].astype(np.int64), cluster_scores[assign],
+            {"n_clusters": n_clusters, "cluster_sizes": sizes.tolist(),
+             "cluster_labels": cluster_label.tolist()})
+
+
+def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
+                 anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
+                 is_description: Sequence[bool] | np.ndarray | None = None,
+                 config: Stage1Config | None = None, **overrides: Any
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Pseudo-label ``pool_features`` [N, d] from anchors [M, d] (domain index each).
+
+    :param is_description: [M] bool, True for rows that embed a domain description rather than a
+        synthetic sample (they get ``description_weight`` of the prototype and are never filtered).
+        Ignored rows: with ``use_descriptions=False`` description rows are dropped.
+    :param config: :class:`Stage1Config` (default: its defaults); ``overrides`` replace fields.
+    :returns: (labels [N] int64, margins [N] float64 (best minus second-best score),
+        info: kept anchors per domain, the prototypes' pairwise cosine, method details).
+    """
+    cfg = replace(config or Stage1Config(), **overrides)
+    cfg.validate()
+    pool = np.asarray(pool_features, dtype=np.float64)
+    anchors = np.asarray(anchor_features, dtype=np.float64)
+    labels = np.asarray(anchor_labels, dtype=np.int64)
+    desc = (np.zeros(len(anchors), bool) if is_description is None
+            else np.asarray(is_description, dtype=bool))
+    if pool.ndim != 2 or anchors.ndim != 2 or pool.shape[1] != anchors.shape[1]:
+        raise ValueError(f"pool {pool.shape} and anchors {anchors.shape} must be [*, d] alike")
+    if len(labels) != len(anchors) or len(desc) != len(anchors):
+        raise ValueError("anchor_labels and is_description need one entry per anchor row")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_domains):
+        raise ValueError(f"anchor labels must be in [0, {n_domains})")
+    use = np.ones(len(anchors), bool) if cfg.use_descriptions else ~desc
+    anchors, labels, desc = anchors[use], labels[use], desc[use]
+    keep = (purity_filter(anchors, labels, n_domains, protected=desc) if cfg.purity
+            else np.ones(len(anchors), bool))
+    anchors, labels, desc = anchors[keep], labels[keep], desc[keep]
+    weights = anchor_weights(labels, desc, cfg.description_weight)
+    protos = prototypes(anchors, labels, n_domains, weights)
+    info: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "anchors_kept": np.bincount(labels, minlength=n_domains).tolist(),
+        "anchors_dropped": int((~keep).sum()),
+        "prototype_cosine": np.round(protos @ protos.T, 4).tolist(),
+    }
+    if len(pool) == 0:
+        return np.zeros(0, np.int64), np.zeros(0), info
+    if cfg.method == "fixed":
+        pred, scores = label_fixed(pool, protos)
+    elif cfg.method == "kmeans":
+        pred, scores = label_kmeans(pool, protos, cfg.refine_iters)
+    else:
+        pred, scores, extra = label_clusters(pool, protos, cfg.clusters_per_domain * n_domains,
+                                             cfg.seed, cfg.hubness_correction)
+        info.update(extra)
+    info["label_counts"] = np.bincount(pred, minlength=n_domains).tolist()
+    return pred, _margins(scores), info
+
+
+# ------------------------------------------------------------------------- label-free health
+
+def agreement_between(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of records on which two labelings agree (same domain index)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float((a == b).mean()) if len(a) else float("nan")
+
+
+@dataclass(frozen=True)
+class Stage1Health:
+    """Label-free signals of stage-1 reliability (no ground truth needed).
+
+    ``cross_seed_agreement``: mean pairwise agreement of labelings from different synthesis seeds
+    (NaN with one seed); ``min_domain_share``: the smallest predicted domain's share of the pool;
+    ``reliable``: cross_seed_agreement >= ``threshold`` (and every domain predicted at all).
+    """
+
+    cross_seed_agreement: float
+    min_domain_share: float
+    threshold: float
+    reliable: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Cross-seed agreement below this flags stage 1 as unreliable (docs/daar_stage1.md: on the
+# evaluation pools true agreement >= 0.75 went with cross-seed agreement >= this value).
+HEALTH_THRESHOLD = 0.8
+
+
+def health(labelings: Sequence[np.ndarray], n_domains: int,
+           threshold: float = HEALTH_THRESHOLD) -> Stage1Health:
+    """Stage-1 health from >= 1 labelings of the same records (one per synthesis seed)."""
+    labelings = [np.asarray(x) for x in labelings]
+    if not labelings:
+        raise ValueError("need at least one labeling")
+    pairs = [agreement_between(labelings[i], labelings[j]) for i in range(len(labelings))
+             for j in range(i + 1, len(labelings))]
+    cross = float(np.mean(pairs)) if pairs else float("nan")
+    counts = np.bincount(labelings[0], minlength=n_domains)
+    share = float(counts.min() / max(counts.sum(), 1))
+    reliable = bool(np.isfinite(cross) and cross >= threshold and share > 0)
+    return Stage1Health(cross, share, threshold, reliable)
