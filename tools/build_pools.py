@@ -9,6 +9,8 @@ truth, read by evaluation tools only):
   (MATH only), coding without the Alpaca programming tasks.
 * ``shared_lso2``: the complementary slice: reasoning only from GSM8K/AQuA/StrategyQA CoT, math only
   from GSM8K, coding only from GPTeacher; common sense unchanged.
+* ``shared_select``: records of the shared pool disjoint from ``shared`` (the selection pool of
+  ``tools/eval_daar.py``; ``shared`` is its probe pool).
 * ``bigbench``: a second 4-domain pool from data that installs from PyPI and shares no source with
   the shared pool: BIG-bench task files from the ``bigbench`` sdist (knowledge QA for
   common_sense; deduction, causal judgement, navigation, object tracking ... for reasoning;
@@ -182,6 +184,9 @@ def build(out_dir: Path, download_dir: Path, n: int, seed: int, shared: Path) ->
     pools: dict[str, list[dict]] = {}
     pool = shared_records(shared)
     pools["shared"] = sample(pool, n, seed)
+    taken = {id(r) for r in pools["shared"]}
+    # A disjoint selection pool for tools/eval_daar.py (probe = the first records of "shared").
+    pools["shared_select"] = sample([r for r in pool if id(r) not in taken], n, seed + 1)
     pools["shared_lso"] = sample([r for r in pool if r["source"] not in
                                   LSO_DROP.get(r["domain"], ())], n, seed)
     pools["shared_lso2"] = sample([r for r in pool if r["domain"] not in LSO2_KEEP

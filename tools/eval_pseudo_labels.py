@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, parse_domains  # noqa: E402
-from daar_ops.algorithms.pseudo_labels import (Stage1Config, health,  # noqa: E402
-                                               pseudo_label, unit_rows)
+from daar_ops.algorithms.pseudo_labels import (Stage1Config,  # noqa: E402
+                                               domain_anchor_texts, health, pseudo_label,
+                                               unit_rows)
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate  # noqa: E402
 from stage1_synthetic import SynthSettings, synthetic_samples  # noqa: E402
 
@@ -53,22 +54,28 @@ METHODS: dict[str, Stage1Config] = {
     "paper": Stage1Config.paper(),
     "paper+kmeans3": Stage1Config.paper(method="kmeans", refine_iters=3),
     "sent_fixed_syn": Stage1Config(method="fixed", use_descriptions=False, purity=False),
-    "sent_fixed_desc": Stage1Config(method="fixed", description_weight=1.0),
+    "sent_kmeans10_syn": Stage1Config(method="kmeans", refine_iters=10, use_descriptions=False),
+    "sent_kmeans10_desc": Stage1Config(method="kmeans", refine_iters=10, description_weight=1.0),
+    "sent_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10),
+    "sent_kmeans10_both75": Stage1Config(method="kmeans", refine_iters=10,
+                                         description_weight=0.75),
+    "sent_kmeans10_both25": Stage1Config(method="kmeans", refine_iters=10,
+                                         description_weight=0.25),
+    "sent_kmeans10_both_nopurity": Stage1Config(method="kmeans", refine_iters=10, purity=False),
+    "sent_cluster_both": Stage1Config(method="cluster"),
     "sent_fixed_both": Stage1Config(method="fixed"),
-    "sent_kmeans_both": Stage1Config(method="kmeans"),
-    "sent_cluster_syn": Stage1Config(use_descriptions=False),
-    "sent_cluster_desc": Stage1Config(description_weight=1.0),
-    "sent_cluster_nohub": Stage1Config(hubness_correction=False),
-    "sent_cluster_nopurity": Stage1Config(purity=False),
-    "emb_cluster_both": Stage1Config(space="embedding"),
-    "layer_cluster_both": Stage1Config(space="layer"),
-    "layer_fixed_syn": Stage1Config(method="fixed", space="layer", use_descriptions=False,
-                                    purity=False, hubness_correction=False),
+    "emb_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10, space="embedding"),
 }
 
 
-def description_texts(domains) -> list[str]:
-    return [f"{d.display}: {d.description}" if d.description else d.display for d in domains]
+def anchor_set(synthetic: list[dict], domains, tpl) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(texts, domain index, is_description) of the anchors: synthetic samples + descriptions."""
+    names = [d.name for d in domains]
+    desc_texts, desc_labels = domain_anchor_texts(domains)
+    texts = [tpl.render(r) for r in synthetic] + desc_texts
+    labels = np.array([names.index(r["domain"]) for r in synthetic] + desc_labels)
+    is_desc = np.array([False] * len(synthetic) + [True] * len(desc_texts))
+    return texts, labels, is_desc
 
 
 class Spaces:
@@ -165,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         counts = {n: sum(r["domain"] == n for r in records) for n in names}
         print(f"synthetic seed {seed}: {counts} ({time.perf_counter() - t0:.1f}s here; "
               f"generated in {info.get('seconds')}s, key {info.get('key')})", flush=True)
-    desc_texts = description_texts(domains)
 
     results: dict[str, dict[str, dict]] = {}
     for pool_name in args.pools:
@@ -181,11 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 oracle[cfg.space] = oracle_agreement(feats, truth, k)
             per_seed, labelings = [], []
             for seed in args.seeds:
-                syn = synth[seed]
-                anchor_texts = [tpl.render(r) for r in syn] + desc_texts
+                anchor_texts, labels, is_desc = anchor_set(synth[seed], domains, tpl)
                 anchors = spaces.get(cfg.space, anchor_texts)
-                labels = np.array([names.index(r["domain"]) for r in syn] + list(range(k)))
-                is_desc = np.array([False] * len(syn) + [True] * k)
                 pred, margins, info = pseudo_label(feats, anchors, labels, k, is_desc,
                                                    replace(cfg, seed=seed))
                 labelings.append(pred)

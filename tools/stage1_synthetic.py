@@ -33,15 +33,15 @@ class SynthSettings:
     """The tool's synthesis settings (cheaper than the paper's 30 pairs / 2,048 tokens)."""
 
     model: str = "smollm2-135m-instruct"
-    samples_per_domain: int = 8
-    max_attempts: int = 24
+    samples_per_domain: int = 6
+    max_attempts: int = 12
     candidates_per_round: int = 4
     max_new_tokens: int = 128
     temperature: float = 0.9
     top_p: float = 0.95
     tau: float = 0.95
     batch_size: int = 16
-    gen_dtype: str = "bfloat16"
+    gen_dtype: str = "float32"  # bf16 is emulated (very slow) on CPUs without AVX512-BF16/AMX
     response_prefix: str = "Instruction:"
 
 

@@ -31,7 +31,53 @@ from typing import Any, Sequence
 
 import numpy as np
 
-METHODS = ("fixed", "kmeans", "cluster")
+METHODS = ("fixed", "kmeans", "cluster", "spread")
+
+# Anchor texts for the paper's four default domains: the domain's name and description plus a few
+# plain paraphrases of what its records look like (question style, answer style). Generic on
+# purpose: they name kinds of content, not any source of the evaluation pools. Custom domains get
+# "{name}: {description}" only.
+DEFAULT_ANCHOR_TEXTS: dict[str, tuple[str, ...]] = {
+    "common_sense": (
+        "general knowledge question about everyday facts, history, geography, science or people, "
+        "with a short factual answer",
+        "give advice, explain a concept, describe or list things in plain everyday language",
+    ),
+    "reasoning": (
+        "a question with answer options solved by logical step-by-step reasoning, ending with "
+        "'So the answer is'",
+        "logic puzzle or deduction: infer the conclusion from the premises and explain why; "
+        "true or false, yes or no",
+    ),
+    "mathematics": (
+        "arithmetic, algebra or geometry problem with numbers and equations, solved by "
+        "calculation",
+        "math word problem: compute how many or how much, solve for x, find the probability; "
+        "the answer is a number",
+    ),
+    "coding": (
+        "programming task in Python, JavaScript, Java, C++ or SQL: write a function, class or "
+        "query; the Output is code",
+        "explain, debug or complete source code with loops, variables and algorithms",
+    ),
+}
+
+
+def domain_anchor_texts(domains: Sequence[Any], extra: bool = True
+                        ) -> tuple[list[str], list[int]]:
+    """(texts, domain index per text) describing each domain: "{name}: {description}" and, with
+    ``extra``, the :data:`DEFAULT_ANCHOR_TEXTS` paraphrases of a default domain's name.
+    ``domains``: objects with ``name`` / ``description`` (``DomainSpec``)."""
+    texts, labels = [], []
+    for k, d in enumerate(domains):
+        name = str(d.name).replace("_", " ")
+        texts.append(f"{name}: {d.description}" if getattr(d, "description", "") else name)
+        labels.append(k)
+        if extra:
+            for t in DEFAULT_ANCHOR_TEXTS.get(str(d.name), ()):
+                texts.append(f"{name}: {t}")
+                labels.append(k)
+    return texts, labels
 SPACES = ("sentence", "embedding", "layer")
 
 
@@ -50,6 +96,9 @@ class Stage1Config:
     :param purity: drop synthetic anchors nearer another domain's prototype (leave-one-out).
     :param clusters_per_domain: ``cluster`` method: k-means clusters per domain.
     :param refine_iters: ``kmeans`` method: Lloyd iterations.
+    :param self_train_rounds: after labelling, this many rounds of: fit a linear probe
+        (logistic regression) on the ``confident_fraction`` highest-margin records of each
+        predicted domain, relabel every record with it.
     """
 
     method: str = "cluster"
@@ -60,7 +109,12 @@ class Stage1Config:
     purity: bool = True
     clusters_per_domain: int = 8
     refine_iters: int = 3
+    anchor_strength: float = 0.0
     hubness_correction: bool = True
+    self_train_rounds: int = 0
+    spread_neighbors: int = 10
+    spread_alpha: float = 0.9
+    confident_fraction: float = 0.5
     seed: int = 0
 
     @classmethod
@@ -172,8 +226,11 @@ def label_fixed(pool: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.argmax(scores, 1).astype(np.int64), scores
 
 
-def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int
+def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int, anchor_strength: float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical Lloyd iterations from the prototypes. ``anchor_strength`` s in [0, 1] keeps
+    each centre tied to its prototype: centre = unit((1 - s) * members' mean + s * prototype)
+    (0: plain k-means, 1: fixed prototypes)."""
     x = unit_rows(pool)
     c = protos.copy()
     for _ in range(iters):
@@ -181,10 +238,41 @@ def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int
         for k in range(len(c)):
             members = x[labels == k]
             if len(members):
-                c[k] = members.mean(0)
+                c[k] = (1 - anchor_strength) * unit_rows(members.mean(0)) + \
+                    anchor_strength * protos[k]
         c = unit_rows(c)
     scores = x @ c.T
     return np.argmax(scores, 1).astype(np.int64), scores
+
+
+def label_spreading(pool: np.ndarray, anchors: np.ndarray, anchor_labels: np.ndarray,
+                    weights: np.ndarray, n_domains: int, n_neighbors: int, alpha: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Label spreading (Zhou et al. 2004) over a symmetric kNN graph of pool + anchor rows, the
+    anchors clamped softly to their domain (initial mass = their prototype weight): labels flow
+    along the pool's own neighbourhoods instead of towards off-manifold prototypes."""
+    from scipy.sparse import csr_matrix, diags
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.concatenate([unit_rows(pool), unit_rows(anchors)])
+    n, m = len(pool), len(anchors)
+    nn = NearestNeighbors(n_neighbors=min(n_neighbors + 1, len(x)), metric="cosine").fit(x)
+    dist, idx = nn.kneighbors(x)
+    rows = np.repeat(np.arange(len(x)), idx.shape[1] - 1)
+    sim = np.clip(1.0 - dist[:, 1:].ravel(), 0.0, None)
+    w = csr_matrix((sim, (rows, idx[:, 1:].ravel())), shape=(len(x), len(x)))
+    w = w.maximum(w.T)
+    deg = np.asarray(w.sum(1)).ravel()
+    d_inv = diags(1.0 / np.sqrt(np.maximum(deg, 1e-12)))
+    s = d_inv @ w @ d_inv
+    y0 = np.zeros((len(x), n_domains))
+    y0[n + np.arange(m), anchor_labels] = weights / max(weights.max(), 1e-12)
+    f = y0.copy()
+    for _ in range(50):
+        f = alpha * (s @ f) + (1 - alpha) * y0
+    f = f[:n]
+    f = f / np.maximum(f.sum(1, keepdims=True), 1e-12)
+    return np.argmax(f, 1).astype(np.int64), f
 
 
 def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: int,
@@ -257,13 +345,43 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
     if cfg.method == "fixed":
         pred, scores = label_fixed(pool, protos)
     elif cfg.method == "kmeans":
-        pred, scores = label_kmeans(pool, protos, cfg.refine_iters)
+        pred, scores = label_kmeans(pool, protos, cfg.refine_iters, cfg.anchor_strength)
+    elif cfg.method == "spread":
+        pred, scores = label_spreading(pool, anchors, labels, weights, n_domains,
+                                       cfg.spread_neighbors, cfg.spread_alpha)
     else:
         pred, scores, extra = label_clusters(pool, protos, cfg.clusters_per_domain * n_domains,
                                              cfg.seed, cfg.hubness_correction)
         info.update(extra)
+    margins = _margins(scores)
+    for _ in range(cfg.self_train_rounds):
+        pred, scores = self_train(pool, pred, margins, n_domains, cfg.confident_fraction,
+                                  cfg.seed)
+        margins = _margins(scores)
     info["label_counts"] = np.bincount(pred, minlength=n_domains).tolist()
-    return pred, _margins(scores), info
+    return pred, margins, info
+
+
+def self_train(pool: np.ndarray, labels: np.ndarray, margins: np.ndarray, n_domains: int,
+               confident_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel with a logistic regression fitted on each predicted domain's most confident
+    records (a domain with no record keeps none: it cannot come back)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = unit_rows(pool)
+    train = []
+    for k in range(n_domains):
+        rows = np.flatnonzero(labels == k)
+        if len(rows):
+            top = rows[np.argsort(-margins[rows], kind="stable")]
+            train.extend(top[:max(1, int(round(confident_fraction * len(rows))))])
+    train = np.sort(np.asarray(train))
+    if len(np.unique(labels[train])) < 2:
+        return labels, np.eye(n_domains)[labels]
+    clf = LogisticRegression(C=1.0, max_iter=300, random_state=seed).fit(x[train], labels[train])
+    proba = np.zeros((len(x), n_domains))
+    proba[:, clf.classes_] = clf.predict_proba(x)
+    return np.argmax(proba, 1).astype(np.int64), proba
 
 
 # ------------------------------------------------------------------------- label-free health
