@@ -91,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["default", "paper+kmeans3"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--random-seeds", type=int, default=5)
-    ap.add_argument("--n-probe", type=int, default=1000,
-                    help="probe pool: the pool's first n records (as eval_pseudo_labels)")
-    ap.add_argument("--n-select", type=int, default=1500, help="selection pool size")
+    ap.add_argument("--n-probe", type=int, default=600,
+                    help="probe pool: the pool's first n records (a subset of what "
+                         "eval_pseudo_labels labels)")
+    ap.add_argument("--n-select", type=int, default=800, help="selection pool size")
+    ap.add_argument("--max-length", type=int, default=256,
+                    help="tokens per text for the probes' layer-3 features (the pipeline uses "
+                         "512; 256 keeps this tool affordable on a shared 2-core CPU)")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=20,
                     help="probe epochs (20 on ~1,000 samples: the pipeline's --quick setting)")
@@ -131,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     k = len(names)
     tpl = TextTemplate(ALPACA_TEMPLATE)
     spaces = E.Spaces("smollm2-135m-instruct", 3, args.threads)
-    # Probe features exactly as the pipeline: fp32 layer 3, max_length 512, feature cache.
+    # Probe features as the pipeline: fp32 layer 3, the pipeline's template (feature cache).
     probe_cache = FeatureCache(LayerFeatureExtractor("smollm2-135m-instruct", layer=3,
-                                                     max_length=512), None, template=None)
+                                                     max_length=args.max_length), None,
+                               template=ALPACA_TEMPLATE)
     synth = {s: synthetic_samples(s, SynthSettings(), domains, threads=args.threads)[0]
              for s in args.seeds}
     report = {}
@@ -144,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         select_texts = [tpl.render(r) for r in select]
         truth_probe = np.array([names.index(r["domain"]) for r in probe])  # evaluation only
         truth_select = [r["domain"] for r in select]
-        x_probe = probe_cache.encode(probe_texts, progress=True).layer
-        x_select = probe_cache.encode(select_texts, progress=True).layer
+        x_probe = probe_cache.encode(probe_texts, progress=False).layer
+        x_select = probe_cache.encode(select_texts, progress=False).layer
         cover_space = spaces.sentence(select_texts)
         n_keep = int(round(args.ratio * len(select)))
 

@@ -99,20 +99,34 @@ class Spaces:
         return self._caches[layer].encode(texts, progress=len(texts) > 200)
 
     def sentence(self, texts: list[str]) -> np.ndarray:
+        """MiniLM embeddings, cached per text (content-addressed rows under
+        ``~/.cache/daar_ops/sentence_features``), so any subset of seen texts costs nothing."""
         from daar_ops.encoders import encode_sentences, load_sentence_encoder
 
-        digest = hashlib.sha256("\x00".join(texts).encode("utf-8", "replace")).hexdigest()[:24]
-        path = HOME / "sentence_features" / \
-            f"all-minilm-l6-v2-{self.sentence_max_tokens}-{digest}.npy"
-        if path.exists():
-            return np.load(path)
-        # The first 128 tokens (mostly the instruction) carry the domain; the encoder's own cap
-        # of 256 doubles the cost on a shared CPU for no measured gain.
-        load_sentence_encoder().max_seq_length = self.sentence_max_tokens
-        emb = encode_sentences(texts, progress=len(texts) > 200)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, emb)
-        return emb
+        root = HOME / "sentence_features" / f"all-minilm-l6-v2-{self.sentence_max_tokens}"
+        if not hasattr(self, "_rows"):
+            self._rows: dict[str, np.ndarray] = {}
+            for path in sorted(root.glob("rows-*.npz")) if root.exists() else []:
+                with np.load(path) as data:
+                    self._rows.update(zip(data["keys"].tolist(), data["emb"]))
+        keys = [hashlib.sha256(t.encode("utf-8", "replace")).hexdigest()[:32] for t in texts]
+        missing = sorted({k: i for k, i in zip(keys, range(len(texts)))
+                          if k not in self._rows}.items(), key=lambda kv: kv[1])
+        if missing:
+            # The first 128 tokens (mostly the instruction) carry the domain; the encoder's own
+            # cap of 256 doubles the cost on a shared CPU.
+            load_sentence_encoder().max_seq_length = self.sentence_max_tokens
+            emb = encode_sentences([texts[i] for _, i in missing], progress=len(missing) > 200)
+            new_keys = [k for k, _ in missing]
+            root.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256("".join(new_keys).encode()).hexdigest()[:24]
+            tmp = root / f".rows-{name}.{os.getpid()}.npz"
+            np.savez(tmp, keys=np.array(new_keys), emb=emb)
+            os.replace(tmp, root / f"rows-{name}.npz")
+            self._rows.update(zip(new_keys, emb))
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        return np.stack([self._rows[k] for k in keys]).astype(np.float32)
 
     def get(self, space: str, texts: list[str]) -> np.ndarray:
         if space == "sentence":
@@ -195,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 recall = [float((pred[truth == j] == j).mean()) for j in range(k)]
                 per_seed.append({"agreement": float((pred == truth).mean()), "recall": recall,
                                  "counts": np.bincount(pred, minlength=k).tolist(),
-                                 "mean_margin": float(margins.mean())})
+                                 "mean_margin": float(margins.mean()),
+                                 "prototype_agreement": info["prototype_agreement"]})
             acc = np.array([s["agreement"] for s in per_seed])
             h = health(labelings, k)
             results[pool_name][method] = {
@@ -221,13 +236,26 @@ def main(argv: list[str] | None = None) -> int:
         summary[method] = (min(means), float(np.mean(means)), max(stds))
         print(f"  {method:22s} min {min(means):.3f}  mean {np.mean(means):.3f}  "
               f"seed_std {max(stds):.3f}")
+    signals = {
+        "cross_seed_agreement": lambda r: r["health"]["cross_seed_agreement"],
+        "prototype_agreement": lambda r: np.mean([s["prototype_agreement"]
+                                                  for s in r["per_seed"]]),
+        "mean_margin": lambda r: np.mean([s["mean_margin"] for s in r["per_seed"]]),
+    }
+    print("\nlabel-free health signals vs true agreement (Pearson r over pool x method cells; "
+          "within the default method over pools):")
+    for sig, fn in signals.items():
+        vals = np.array([(fn(results[p][m]), results[p][m]["agreement_mean"])
+                         for p in args.pools for m in methods], dtype=float)
+        ok = np.isfinite(vals).all(1)
+        x, y = vals[ok].T if ok.any() else (np.array([]), np.array([]))
+        corr = float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 \
+            else float("nan")
+        dflt = ", ".join(f"{p}={fn(results[p][args.default_method]):.3f}" for p in args.pools)
+        print(f"  {sig:22s} r={corr:6.3f}   default: {dflt}")
     xs = [(results[p][m]["health"]["cross_seed_agreement"], results[p][m]["agreement_mean"])
           for p in args.pools for m in methods]
     if len(args.seeds) > 1 and len(xs) > 2:
-        x, y = np.array(xs).T
-        corr = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
-        print(f"\nhealth: Pearson r(cross-seed agreement, true agreement) over "
-              f"{len(xs)} pool x method cells = {corr:.3f}")
         for thr in (0.7, 0.8, 0.9):
             flagged = [(a, t) for a, t in xs if a < thr]
             print(f"  cross-seed < {thr}: {len(flagged)} cells flagged, their true agreement "

@@ -284,7 +284,7 @@ def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: 
 
     x = unit_rows(pool)
     n_clusters = int(min(n_clusters, len(x)))
-    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed, max_iter=100).fit(x)
+    km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed, max_iter=100).fit(x)
     assign = km.labels_
     means = unit_rows(np.stack([x[assign == c].mean(0) if (assign == c).any()
                                 else km.cluster_centers_[c] for c in range(n_clusters)]))
@@ -359,6 +359,9 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
                                   cfg.seed)
         margins = _margins(scores)
     info["label_counts"] = np.bincount(pred, minlength=n_domains).tolist()
+    # Label-free drift: how many records the refinement moved away from their nearest prototype.
+    info["prototype_agreement"] = agreement_between(pred, label_fixed(pool, protos)[0])
+    info["mean_margin"] = float(margins.mean())
     return pred, margins, info
 
 
