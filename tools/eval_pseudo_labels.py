@@ -65,6 +65,19 @@ METHODS: dict[str, Stage1Config] = {
     "sent_cluster_both": Stage1Config(method="cluster"),
     "sent_fixed_both": Stage1Config(method="fixed"),
     "emb_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10, space="embedding"),
+    "sent_kmeans10s3_desc": Stage1Config(method="kmeans", refine_iters=10, anchor_strength=0.3,
+                                         description_weight=1.0),
+    "sent_kmeans10s3_both75": Stage1Config(method="kmeans", refine_iters=10,
+                                           anchor_strength=0.3, description_weight=0.75),
+    "sent_cluster_desc": Stage1Config(method="cluster", description_weight=1.0),
+    "sent_cluster16_desc": Stage1Config(method="cluster", description_weight=1.0,
+                                        clusters_per_domain=16),
+    "sent_cluster16_both75": Stage1Config(method="cluster", clusters_per_domain=16),
+    "sent_cluster4_both75": Stage1Config(method="cluster", clusters_per_domain=4),
+    "sent_cluster_both90": Stage1Config(method="cluster", description_weight=0.9),
+    "sent_cluster_both75": Stage1Config(method="cluster", description_weight=0.75),
+    "sent_kmeans10_both75_st": Stage1Config(method="kmeans", refine_iters=10,
+                                            description_weight=0.75, self_train_rounds=1),
 }
 
 

@@ -105,9 +105,10 @@ class Stage1Config:
     space: str = "sentence"
     layer: int = 3
     use_descriptions: bool = True
-    description_weight: float = 0.5
+    description_weight: float = 0.75
     purity: bool = True
     clusters_per_domain: int = 8
+    cluster_restarts: int = 4
     refine_iters: int = 3
     anchor_strength: float = 0.0
     hubness_correction: bool = True
@@ -276,7 +277,7 @@ def label_spreading(pool: np.ndarray, anchors: np.ndarray, anchor_labels: np.nda
 
 
 def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: int,
-                   hubness_correction: bool = True
+                   hubness_correction: bool = True, restarts: int = 4
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Cluster the pool (spherical k-means via sklearn on unit rows), label each cluster by the
     prototype nearest to its mean; a record's scores are its cluster's scores."""
@@ -284,7 +285,7 @@ def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: 
 
     x = unit_rows(pool)
     n_clusters = int(min(n_clusters, len(x)))
-    km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed, max_iter=100).fit(x)
+    km = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed, max_iter=100).fit(x)
     assign = km.labels_
     means = unit_rows(np.stack([x[assign == c].mean(0) if (assign == c).any()
                                 else km.cluster_centers_[c] for c in range(n_clusters)]))
@@ -351,7 +352,8 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
                                        cfg.spread_neighbors, cfg.spread_alpha)
     else:
         pred, scores, extra = label_clusters(pool, protos, cfg.clusters_per_domain * n_domains,
-                                             cfg.seed, cfg.hubness_correction)
+                                             cfg.seed, cfg.hubness_correction,
+                                             cfg.cluster_restarts)
         info.update(extra)
     margins = _margins(scores)
     for _ in range(cfg.self_train_rounds):
