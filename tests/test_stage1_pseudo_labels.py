@@ -107,3 +107,31 @@ def test_health_tracks_disagreement():
     assert bad.cross_seed_agreement < HEALTH_THRESHOLD and not bad.reliable
     single = health([a], 4)
     assert np.isnan(single.cross_seed_agreement) and not single.reliable
+
+
+def test_kmeans_fully_anchored_equals_fixed_prototypes():
+    pool, _, anchors, labels, is_desc = _world(4, offset_scale=1.0)
+    fixed, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="fixed")
+    tied, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="kmeans",
+                              refine_iters=5, anchor_strength=1.0)
+    assert np.array_equal(fixed, tied)
+
+
+@pytest.mark.parametrize("overrides", [dict(method="spread"), dict(self_train_rounds=1)])
+def test_other_options_label_every_record(overrides):
+    pool, truth, anchors, labels, is_desc = _world(5)
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, **overrides)
+    assert pred.shape == truth.shape and np.isfinite(margins).all()
+    assert (pred == truth).mean() > 0.8
+
+
+def test_domain_anchor_texts_paraphrase_default_domains_only():
+    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, DomainSpec
+    from daar_ops.algorithms.pseudo_labels import DEFAULT_ANCHOR_TEXTS, domain_anchor_texts
+
+    texts, labels = domain_anchor_texts(list(DEFAULT_DOMAINS) + [DomainSpec("law", "statutes")])
+    n_default = sum(1 + len(DEFAULT_ANCHOR_TEXTS[d.name]) for d in DEFAULT_DOMAINS)
+    assert len(texts) == n_default + 1 and texts[-1] == "law: statutes" and labels[-1] == 4
+    assert texts[0].startswith("common sense: ")
+    plain, plain_labels = domain_anchor_texts(DEFAULT_DOMAINS, extra=False)
+    assert plain_labels == [0, 1, 2, 3]
