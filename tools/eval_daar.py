@@ -1,12 +1,21 @@
-"""Run DaaR end to end on the shared pool and evaluate it with the hidden ``domain`` field.
+"""The DaaR selection that stage 1 leads to, against random (evaluation only).
 
-Evaluation only: the pipeline (``daar_ops.pipeline.run_select``) never reads ``domain``; this tool
-reads it afterwards to measure how good the pseudo-labels were and how diverse the selection is.
+Per pool (default: ``shared`` and ``bigbench`` from ``tools/build_pools.py``) and synthesis seed:
+stage 1 (:func:`daar_ops.algorithms.pseudo_labels.pseudo_label`, a named method of
+``tools/eval_pseudo_labels.py``) pseudo-labels a probe pool; psi_dom / psi_div are trained on the
+probe pool's SmolLM2 layer-3 features and those labels
+(:func:`daar_ops.algorithms.probes.train_daar_probes`, as the pipeline does); psi_div scores a
+disjoint selection pool and the global top ``--ratio`` (paper: 20%) is kept. Reported against
+random subsets of the same size (``--random-seeds``): the true-domain entropy of the selection
+(nats; the ``domain`` field is read here only) and the MiniLM facility-location coverage of the
+selection pool (:mod:`daar_ops.algorithms.coverage`). ``true-label probes`` (psi_dom trained on the
+TRUE domains) is the reference of a perfect stage 1. Last line, per method:
 
-Last line:
-``RESULT probe_val_acc=<a> selected=<n> pool=<m> domain_entropy=<h> pseudo_agreement=<p>``
-(``domain_entropy``: entropy in nats of the true-domain distribution of the selected subset;
-``pseudo_agreement``: fraction of the probe pool whose pseudo-domain equals its true domain.)
+    RESULT pool=<p> method=<m> entropy=<mean over seeds> entropy_random=<> coverage=<>
+        coverage_random=<> pseudo_agreement=<>
+
+``--pipeline`` runs the old end-to-end check instead (``daar_ops.pipeline.run_select`` on the
+shared pool, then the evaluation of its outputs).
 """
 
 from __future__ import annotations
@@ -14,9 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
+import time
 from collections import Counter
+from dataclasses import replace
+from pathlib import Path
 
-from daar_ops.pipeline import SelectConfig, read_jsonl, run_select
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
 
 
 def entropy_nats(labels: list[str]) -> float:
@@ -25,21 +44,16 @@ def entropy_nats(labels: list[str]) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values()) if total else float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick preset of daar-ops select")
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--samples-per-domain", type=int, default=None)
-    parser.add_argument("--probe-size", type=int, default=None)
-    parser.add_argument("--pool-size", type=int, default=None)
-    args = parser.parse_args()
-    overrides = {k: v for k, v in vars(args).items() if k != "quick" and v is not None}
+def run_pipeline_check(args: argparse.Namespace) -> None:
+    from daar_ops.pipeline import SelectConfig, read_jsonl, run_select
+
+    overrides = {k: getattr(args, k) for k in ("output_dir", "threads", "samples_per_domain",
+                                               "probe_size", "pool_size")
+                 if getattr(args, k) is not None}
+    overrides["seed"] = args.seeds[0]
     cfg = SelectConfig.quick(**overrides) if args.quick else SelectConfig(**overrides)
     result = run_select(cfg)
     out, summary = result.output_dir, result.summary
-
     probe = [r for _, r in read_jsonl(out / "probe_pool.jsonl")]
     agree = [r["__dj__meta__"]["daar_pseudo_domain"] == r.get("domain") for r in probe]
     selected = [r.get("domain", "?") for _, r in read_jsonl(out / "selected.jsonl")]
@@ -58,5 +72,142 @@ def main() -> None:
           f"pseudo_agreement={evaluation['pseudo_agreement']:.4f}")
 
 
+def selection_pool(name: str, n_probe: int, n_select: int) -> tuple[list[dict], list[dict]]:
+    import eval_pseudo_labels as E
+
+    probe = E.load_pool(name, n_probe)
+    select_path = E.POOL_DIR / f"{name}_select.jsonl"
+    if select_path.exists():
+        with open(select_path, encoding="utf-8") as handle:
+            rest = [json.loads(line) for line in handle if line.strip()]
+    else:
+        rest = E.load_pool(name, 10 ** 9)[n_probe:]
+    return probe, rest[:n_select]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pools", nargs="+", default=["shared", "bigbench"])
+    ap.add_argument("--methods", nargs="+", default=["default", "paper+kmeans3"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--random-seeds", type=int, default=5)
+    ap.add_argument("--n-probe", type=int, default=600,
+                    help="probe pool: the pool's first n records (a subset of what "
+                         "eval_pseudo_labels labels)")
+    ap.add_argument("--n-select", type=int, default=800, help="selection pool size")
+    ap.add_argument("--max-length", type=int, default=256,
+                    help="tokens per text for the probes' layer-3 features (the pipeline uses "
+                         "512; 256 keeps this tool affordable on a shared 2-core CPU)")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--epochs", type=int, default=20,
+                    help="probe epochs (20 on ~1,000 samples: the pipeline's --quick setting)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-true-label", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--pipeline", action="store_true",
+                    help="old mode: run daar-ops select on the shared pool and evaluate it")
+    ap.add_argument("--quick", action="store_true", help="--pipeline with the quick preset")
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--samples-per-domain", type=int, default=None)
+    ap.add_argument("--probe-size", type=int, default=None)
+    ap.add_argument("--pool-size", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.pipeline:
+        run_pipeline_check(args)
+        return 0
+
+    import torch
+
+    import eval_pseudo_labels as E
+    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS
+    from daar_ops.algorithms.coverage import facility_location_coverage
+    from daar_ops.algorithms.probes import DaarProbes, TrainConfig, train_daar_probes
+    from daar_ops.algorithms.pseudo_labels import pseudo_label
+    from daar_ops.feature_cache import FeatureCache
+    from daar_ops.features import LayerFeatureExtractor
+    from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+    from stage1_synthetic import SynthSettings, synthetic_samples
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    domains = list(DEFAULT_DOMAINS)
+    names = [d.name for d in domains]
+    k = len(names)
+    tpl = TextTemplate(ALPACA_TEMPLATE)
+    spaces = E.Spaces("smollm2-135m-instruct", 3, args.threads)
+    # Probe features as the pipeline: fp32 layer 3, the pipeline's template (feature cache).
+    probe_cache = FeatureCache(LayerFeatureExtractor("smollm2-135m-instruct", layer=3,
+                                                     max_length=args.max_length), None,
+                               template=ALPACA_TEMPLATE)
+    synth = {s: synthetic_samples(s, SynthSettings(), domains, threads=args.threads)[0]
+             for s in args.seeds}
+    report = {}
+    lines = []
+    for pool_name in args.pools:
+        probe, select = selection_pool(pool_name, args.n_probe, args.n_select)
+        probe_texts = [tpl.render(r) for r in probe]
+        select_texts = [tpl.render(r) for r in select]
+        truth_probe = np.array([names.index(r["domain"]) for r in probe])  # evaluation only
+        truth_select = [r["domain"] for r in select]
+        x_probe = probe_cache.encode(probe_texts, progress=False).layer
+        x_select = probe_cache.encode(select_texts, progress=False).layer
+        cover_space = spaces.sentence(select_texts)
+        n_keep = int(round(args.ratio * len(select)))
+
+        def evaluate(keep: np.ndarray) -> tuple[float, float]:
+            return (entropy_nats([truth_select[i] for i in keep]),
+                    facility_location_coverage(cover_space, cover_space[keep]))
+
+        rand = [evaluate(np.sort(np.random.default_rng(100 + s).permutation(len(select))
+                                 [:n_keep])) for s in range(args.random_seeds)]
+        r_ent, r_cov = np.array(rand).T
+        print(f"\n== pool {pool_name}: probe {len(probe)}, selection pool {len(select)}, keep "
+              f"{n_keep}; random ({args.random_seeds} seeds): entropy {r_ent.mean():.3f} +- "
+              f"{r_ent.std():.3f}, coverage {r_cov.mean():.4f} +- {r_cov.std():.4f}", flush=True)
+        report[pool_name] = {"random": {"entropy": r_ent.tolist(), "coverage": r_cov.tolist()}}
+        runs = [(m, s) for m in args.methods for s in args.seeds]
+        if not args.no_true_label:
+            runs.append(("true-label probes", args.seeds[0]))
+        per_method: dict[str, list] = {}
+        for method, seed in runs:
+            if method == "true-label probes":
+                labels, agreement = truth_probe, 1.0
+            else:
+                cfg = replace(E.METHODS[method], seed=seed)
+                feats = spaces.get(cfg.space, probe_texts)
+                anchor_texts, a_labels, is_desc = E.anchor_set(synth[seed], domains, tpl)
+                anchors = spaces.get(cfg.space, anchor_texts)
+                labels, _, _ = pseudo_label(feats, anchors, a_labels, k, is_desc, cfg)
+                agreement = float((labels == truth_probe).mean())
+            result = train_daar_probes(x_probe, labels, names,
+                                       TrainConfig(seed=seed, epochs=args.epochs),
+                                       progress=False)
+            probes = DaarProbes(result.dom, result.div, names)
+            reward, _ = probes.score(x_select)
+            keep = np.sort(np.argsort(-reward, kind="stable")[:n_keep])
+            ent, cov = evaluate(keep)
+            counts = Counter(truth_select[i] for i in keep)
+            per_method.setdefault(method, []).append((ent, cov, agreement))
+            print(f"  {method:20s} seed {seed}: agreement {agreement:.3f}  entropy {ent:.3f}  "
+                  f"coverage {cov:.4f}  psi_dom val acc {result.metrics['dom_val_accuracy']:.3f}"
+                  f"  selected {dict(sorted(counts.items()))}", flush=True)
+        report[pool_name]["methods"] = per_method
+        for method, vals in per_method.items():
+            ent, cov, agr = np.array(vals).T
+            lines.append(
+                f"RESULT pool={pool_name} method={method.replace(' ', '_')} "
+                f"entropy={ent.mean():.4f} entropy_std={ent.std():.4f} "
+                f"entropy_random={r_ent.mean():.4f} coverage={cov.mean():.4f} "
+                f"coverage_std={cov.std():.4f} coverage_random={r_cov.mean():.4f} "
+                f"pseudo_agreement={agr.mean():.4f} seeds={len(vals)}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=float))
+    print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
+    for line in lines:
+        print(line)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,170 +1,286 @@
-"""How well do DaaR's synthetic centroids pseudo-label the real pool?
+"""How well does DaaR stage 1 pseudo-label pools nobody tuned it for? (evaluation only)
 
-Synthesizes centroids with the model (seed + augmentation phases, novelty filter), pseudo-labels
-``--n`` records of the shared pool by nearest centroid, and compares with the pool's hidden
-``domain`` field (read here for evaluation only). ``oracle_agreement`` uses centroids averaged
-from the TRUE labels of a disjoint slice of the pool: the ceiling of nearest-centroid labelling
-with these features. Last line:
+For each synthesis seed (default 0 1 2) the model's synthetic samples are generated once and cached
+(``tools/stage1_synthetic.py``, ``~/.cache/daar_ops/synthetic/``) and reused for every pool. Each
+stage-1 method (:mod:`daar_ops.algorithms.pseudo_labels`) labels each pool
+(``tools/build_pools.py``: the shared pool, two leave-source-out slices of it, a BIG-bench +
+HumanEval + CHAMP pool), and the labels are compared with the pool's hidden ``domain`` field
+(read here only). Printed per pool x method: agreement (mean +- std over seeds), per-domain recall,
+predicted-label counts, the oracle ceiling (nearest centroid with centroids from the TRUE labels
+of the same records, in the method's space) and the label-free health signal (cross-seed
+agreement). Last line, for ``--default-method``:
 
-    RESULT agreement=<fraction> oracle_agreement=<fraction> n=<n> synth_seconds=<s>
+    RESULT min_agreement=<worst pool, mean over seeds> mean_agreement=<> seed_std=<> pools=<n>
 
-Usage: ``.venv/bin/python tools/eval_pseudo_labels.py [--samples-per-domain 10] [--n 2000]``.
+``seed_std``: the largest over pools of the std over seeds. Pool features are cached
+(``daar_ops.feature_cache`` for SmolLM2, ``~/.cache/daar_ops/sentence_features`` for MiniLM).
+
+Usage: ``.venv/bin/python tools/eval_pseudo_labels.py [--seeds 0 1 2] [--methods default paper]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import hashlib
 import json
 import os
 import sys
 import time
-from itertools import islice
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from daar_ops.algorithms.centroids import (  # noqa: E402
-    DEFAULT_DOMAINS, assign_nearest, check_feature, compute_centroids, embed_texts, kmeans_refine,
-    parse_domains, save_centroids, synthesize)
-from daar_ops.features import LayerFeatureExtractor  # noqa: E402
-from daar_ops.generation import load_generator  # noqa: E402
+from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, parse_domains  # noqa: E402
+from daar_ops.algorithms.pseudo_labels import (Stage1Config,  # noqa: E402
+                                               domain_anchor_texts, health, pseudo_label,
+                                               unit_rows)
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate  # noqa: E402
+from stage1_synthetic import SynthSettings, synthetic_samples  # noqa: E402
 
-DEFAULT_POOL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "daar_pool" / \
-    "daar_pool.jsonl.gz"
+HOME = Path(os.environ.get("DAAR_OPS_HOME", Path.home() / ".cache" / "daar_ops"))
+POOL_DIR = HOME / "eval_pools"
+POOLS = ("shared", "shared_lso", "shared_lso2", "bigbench")
+
+# Named stage-1 methods compared by the harness ("default" = Stage1Config()).
+METHODS: dict[str, Stage1Config] = {
+    "default": Stage1Config(),
+    "paper": Stage1Config.paper(),
+    "paper+kmeans3": Stage1Config.paper(method="kmeans", refine_iters=3),
+    "sent_fixed_syn": Stage1Config(method="fixed", use_descriptions=False, purity=False),
+    "sent_kmeans10_syn": Stage1Config(method="kmeans", refine_iters=10, use_descriptions=False),
+    "sent_kmeans10_desc": Stage1Config(method="kmeans", refine_iters=10, description_weight=1.0),
+    "sent_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10),
+    "sent_kmeans10_both75": Stage1Config(method="kmeans", refine_iters=10,
+                                         description_weight=0.75),
+    "sent_kmeans10_both25": Stage1Config(method="kmeans", refine_iters=10,
+                                         description_weight=0.25),
+    "sent_kmeans10_both_nopurity": Stage1Config(method="kmeans", refine_iters=10, purity=False),
+    "sent_cluster_both": Stage1Config(method="cluster"),
+    "sent_fixed_both": Stage1Config(method="fixed"),
+    "emb_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10, space="embedding"),
+    "sent_kmeans10s3_desc": Stage1Config(method="kmeans", refine_iters=10, anchor_strength=0.3,
+                                         description_weight=1.0),
+    "sent_kmeans10s3_both75": Stage1Config(method="kmeans", refine_iters=10,
+                                           anchor_strength=0.3, description_weight=0.75),
+    "sent_cluster_desc": Stage1Config(method="cluster", description_weight=1.0),
+    "sent_cluster16_desc": Stage1Config(method="cluster", description_weight=1.0,
+                                        clusters_per_domain=16),
+    "sent_cluster16_both75": Stage1Config(method="cluster", clusters_per_domain=16),
+    "sent_cluster4_both75": Stage1Config(method="cluster", clusters_per_domain=4),
+    "sent_cluster_both90": Stage1Config(method="cluster", description_weight=0.9),
+    "sent_cluster_both75": Stage1Config(method="cluster", description_weight=0.75),
+    "sent_kmeans10_both75_st": Stage1Config(method="kmeans", refine_iters=10,
+                                            description_weight=0.75, self_train_rounds=1),
+}
 
 
-def read_pool(path: Path, start: int, n: int) -> list[dict]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in islice(handle, start, start + n)]
+def anchor_set(synthetic: list[dict], domains, tpl) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(texts, domain index, is_description) of the anchors: synthetic samples + descriptions."""
+    names = [d.name for d in domains]
+    desc_texts, desc_labels = domain_anchor_texts(domains)
+    texts = [tpl.render(r) for r in synthetic] + desc_texts
+    labels = np.array([names.index(r["domain"]) for r in synthetic] + desc_labels)
+    is_desc = np.array([False] * len(synthetic) + [True] * len(desc_texts))
+    return texts, labels, is_desc
 
 
-def report(name: str, pred: np.ndarray, truth: np.ndarray, names: list[str]) -> float:
-    acc = float((pred == truth).mean()) if len(truth) else 0.0
-    print(f"\n{name}: agreement {acc:.4f}")
-    print("  true \\ pred  " + " ".join(f"{n[:11]:>11s}" for n in names))
-    for k, n in enumerate(names):
-        row = [int(((truth == k) & (pred == j)).sum()) for j in range(len(names))]
-        print(f"  {n[:12]:12s} " + " ".join(f"{v:11d}" for v in row))
-    return acc
+class Spaces:
+    """Features of texts in the three spaces, cached on disk."""
+
+    def __init__(self, model: str, layer: int, threads: int, sentence_max_tokens: int = 128):
+        self.model, self.layer = model, layer
+        self.sentence_max_tokens = sentence_max_tokens
+        self._caches: dict[int, object] = {}
+        torch.set_num_threads(threads)
+
+    def _lm(self, texts: list[str], layer: int):
+        # layer 0 loads the embedding matrix only (no transformer forward): the paper's space
+        # costs nothing; layer k runs k decoder layers.
+        if layer not in self._caches:
+            from daar_ops.feature_cache import FeatureCache
+            from daar_ops.features import LayerFeatureExtractor
+
+            extractor = LayerFeatureExtractor(self.model, layer=layer, max_length=512)
+            self._caches[layer] = FeatureCache(extractor, None, template=None)
+        return self._caches[layer].encode(texts, progress=len(texts) > 200)
+
+    def sentence(self, texts: list[str]) -> np.ndarray:
+        """MiniLM embeddings, cached per text (content-addressed rows under
+        ``~/.cache/daar_ops/sentence_features``), so any subset of seen texts costs nothing."""
+        from daar_ops.encoders import encode_sentences, load_sentence_encoder
+
+        root = HOME / "sentence_features" / f"all-minilm-l6-v2-{self.sentence_max_tokens}"
+        if not hasattr(self, "_rows"):
+            self._rows: dict[str, np.ndarray] = {}
+            for path in sorted(root.glob("rows-*.npz")) if root.exists() else []:
+                with np.load(path) as data:
+                    self._rows.update(zip(data["keys"].tolist(), data["emb"]))
+        keys = [hashlib.sha256(t.encode("utf-8", "replace")).hexdigest()[:32] for t in texts]
+        missing = sorted({k: i for k, i in zip(keys, range(len(texts)))
+                          if k not in self._rows}.items(), key=lambda kv: kv[1])
+        if missing:
+            # The first 128 tokens (mostly the instruction) carry the domain; the encoder's own
+            # cap of 256 doubles the cost on a shared CPU.
+            load_sentence_encoder().max_seq_length = self.sentence_max_tokens
+            emb = encode_sentences([texts[i] for _, i in missing], progress=len(missing) > 200)
+            new_keys = [k for k, _ in missing]
+            root.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256("".join(new_keys).encode()).hexdigest()[:24]
+            tmp = root / f".rows-{name}.{os.getpid()}.npz"
+            np.savez(tmp, keys=np.array(new_keys), emb=emb)
+            os.replace(tmp, root / f"rows-{name}.npz")
+            self._rows.update(zip(new_keys, emb))
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        return np.stack([self._rows[k] for k in keys]).astype(np.float32)
+
+    def get(self, space: str, texts: list[str]) -> np.ndarray:
+        if space == "sentence":
+            return self.sentence(texts)
+        if space == "embedding":
+            return self._lm(texts, 0).embedding
+        return self._lm(texts, self.layer).layer
+
+
+def load_pool(name: str, n: int) -> list[dict]:
+    path = POOL_DIR / f"{name}.jsonl"
+    if not path.exists():
+        import build_pools
+
+        build_pools.build(POOL_DIR, POOL_DIR / "downloads", 2000, 0, build_pools.SHARED_POOL)
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows[:n]
+
+
+def oracle_agreement(feats: np.ndarray, truth: np.ndarray, k: int) -> float:
+    x = unit_rows(feats)
+    cents = unit_rows(np.stack([x[truth == j].mean(0) for j in range(k)]))
+    return float((np.argmax(x @ cents.T, 1) == truth).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    ap.add_argument("--pools", nargs="+", default=list(POOLS))
+    ap.add_argument("--n", type=int, default=1000, help="records per pool (its first n)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["default", "paper", "paper+kmeans3"],
+                    help=f"names of {sorted(METHODS)}, or 'all'")
+    ap.add_argument("--default-method", default="default", help="method of the RESULT line")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--domains", type=Path, default=None,
-                    help="JSONL of {domain, description} rows (default: the paper's four "
-                         "domains and descriptions); names must match the pool's labels")
-    ap.add_argument("--n", type=int, default=2000, help="pool records to pseudo-label")
-    ap.add_argument("--oracle-n", type=int, default=2000,
-                    help="records of the disjoint slice (after the first n) for oracle centroids")
-    ap.add_argument("--samples-per-domain", type=int, default=8)
-    ap.add_argument("--max-attempts", type=int, default=24, help="generations per domain at most")
-    ap.add_argument("--candidates-per-round", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.9)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--tau", type=float, default=0.95,
-                    help="novelty threshold (paper 0.85; SmolLM2 embedding-layer features of "
-                         "same-domain texts have median cosine 0.77-0.87, so 0.85 rejects most)")
-    ap.add_argument("--feature", choices=["embedding", "layer"], default="embedding")
-    ap.add_argument("--layer", type=int, default=3, help="decoder layer for --feature layer")
-    ap.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine")
-    ap.add_argument("--refine-iters", type=int, default=0,
-                    help="k-means iterations on the labelled records, initialised at the "
-                         "synthetic centroids (the reference code's behaviour)")
-    ap.add_argument("--batch-size", type=int, default=16, help="generation batch size")
-    ap.add_argument("--gen-dtype", default="bfloat16",
-                    help="generator dtype (bfloat16 is much faster on AMX CPUs)")
-    ap.add_argument("--response-prefix", default="Instruction:",
-                    help="assistant prefill the model continues ('' to disable)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--save-centroids", type=Path, default=None)
-    ap.add_argument("--save-samples", type=Path, default=None, help="JSONL of accepted samples")
+    ap.add_argument("--sentence-max-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    layer = check_feature(args.feature, args.layer)
-    if args.domains:
-        with open(args.domains) as handle:
-            domains = parse_domains([json.loads(line) for line in handle if line.strip()])
-    else:
-        domains = list(DEFAULT_DOMAINS)
+    t_start = time.perf_counter()
+    methods = sorted(METHODS) if args.methods == ["all"] else args.methods
+    if args.default_method not in methods:
+        methods.append(args.default_method)
+    domains = list(DEFAULT_DOMAINS)
     names = [d.name for d in domains]
-
-    extractor = LayerFeatureExtractor(args.model, layer=layer, max_length=512)
-    generator = load_generator("hf", args.model, batch_size=args.batch_size,
-                               dtype=args.gen_dtype)
-    t0 = time.perf_counter()
-    result = synthesize(
-        generator, domains, lambda texts: embed_texts(extractor, texts, args.feature),
-        samples_per_domain=args.samples_per_domain, max_attempts=args.max_attempts,
-        tau=args.tau, candidates_per_round=args.candidates_per_round, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        response_prefix=args.response_prefix or None)
-    records = result.records()
-    missing = [n for n in names if not result.samples[n]]
-    if missing:
-        print(f"no accepted sample for {missing}: cannot build centroids", file=sys.stderr)
-        return 1
-    synth_feats = embed_texts(extractor, [TextTemplate(ALPACA_TEMPLATE).render(r)
-                                          for r in records], args.feature)
-    centroids, counts = compute_centroids(synth_feats, [r["domain"] for r in records], names)
-    synth_seconds = time.perf_counter() - t0
-    print("\nsynthesis:")
-    for d in domains:
-        print(f"  {d.name:12s} {result.stats[d.name].as_dict()}")
-    for d in domains:
-        for p in result.samples[d.name][:2]:
-            print(f"  [{d.name}] {p.text()[:150]!r}")
-    if args.save_samples:
-        args.save_samples.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.save_samples, "w") as handle:
-            for r in records:
-                handle.write(json.dumps(r, ensure_ascii=False) + "\n")
-    if args.save_centroids:
-        save_centroids(args.save_centroids, centroids, domains,
-                       extractor.describe(), args.feature, ALPACA_TEMPLATE, counts,
-                       extra={"synthesis": {n: s.as_dict() for n, s in result.stats.items()}})
-
-    pool = read_pool(args.pool, 0, args.n + args.oracle_n)
-    evaluate, oracle_slice = pool[:args.n], pool[args.n:]
+    k = len(names)
     tpl = TextTemplate(ALPACA_TEMPLATE)
-    feats = embed_texts(extractor, [tpl.render(r) for r in evaluate], args.feature, progress=True)
-    truth = np.array([names.index(r["domain"]) for r in evaluate])  # evaluation only
+    spaces = Spaces(args.model, args.layer, args.threads, args.sentence_max_tokens)
+    settings = replace(SynthSettings(), model=args.model)
 
-    pred, _ = assign_nearest(feats, centroids, args.metric)
-    acc_fixed = report("synthetic centroids (fixed prototypes)", pred, truth, names)
-    refined = kmeans_refine(feats, centroids, 10, args.metric)
-    acc_ref10 = report("synthetic centroids + 10 k-means iterations", assign_nearest(
-        feats, refined, args.metric)[0], truth, names)
-    if args.refine_iters:
-        final = kmeans_refine(feats, centroids, args.refine_iters, args.metric)
-        agreement = float((assign_nearest(feats, final, args.metric)[0] == truth).mean())
-    else:
-        agreement = acc_fixed
+    synth = {}
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        records, info = synthetic_samples(seed, settings, domains, threads=args.threads)
+        synth[seed] = records
+        counts = {n: sum(r["domain"] == n for r in records) for n in names}
+        print(f"synthetic seed {seed}: {counts} ({time.perf_counter() - t0:.1f}s here; "
+              f"generated in {info.get('seconds')}s, key {info.get('key')})", flush=True)
 
-    oracle_feats = embed_texts(extractor, [tpl.render(r) for r in oracle_slice], args.feature,
-                               progress=True)
-    oracle_c, _ = compute_centroids(oracle_feats, [r["domain"] for r in oracle_slice], names)
-    oracle = report("oracle centroids (true labels, disjoint slice)",
-                    assign_nearest(feats, oracle_c, args.metric)[0], truth, names)
-    cos = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)) @ \
-        (oracle_c / np.linalg.norm(oracle_c, axis=1, keepdims=True)).T
-    print("\ncosine(synthetic centroid, oracle centroid) per domain: "
-          + ", ".join(f"{n}={cos[k, k]:.3f}" for k, n in enumerate(names)))
-    print(f"ratio agreement/oracle = {agreement / max(oracle, 1e-9):.3f}; "
-          f"fixed {acc_fixed:.4f}, refined(10) {acc_ref10:.4f}")
-    print(f"RESULT agreement={agreement:.4f} oracle_agreement={oracle:.4f} n={len(evaluate)} "
-          f"synth_seconds={synth_seconds:.1f}")
+    results: dict[str, dict[str, dict]] = {}
+    for pool_name in args.pools:
+        pool = load_pool(pool_name, args.n)
+        truth = np.array([names.index(r["domain"]) for r in pool])  # evaluation only
+        texts = [tpl.render(r) for r in pool]
+        results[pool_name] = {}
+        oracle: dict[str, float] = {}
+        for method in methods:
+            cfg = METHODS[method]
+            feats = spaces.get(cfg.space, texts)
+            if cfg.space not in oracle:
+                oracle[cfg.space] = oracle_agreement(feats, truth, k)
+            per_seed, labelings = [], []
+            for seed in args.seeds:
+                anchor_texts, labels, is_desc = anchor_set(synth[seed], domains, tpl)
+                anchors = spaces.get(cfg.space, anchor_texts)
+                pred, margins, info = pseudo_label(feats, anchors, labels, k, is_desc,
+                                                   replace(cfg, seed=seed))
+                labelings.append(pred)
+                recall = [float((pred[truth == j] == j).mean()) for j in range(k)]
+                per_seed.append({"agreement": float((pred == truth).mean()), "recall": recall,
+                                 "counts": np.bincount(pred, minlength=k).tolist(),
+                                 "mean_margin": float(margins.mean()),
+                                 "prototype_agreement": info["prototype_agreement"]})
+            acc = np.array([s["agreement"] for s in per_seed])
+            h = health(labelings, k)
+            results[pool_name][method] = {
+                "agreement_mean": float(acc.mean()), "agreement_std": float(acc.std()),
+                "per_seed": per_seed, "oracle": oracle[cfg.space], "health": h.as_dict()}
+        print(f"\n== pool {pool_name}: {len(pool)} records, true counts "
+              f"{np.bincount(truth, minlength=k).tolist()} ({', '.join(names)})")
+        print(f"  {'method':22s} {'agree':>6s} {'std':>6s} {'oracle':>6s} {'xseed':>6s}  "
+              f"recall per domain (mean over seeds)   predicted counts (seed {args.seeds[0]})")
+        for method in methods:
+            r = results[pool_name][method]
+            rec = np.mean([s["recall"] for s in r["per_seed"]], axis=0)
+            print(f"  {method:22s} {r['agreement_mean']:6.3f} {r['agreement_std']:6.3f} "
+                  f"{r['oracle']:6.3f} {r['health']['cross_seed_agreement']:6.3f}  "
+                  + " ".join(f"{v:4.2f}" for v in rec)
+                  + f"   {r['per_seed'][0]['counts']}", flush=True)
+
+    print("\nmethod summary (worst pool / mean over pools of the mean over seeds; max seed std):")
+    summary = {}
+    for method in methods:
+        means = [results[p][method]["agreement_mean"] for p in args.pools]
+        stds = [results[p][method]["agreement_std"] for p in args.pools]
+        summary[method] = (min(means), float(np.mean(means)), max(stds))
+        print(f"  {method:22s} min {min(means):.3f}  mean {np.mean(means):.3f}  "
+              f"seed_std {max(stds):.3f}")
+    signals = {
+        "cross_seed_agreement": lambda r: r["health"]["cross_seed_agreement"],
+        "prototype_agreement": lambda r: np.mean([s["prototype_agreement"]
+                                                  for s in r["per_seed"]]),
+        "mean_margin": lambda r: np.mean([s["mean_margin"] for s in r["per_seed"]]),
+    }
+    print("\nlabel-free health signals vs true agreement (Pearson r over pool x method cells; "
+          "within the default method over pools):")
+    for sig, fn in signals.items():
+        vals = np.array([(fn(results[p][m]), results[p][m]["agreement_mean"])
+                         for p in args.pools for m in methods], dtype=float)
+        ok = np.isfinite(vals).all(1)
+        x, y = vals[ok].T if ok.any() else (np.array([]), np.array([]))
+        corr = float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 \
+            else float("nan")
+        dflt = ", ".join(f"{p}={fn(results[p][args.default_method]):.3f}" for p in args.pools)
+        print(f"  {sig:22s} r={corr:6.3f}   default: {dflt}")
+    xs = [(results[p][m]["health"]["cross_seed_agreement"], results[p][m]["agreement_mean"])
+          for p in args.pools for m in methods]
+    if len(args.seeds) > 1 and len(xs) > 2:
+        for thr in (0.7, 0.8, 0.9):
+            flagged = [(a, t) for a, t in xs if a < thr]
+            print(f"  cross-seed < {thr}: {len(flagged)} cells flagged, their true agreement "
+                  f"max {max([t for _, t in flagged], default=float('nan')):.3f}; unflagged "
+                  f"min {min([t for a, t in xs if a >= thr], default=float('nan')):.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"results": results, "seeds": args.seeds}, indent=1))
+    print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
+    lo, mean, std = summary[args.default_method]
+    print(f"RESULT min_agreement={lo:.4f} mean_agreement={mean:.4f} seed_std={std:.4f} "
+          f"pools={len(args.pools)}")
     return 0
 
 

@@ -1,0 +1,137 @@
+"""Robust stage 1 (daar_ops.algorithms.pseudo_labels): prototypes, purity, methods, health."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daar_ops.algorithms.pseudo_labels import (HEALTH_THRESHOLD, Stage1Config, anchor_weights,
+                                               health, pseudo_label, prototypes, purity_filter)
+
+
+def _blobs(rng, centers, n_per, noise):
+    x = np.concatenate([c + noise * rng.standard_normal((n, len(c)))
+                        for c, n in zip(centers, n_per)])
+    y = np.concatenate([[k] * n for k, n in enumerate(n_per)])
+    return x, y
+
+
+def _world(seed=0, d=16, k=4, offset_scale=0.0):
+    """K well separated domains in d dims; anchors are noisy and share an offset (as synthetic
+    samples that sit beside the pool's manifold), descriptions are closer to the truth."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d)) * 3
+    pool, truth = _blobs(rng, centers, [300, 200, 120, 60], 1.0)
+    offset = offset_scale * rng.standard_normal(d)
+    syn, syn_y = _blobs(rng, centers + offset, [6] * k, 1.5)
+    desc = centers + 0.5 * rng.standard_normal((k, d))
+    anchors = np.concatenate([syn, desc])
+    labels = np.concatenate([syn_y, np.arange(k)])
+    is_desc = np.array([False] * len(syn) + [True] * k)
+    return pool, truth, anchors, labels, is_desc
+
+
+@pytest.mark.parametrize("method", ["fixed", "kmeans", "cluster"])
+def test_methods_recover_separated_domains(method):
+    pool, truth, anchors, labels, is_desc = _world()
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, method=method)
+    assert pred.shape == truth.shape and margins.shape == truth.shape
+    assert (margins >= 0).all()
+    assert (pred == truth).mean() > 0.95
+    assert sum(info["label_counts"]) == len(pool)
+
+
+def test_deterministic_for_a_seed():
+    pool, _, anchors, labels, is_desc = _world(1)
+    a = pseudo_label(pool, anchors, labels, 4, is_desc, seed=5)
+    b = pseudo_label(pool, anchors, labels, 4, is_desc, seed=5)
+    assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
+def test_purity_filter_drops_mislabelled_anchor_and_keeps_descriptions():
+    a = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, 0.05], [0, 1.0]])
+    y = np.array([0, 0, 1, 1, 1, 0])  # rows 4 and 5 carry the wrong domain
+    prot = np.array([False, False, False, False, False, True])
+    keep = purity_filter(a, y, 2, protected=prot)
+    assert keep.tolist() == [True, True, True, True, False, True]
+
+
+def test_purity_filter_keeps_one_anchor_per_domain():
+    a = np.array([[1.0, 0.0], [1.0, 0.01]])
+    keep = purity_filter(a, np.array([0, 1]), 2)
+    assert keep.all()
+
+
+def test_anchor_weights_split_shares():
+    y = np.array([0, 0, 0, 1, 1])
+    desc = np.array([False, False, True, False, False])
+    w = anchor_weights(y, desc, 0.25)
+    assert np.isclose(w[y == 0].sum(), 1) and np.isclose(w[2], 0.25)
+    assert np.isclose(w[y == 1].sum(), 1)  # no description: the samples get everything
+
+
+def test_prototypes_need_every_domain():
+    with pytest.raises(ValueError, match="domain 2"):
+        prototypes(np.eye(3), np.array([0, 1, 1]), 3)
+
+
+def test_descriptions_ignored_when_disabled():
+    pool, truth, anchors, labels, is_desc = _world(2)
+    _, _, info = pseudo_label(pool, anchors, labels, 4, is_desc, use_descriptions=False,
+                              purity=False, method="fixed")
+    assert info["anchors_kept"] == [6, 6, 6, 6]
+
+
+def test_bad_inputs_are_refused():
+    pool, _, anchors, labels, is_desc = _world()
+    with pytest.raises(ValueError):
+        pseudo_label(pool[:, :3], anchors, labels, 4, is_desc)
+    with pytest.raises(ValueError):
+        pseudo_label(pool, anchors, labels + 10, 4, is_desc)
+    with pytest.raises(ValueError):
+        pseudo_label(pool, anchors, labels, 4, is_desc, method="nope")
+
+
+def test_paper_preset():
+    cfg = Stage1Config.paper()
+    assert (cfg.method, cfg.space, cfg.use_descriptions, cfg.purity) == \
+        ("fixed", "embedding", False, False)
+
+
+def test_health_tracks_disagreement():
+    a = np.array([0, 1, 2, 3] * 25)
+    good = health([a, a.copy(), a.copy()], 4)
+    assert good.cross_seed_agreement == 1.0 and good.reliable
+    noisy = np.random.default_rng(0).integers(0, 4, size=100)
+    bad = health([a, noisy], 4)
+    assert bad.cross_seed_agreement < HEALTH_THRESHOLD and not bad.reliable
+    single = health([a], 4)
+    assert np.isnan(single.cross_seed_agreement) and not single.reliable
+
+
+def test_kmeans_fully_anchored_equals_fixed_prototypes():
+    pool, _, anchors, labels, is_desc = _world(4, offset_scale=1.0)
+    fixed, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="fixed")
+    tied, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="kmeans",
+                              refine_iters=5, anchor_strength=1.0)
+    assert np.array_equal(fixed, tied)
+
+
+@pytest.mark.parametrize("overrides", [dict(method="spread"), dict(self_train_rounds=1)])
+def test_other_options_label_every_record(overrides):
+    pool, truth, anchors, labels, is_desc = _world(5)
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, **overrides)
+    assert pred.shape == truth.shape and np.isfinite(margins).all()
+    assert (pred == truth).mean() > 0.8
+
+
+def test_domain_anchor_texts_paraphrase_default_domains_only():
+    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, DomainSpec
+    from daar_ops.algorithms.pseudo_labels import DEFAULT_ANCHOR_TEXTS, domain_anchor_texts
+
+    texts, labels = domain_anchor_texts(list(DEFAULT_DOMAINS) + [DomainSpec("law", "statutes")])
+    n_default = sum(1 + len(DEFAULT_ANCHOR_TEXTS[d.name]) for d in DEFAULT_DOMAINS)
+    assert len(texts) == n_default + 1 and texts[-1] == "law: statutes" and labels[-1] == 4
+    assert texts[0].startswith("common sense: ")
+    plain, plain_labels = domain_anchor_texts(DEFAULT_DOMAINS, extra=False)
+    assert plain_labels == [0, 1, 2, 3]
