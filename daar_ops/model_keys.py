@@ -34,10 +34,14 @@ def _generator(backend: str = "hf", model: str = "smollm2-135m-instruct", dtype:
                           **kwargs)
 
 
-def _sentence_encoder(model: str = "all-minilm-l6-v2", device: str = "cpu"):
+def _sentence_encoder(model: str = "all-minilm-l6-v2", max_seq_length: int | None = None,
+                      device: str = "cpu"):
     from daar_ops.encoders import load_sentence_encoder
 
-    return load_sentence_encoder(model, device)
+    encoder = load_sentence_encoder(model, device)
+    if max_seq_length is not None:
+        encoder.max_seq_length = int(max_seq_length)
+    return encoder
 
 
 def _score_rater(model: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 2048,

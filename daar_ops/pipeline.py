@@ -84,6 +84,11 @@ class SelectConfig:
     top_p: float = SYNTHESIS_DEFAULTS["top_p"]
     probe_size: int = 5000
     pool_size: int | None = None  # None: every record not in the probe pool
+    # stage 1 (docs/daar_stage1.md): the space the probe pool is labelled in and the method;
+    # --pseudo-label-space embedding --pseudo-label-method fixed --no-descriptions is the paper's
+    pseudo_label_space: str = PSEUDO_LABEL_DEFAULTS["feature"]
+    pseudo_label_method: str = PSEUDO_LABEL_DEFAULTS["method"]
+    descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"]
     refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"]
     select_ratio: float = 0.2
     # Keep the top select_ratio within each predicted pseudo-domain (the paper's "customized"
@@ -315,6 +320,9 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
     with timer("pseudo_label"):
         labeller = DomainPseudoLabelMapper(
             samples_path=str(out / "synthetic.jsonl"), model=cfg.model, template=cfg.template,
+            feature=cfg.pseudo_label_space, method=cfg.pseudo_label_method,
+            use_descriptions=cfg.descriptions, seed=cfg.seed,
+            domains=[{"name": d.name, "description": d.description} for d in domains],
             refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1)
         order = [labeller.domains.index(n) for n in names]
         labelled = labeller.run(_view(records, probe_idx, tpl))
@@ -323,7 +331,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         save_centroids(out / "centroids", labeller.centroids[order], domains,
                        labeller.feature_description(), labeller.feature, tpl.template,
                        np.array([sum(1 for r in synthetic if r["domain"] == n) for n in names]),
-                       extra={"synthesis": synthesis_stats, "refine_iters": cfg.refine_iters})
+                       extra={"synthesis": synthesis_stats, "stage1": labeller.stage1.to_dict()})
         probe_records, labels = [], []
         for row, i in enumerate(probe_idx.tolist()):
             rec = dict(records[i])
@@ -380,6 +388,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         "domains": names,
         "synthesis": synthesis_stats,
         "probe_pseudo_domain_counts": {n: int((label_arr == n).sum()) for n in names},
+        "stage1": stage1_health(labeller.stage1_info, label_arr, names),
         "selection_pool_pseudo_domain_counts": _counts(predicted, names),
         "selected_pseudo_domain_counts": _counts([p for p, k in zip(predicted, keep) if k], names),
         "probe_metrics": manifest.get("metrics", {}),
@@ -391,6 +400,25 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
     _write_summary_md(out, summary)
     _plot(out, reward, keep, predicted, names)
     return summary
+
+
+def stage1_health(info: Mapping[str, Any], labels: np.ndarray, names: Sequence[str]
+                  ) -> dict[str, Any]:
+    """Label-free signals of stage 1 for the summary, with a warning when they say the
+    pseudo-labels are unreliable (one domain nearly absent from the probe pool). The stronger
+    signal, agreement between two synthesis seeds, is measured by tools/eval_pseudo_labels.py."""
+    counts = np.array([int((labels == n).sum()) for n in names])
+    share = float(counts.min() / max(counts.sum(), 1))
+    out = {k: info[k] for k in ("prototype_agreement", "mean_margin", "anchors_kept",
+                                "anchors_dropped") if k in info}
+    out.update(min_domain_share=round(share, 4), reliable=share >= 0.05)
+    if share < 0.05:
+        weak = names[int(counts.argmin())]
+        logger.warning(f"stage 1 looks unreliable: pseudo-domain '{weak}' got {counts.min()} of "
+                       f"{counts.sum()} probe records; its probe and the selection's balance "
+                       f"will be poor (try more synthetic samples, domain descriptions that "
+                       f"match the pool, or a stronger --model)")
+    return out
 
 
 def _counts(labels: Sequence[str], names: Sequence[str]) -> dict[str, int]:

@@ -36,7 +36,8 @@ def _cfg(tiny_llama, tmp_path, pool, out, **kw) -> SelectConfig:
     syn = _write(tmp_path / "syn.jsonl", SYNTHETIC)
     base = dict(pool=str(pool), output_dir=str(out), model=str(tiny_llama), synthetic=str(syn),
                 probe_size=20, select_ratio=0.25, epochs=1, max_length=32,
-                cache_dir=str(tmp_path / "cache"), progress=False)
+                cache_dir=str(tmp_path / "cache"), progress=False,
+                pseudo_label_space="embedding", pseudo_label_method="fixed")
     base.update(kw)
     return SelectConfig(**base)
 
@@ -137,7 +138,8 @@ def test_select_user_errors_are_one_line(tiny_llama, tmp_path):
     ]
     cli = [sys.executable, "-m", "daar_ops.cli", "select", "--model", str(tiny_llama),
            "--output-dir", str(tmp_path / "o"), "--no-progress", "--epochs", "1",
-           "--probe-size", "20"]
+           "--probe-size", "20", "--pseudo-label-space", "embedding",
+           "--pseudo-label-method", "fixed"]
     for extra, message in cases:
         args = cli + ["--pool", str(pool), "--synthetic", str(_write(tmp_path / "s.jsonl",
                                                                      SYNTHETIC))] + extra

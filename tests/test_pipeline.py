@@ -52,10 +52,15 @@ def small_pool(tmp_path):
     return path, syn
 
 
-def _config(tiny_llama, pool, syn, out, cache) -> SelectConfig:
-    return SelectConfig(pool=str(pool), output_dir=str(out), model=str(tiny_llama),
-                        synthetic=str(syn), probe_size=40, pool_size=None, select_ratio=0.25,
-                        epochs=2, max_length=64, cache_dir=str(cache), progress=False)
+def _config(tiny_llama, pool, syn, out, cache, **kw) -> SelectConfig:
+    # stage 1 in the tiny LM's embedding space (no sentence encoder needed; the default sentence
+    # space is covered by test_default_stage1_* with the real MiniLM)
+    base = dict(pool=str(pool), output_dir=str(out), model=str(tiny_llama), synthetic=str(syn),
+                probe_size=40, pool_size=None, select_ratio=0.25, epochs=2, max_length=64,
+                cache_dir=str(cache), progress=False, pseudo_label_space="embedding",
+                pseudo_label_method="fixed")
+    base.update(kw)
+    return SelectConfig(**base)
 
 
 def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_path):
@@ -189,7 +194,7 @@ def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_ll
     plain = [{k: v for k, v in r.items() if not k.startswith("__dj__")} for r in probe]
     labelled = run_recipe("label", plain, [{"domain_pseudo_label_mapper": {
         "samples_path": str(out / "synthetic.jsonl"), "model": str(tiny_llama),
-        "max_length": 64}}])
+        "max_length": 64, "feature": "embedding", "method": "fixed"}}])
     assert [r["__dj__meta__"]["daar_pseudo_domain"] for r in labelled] == \
         [r["__dj__meta__"]["daar_pseudo_domain"] for r in probe]
 
@@ -203,3 +208,15 @@ def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_ll
     # rewards agree to float32 feature noise (a text's features vary ~1e-7 with its batch)
     assert [r["__dj__stats__"]["daar_diversity_reward"] for r in selected] == pytest.approx(
         [s["daar_diversity_reward"] for s in expected], abs=1e-5)
+
+
+@pytest.mark.integration
+def test_default_stage1_in_select(tiny_llama, small_pool, tmp_path, minilm_path):
+    pool, syn = small_pool
+    cfg = _config(tiny_llama, pool, syn, tmp_path / "d", tmp_path / "cache",
+                  pseudo_label_space=SelectConfig().pseudo_label_space,
+                  pseudo_label_method=SelectConfig().pseudo_label_method)
+    s = run_select(cfg).summary
+    assert cfg.pseudo_label_space == "sentence" and cfg.pseudo_label_method == "cluster"
+    assert sum(s["probe_pseudo_domain_counts"].values()) == 40
+    assert s["stage1"]["min_domain_share"] >= 0 and "prototype_agreement" in s["stage1"]

@@ -135,7 +135,9 @@ def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
         for name, texts in TOPIC_TEXTS.items():
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
-    op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama))
+    op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                 feature="embedding", method="fixed", use_descriptions=False,
+                                 purity=False)  # the paper's: plain mean per domain
     assert op.domains == ["mathematics", "coding"] and op.centroids.shape == (2, 32)
     out = op.process_batched({"instruction": ["def f(x): return sorted(x)"]})
     assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"
@@ -150,10 +152,13 @@ def test_pseudo_label_refinement_moves_centroids_and_is_default_executor_only(cf
                                       refine_iters=3, num_proc=1)
     assert "ray" in fixed._supported_exec_modes
     assert "ray" not in refined._supported_exec_modes
-    before = refined.centroids.copy()
     out = refined.run(NestedDataset.from_list(rows))
     assert len(out) == len(rows)
-    assert not np.allclose(before, refined.centroids)
+    # the labels are the whole-dataset k-means labels (spherical Lloyd from the file's centroids)
+    assert refined.method == "kmeans" and len(refined._fitted) == len(rows)
+    assert "prototype_agreement" in refined.stage1_info
+    assert [r[Fields.meta]["daar_pseudo_domain"] for r in out] == [
+        refined.domains[refined._fitted[t]] for t in (r["instruction"] for r in rows)]
     assert all(len(r[Fields.stats]["daar_domain_similarity"]) == 2 for r in out)
 
 
@@ -271,13 +276,13 @@ def test_synthesis_op_validates_parameters():
 def test_real_smollm2_synthesis_writes_parsed_pairs_and_centroids(smollm2_path, tmp_path):
     op = CentroidSynthesisMapper(
         domains={"mathematics": "calculations with numbers", "coding": "write Python code"},
-        samples_per_domain=1, max_attempts=2, candidates_per_round=2, max_new_tokens=64,
-        dtype="bfloat16", generation_batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
+        samples_per_domain=1, max_attempts=4, candidates_per_round=2, max_new_tokens=64,
+        generation_batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
     rows = op.run(NestedDataset.from_list([{"text": "x"}])).to_list()  # seeded: deterministic
     assert {r["domain"] for r in rows} == {"mathematics", "coding"}
     for r in rows:
         assert r["instruction"].strip() and r["output"].strip()
-        assert r[Fields.meta]["daar_synthesis"]["attempts"] <= 2
+        assert r[Fields.meta]["daar_synthesis"]["attempts"] <= 4
     cents, manifest = load_centroids(tmp_path / "c")
     assert cents.shape == (2, 576) and manifest["model"] == "smollm2-135m-instruct"
 
@@ -307,3 +312,27 @@ def test_pseudo_label_recipe_runs_under_dj_process(smollm2_path, shared_pool, tm
     # coding samples mostly go to the coding centroid
     coding = [lab for lab, r in zip(labels, rows) if r["domain"] == "coding"]
     assert coding and coding.count("coding") / len(coding) > 0.5
+
+
+@pytest.mark.integration
+def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
+    """The default stage 1: MiniLM space, anchors = synthetic samples + descriptions, k-means
+    clusters of the whole dataset labelled by prototype; default executor only."""
+    from data_juicer.core.data import NestedDataset
+
+    path = tmp_path / "samples.jsonl"
+    with open(path, "w") as handle:
+        for name, texts in TOPIC_TEXTS.items():
+            for t in texts:
+                handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
+    op = DomainPseudoLabelMapper(samples_path=str(path))
+    assert op.feature == "sentence" and op.method == "cluster"
+    assert op._supported_exec_modes == ("default",)
+    rows = ([{"instruction": f"Compute {i} * {i + 3} and give the sum of the digits."}
+             for i in range(12)] +
+            [{"instruction": f"Write a Python function f{i} that sorts a list of integers."}
+             for i in range(12)])
+    out = op.run(NestedDataset.from_list(rows)).to_list()
+    labels = [r["__dj__meta__"]["daar_pseudo_domain"] for r in out]
+    assert labels[:12].count("mathematics") >= 10 and labels[12:].count("coding") >= 10
+    assert all(len(r["__dj__stats__"]["daar_domain_similarity"]) == 2 for r in out)

@@ -191,6 +191,9 @@ class Fuzz:
             ("domain_pseudo_label_mapper", lambda: DomainPseudoLabelMapper(
                 centroids_path=str(self.workdir / "centroids"), model=model, max_length=32,
                 num_proc=1)),
+            ("domain_pseudo_label_mapper cluster", lambda: DomainPseudoLabelMapper(
+                samples_path=str(self.synthetic), model=model, feature="embedding",
+                method="cluster", max_length=32, num_proc=1)),
             ("diversity_reward_filter", lambda: DiversityRewardFilter(
                 checkpoint=probe, feature_cache=False, num_proc=1)),
             ("ds2_rating_filter", lambda: DS2RatingFilter(model=model, max_length=64,
@@ -240,7 +243,8 @@ class Fuzz:
         cfg = SelectConfig(pool=str(pool), output_dir=str(out), model=str(self.model),
                            synthetic=str(self.synthetic), domains=["coding", "math", "qa"],
                            probe_size=max(1, len(records) // 2), select_ratio=0.5, epochs=1,
-                           max_length=32, progress=False, cache_dir=str(self.workdir / "cache"))
+                           max_length=32, progress=False, cache_dir=str(self.workdir / "cache"),
+                           pseudo_label_space="embedding", pseudo_label_method="fixed")
         try:
             result = run_select(cfg)
         except Exception as err:  # noqa: BLE001

@@ -313,6 +313,39 @@ def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: 
              "cluster_labels": cluster_label.tolist()})
 
 
+def build_prototypes(anchor_features: np.ndarray, anchor_labels: Sequence[int] | np.ndarray,
+                     n_domains: int, is_description: Sequence[bool] | np.ndarray | None = None,
+                     config: Stage1Config | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The anchors a stage-1 config keeps and the [K, d] unit prototypes they give:
+    (prototypes, kept anchors, their labels, their weights, info)."""
+    cfg = config or Stage1Config()
+    anchors = np.asarray(anchor_features, dtype=np.float64)
+    labels = np.asarray(anchor_labels, dtype=np.int64)
+    desc = (np.zeros(len(anchors), bool) if is_description is None
+            else np.asarray(is_description, dtype=bool))
+    if anchors.ndim != 2:
+        raise ValueError(f"anchors must be [M, d], got {anchors.shape}")
+    if len(labels) != len(anchors) or len(desc) != len(anchors):
+        raise ValueError("anchor_labels and is_description need one entry per anchor row")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_domains):
+        raise ValueError(f"anchor labels must be in [0, {n_domains})")
+    use = np.ones(len(anchors), bool) if cfg.use_descriptions else ~desc
+    anchors, labels, desc = anchors[use], labels[use], desc[use]
+    keep = (purity_filter(anchors, labels, n_domains, protected=desc) if cfg.purity
+            else np.ones(len(anchors), bool))
+    anchors, labels, desc = anchors[keep], labels[keep], desc[keep]
+    weights = anchor_weights(labels, desc, cfg.description_weight)
+    protos = prototypes(anchors, labels, n_domains, weights)
+    info: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "anchors_kept": np.bincount(labels, minlength=n_domains).tolist(),
+        "anchors_dropped": int((~keep).sum()),
+        "prototype_cosine": np.round(protos @ protos.T, 4).tolist(),
+    }
+    return protos, anchors, labels, weights, info
+
+
 def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
                  anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
                  is_description: Sequence[bool] | np.ndarray | None = None,
@@ -331,28 +364,10 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
     cfg.validate()
     pool = np.asarray(pool_features, dtype=np.float64)
     anchors = np.asarray(anchor_features, dtype=np.float64)
-    labels = np.asarray(anchor_labels, dtype=np.int64)
-    desc = (np.zeros(len(anchors), bool) if is_description is None
-            else np.asarray(is_description, dtype=bool))
     if pool.ndim != 2 or anchors.ndim != 2 or pool.shape[1] != anchors.shape[1]:
         raise ValueError(f"pool {pool.shape} and anchors {anchors.shape} must be [*, d] alike")
-    if len(labels) != len(anchors) or len(desc) != len(anchors):
-        raise ValueError("anchor_labels and is_description need one entry per anchor row")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_domains):
-        raise ValueError(f"anchor labels must be in [0, {n_domains})")
-    use = np.ones(len(anchors), bool) if cfg.use_descriptions else ~desc
-    anchors, labels, desc = anchors[use], labels[use], desc[use]
-    keep = (purity_filter(anchors, labels, n_domains, protected=desc) if cfg.purity
-            else np.ones(len(anchors), bool))
-    anchors, labels, desc = anchors[keep], labels[keep], desc[keep]
-    weights = anchor_weights(labels, desc, cfg.description_weight)
-    protos = prototypes(anchors, labels, n_domains, weights)
-    info: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "anchors_kept": np.bincount(labels, minlength=n_domains).tolist(),
-        "anchors_dropped": int((~keep).sum()),
-        "prototype_cosine": np.round(protos @ protos.T, 4).tolist(),
-    }
+    protos, anchors, labels, weights, info = build_prototypes(anchors, anchor_labels, n_domains,
+                                                              is_description, cfg)
     if len(pool) == 0:
         return np.zeros(0, np.int64), np.zeros(0), info
     if cfg.method == "fixed":

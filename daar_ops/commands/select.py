@@ -24,7 +24,11 @@ _HELP = {
            "domain's accepted ones is below tau",
     "probe_size": "records pseudo-labelled to train the probes (disjoint from the selection pool)",
     "pool_size": "records scored for selection (default: all the rest)",
-    "refine_iters": "k-means iterations moving the synthetic centroids on the probe pool",
+    "refine_iters": "k-means iterations moving the prototypes on the probe pool (method kmeans)",
+    "pseudo_label_space": "space the probe pool is labelled in: sentence (MiniLM), embedding "
+                          "or layer (the LM)",
+    "pseudo_label_method": "stage-1 labelling: cluster (k-means clusters labelled by prototype), "
+                           "kmeans or fixed (nearest prototype, the paper's)",
     "select_ratio": "fraction of the selection pool kept",
     "epochs": "probe training epochs (default: the trainer's)",
     "threads": "torch CPU threads (results are reproducible for a fixed value)",
@@ -43,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "selection pool 2000, 20 probe epochs")
     defaults = SelectConfig()
     for f in dataclasses.fields(SelectConfig):
-        if f.name in ("progress", "domains", "per_domain"):
+        if f.name in ("progress", "domains", "per_domain", "descriptions"):
             continue
         default = getattr(defaults, f.name)
         kind = type(default) if default is not None else (
@@ -55,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-domain", action="store_true", default=None,
                         help="keep the top --select-ratio within each predicted pseudo-domain "
                              "(balanced quotas) instead of over the whole pool")
+    parser.add_argument("--no-descriptions", dest="descriptions", action="store_false",
+                        default=None, help="stage 1 anchors are the synthetic samples only "
+                                           "(the paper's), not also the domain descriptions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
 

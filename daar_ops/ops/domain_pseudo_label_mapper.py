@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import replace
+
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -10,9 +14,12 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.algorithms.centroids import (METRICS, DomainSpec, assign_nearest, check_feature,
-                                           compatibility_keys, compute_centroids, embed_texts,
-                                           feature_description, kmeans_refine, load_centroids)
+from daar_ops.algorithms.pseudo_labels import (Stage1Config, build_prototypes,
+                                               domain_anchor_texts, pseudo_label)
+from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec, assign_nearest,
+                                           check_feature, parse_domains,
+                                           compatibility_keys, embed_texts, feature_description,
+                                           load_centroids)
 from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
@@ -23,15 +30,22 @@ from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
+STAGE1 = Stage1Config()
 
 # The one set of pseudo-labelling defaults: this op's, `daar-ops select`'s and the recipes'.
+# Chosen on the worst of four evaluation pools over three synthesis seeds (docs/daar_stage1.md):
+# cluster-then-label in the all-MiniLM-L6-v2 space, anchors = the synthetic samples plus
+# paraphrased domain descriptions. The paper's procedure is Stage1Config.paper().
 PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
-    feature="embedding",  # the paper's embedding-layer features
+    feature=STAGE1.space,      # "sentence": MiniLM; "embedding"/"layer": the LM (the paper)
+    method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
+    use_descriptions=STAGE1.use_descriptions,
     metric="cosine",
-    # Fixed prototypes (the paper's "constrained k-means"): k-means refinement helped on the
-    # shared pool (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); docs/daar_stage1.md.
+    # k-means refinement of the centroids (the reference code): it helped on the shared pool
+    # (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); 0 keeps it off.
     refine_iters=0,
 )
+SENTENCE = "sentence"
 
 
 def _static_description(model: str, layer: int) -> dict[str, Any]:
@@ -75,6 +89,12 @@ class DomainPseudoLabelMapper(Mapper):
         feature: Optional[str] = None,
         layer: int = 3,
         template: Optional[str] = None,
+        method: str = PSEUDO_LABEL_DEFAULTS["method"],
+        use_descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"],
+        purity: bool = STAGE1.purity,
+        domains: Optional[List[Dict[str, str]]] = None,
+        sentence_model: str = STAGE1.sentence_model,
+        seed: int = 0,
         metric: str = PSEUDO_LABEL_DEFAULTS["metric"],
         refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"],
         max_length: int = 512,
@@ -95,11 +115,25 @@ class DomainPseudoLabelMapper(Mapper):
         :param model: the causal LM (short name or folder). Default: the centroid file's model,
             or ``smollm2-135m-instruct`` with ``samples_path``. A model other than the file's
             is an error.
-        :param feature: ``embedding`` or ``layer``. Default: the centroid file's feature, or
-            ``embedding`` with ``samples_path``.
+        :param feature: the space samples are labelled in: ``sentence`` (``sentence_model``
+            embeddings; the default with ``samples_path``), ``embedding`` (the LM's embedding
+            layer, the paper) or ``layer`` (LM decoder layer ``layer``). Default with
+            ``centroids_path``: the file's feature.
         :param layer: decoder layer k for ``feature: layer``.
         :param template: text template over fields. Default: the centroid file's template or
             ``"{instruction} {input} {output}"``.
+        :param method: with ``samples_path``: ``cluster`` (default: k-means clusters of the whole
+            dataset, each labelled by its nearest prototype; default executor only), ``kmeans``
+            (spherical k-means from the prototypes) or ``fixed`` (nearest prototype, the paper's
+            fixed prototypes; per sample, runs under Ray). With ``centroids_path``: ``fixed``.
+        :param use_descriptions: with ``samples_path``: the domains' descriptions (and a few
+            paraphrases of the paper's four) join the synthetic samples as anchors.
+        :param purity: with ``samples_path``: drop synthetic samples nearer another domain's
+            prototype (leave-one-out) before building the prototypes.
+        :param domains: ``[{"name", "description"}]`` for the descriptions; default: the paper's
+            descriptions of the domains named in ``samples_path``.
+        :param sentence_model: sentence encoder of ``feature: sentence``.
+        :param seed: seed of the clustering.
         :param metric: ``cosine`` (default) or ``euclidean``.
         :param refine_iters: k-means iterations over this dataset, initialised at the centroids
             (0 = fixed prototypes, the paper's "constrained k-means").
@@ -123,6 +157,8 @@ class DomainPseudoLabelMapper(Mapper):
             raise ValueError("max_length and model_batch_size must be >= 1")
         if not label_key or not similarity_key:
             raise ValueError("label_key and similarity_key must be non-empty")
+        if method not in ("fixed", "kmeans", "cluster"):
+            raise ValueError(f"method must be 'fixed', 'kmeans' or 'cluster', got {method!r}")
         self.metric = metric
         self.refine_iters = refine_iters
         self.max_length = max_length
@@ -131,6 +167,9 @@ class DomainPseudoLabelMapper(Mapper):
         self.label_key = label_key
         self.similarity_key = similarity_key
         self.layer = layer
+        self.sentence_model = sentence_model
+        self._fitted: Optional[Dict[str, int]] = None  # text -> label, for whole-dataset methods
+        self.stage1_info: Dict[str, Any] = {}
 
         if centroids_path is not None:
             centroids, manifest = load_centroids(centroids_path)
@@ -145,21 +184,36 @@ class DomainPseudoLabelMapper(Mapper):
             self.domains = [str(d) for d in manifest["domains"]]
             self.centroids = centroids
             self.source_sha = artifact_digest(centroids_path)
+            # the file's centroids are the anchors; refine_iters > 0: spherical k-means from them
+            self.method = "kmeans" if refine_iters > 0 else "fixed"
+            self.stage1 = Stage1Config(method=self.method, space=self.feature, layer=layer,
+                                       use_descriptions=False, purity=False,
+                                       refine_iters=max(refine_iters, 1))
+            self.anchor_features = centroids.astype(np.float64)
+            self.anchor_labels = np.arange(len(self.domains), dtype=np.int64)
+            self.anchor_is_description = np.zeros(len(self.domains), dtype=bool)
         else:
             self.feature = feature or PSEUDO_LABEL_DEFAULTS["feature"]
             self.model = model or "smollm2-135m-instruct"
             self.template = TextTemplate(template or ALPACA_TEMPLATE)
-            self._feature_layer = check_feature(self.feature, layer)
-            self.source_sha = sha256_file(samples_path)
-            self.domains, self.centroids = self._centroids_from_samples(samples_path)
-        if refine_iters > 0:
-            # k-means needs the whole dataset before labelling: only the default executor's run()
-            # can do that (Ray would silently skip the refinement).
+            self._feature_layer = (0 if self.feature == SENTENCE
+                                   else check_feature(self.feature, layer))
+            self.method = "kmeans" if refine_iters > 0 else method
+            self.stage1 = replace(STAGE1, method=self.method, space=self.feature, layer=layer,
+                                  use_descriptions=bool(use_descriptions),
+                                  purity=bool(purity), seed=int(seed),
+                                  sentence_model=sentence_model,
+                                  refine_iters=refine_iters or STAGE1.refine_iters)
+            self._load_anchors(samples_path, domains)
+            config = json.dumps(self.stage1.to_dict(), sort_keys=True)
+            self.source_sha = hashlib.sha256(
+                (sha256_file(samples_path) + config).encode()).hexdigest()
+        if self.method != "fixed":
+            # Clusters / k-means need the whole dataset before labelling: only the default
+            # executor's run() can do that (Ray would silently skip it).
             self._supported_exec_modes = ("default",)
-            logger.info(f"{OP_NAME}: refine_iters={refine_iters} runs k-means over the whole "
-                        f"dataset: default executor only (under executor_type: ray use "
-                        f"refine_iters: 0, or refine here and label there)")
-        self._refined = refine_iters == 0
+            logger.info(f"{OP_NAME}: method {self.method} labels the whole dataset at once: "
+                        f"default executor only (under executor_type: ray use method: fixed)")
 
     def _extractor(self, rank: Optional[int] = None) -> Any:
         key = model_key("layer_features", model=self.model, layer=self._feature_layer,
@@ -169,10 +223,31 @@ class DomainPseudoLabelMapper(Mapper):
 
     def feature_description(self) -> dict[str, Any]:
         """The feature model's description as a centroid file records it (no weights loaded)."""
+        if self.feature == SENTENCE:
+            from daar_ops.models import model_fingerprint, resolve_model_path
+
+            path = resolve_model_path(self.sentence_model)
+            return {"model": self.sentence_model, "model_path": path, "feature": SENTENCE,
+                    "model_fingerprint": model_fingerprint(path),
+                    "feature_dim": int(self.centroids.shape[1])}
         return feature_description(_static_description(self.model, self._feature_layer),
                                    self.feature)
 
-    def _centroids_from_samples(self, path: str) -> tuple[list[str], np.ndarray]:
+    def _embed(self, texts: List[str], rank: Optional[int] = None,
+               progress: bool = False) -> np.ndarray:
+        """Features of ``texts`` in this op's space."""
+        if self.feature == SENTENCE:
+            from daar_ops.encoders import encode_sentences
+
+            key = model_key("sentence_encoder", model=self.sentence_model,
+                            max_seq_length=STAGE1.sentence_max_tokens)
+            return encode_sentences(texts, encoder=load(key, rank, self.use_cuda()),
+                                    batch_size=self.model_batch_size, progress=progress)
+        return embed_texts(self._extractor(rank), texts, self.feature, progress=progress)
+
+    def _load_anchors(self, path: str, domains: Optional[List[Dict[str, str]]]) -> None:
+        """Anchors = the synthetic samples (+ the domain descriptions) in this op's space;
+        prototypes from them (``self.centroids``)."""
         try:
             rows, report = read_jsonl(path)
         except (OSError, ValueError) as err:
@@ -183,30 +258,57 @@ class DomainPseudoLabelMapper(Mapper):
         names = list(dict.fromkeys(str(r["domain"]) for r in rows))
         if len(names) < 2:
             raise ValueError(f"{path}: need samples of at least 2 domains, found {names}")
-        feats = embed_texts(self._extractor(), [self.template.render(r) for r in rows],
-                            self.feature)
-        centroids, counts = compute_centroids(feats, [r["domain"] for r in rows], names)
-        logger.info(f"{OP_NAME}: centroids of {dict(zip(names, counts.tolist()))} from {path}")
-        return names, centroids
+        known = {d.name: d for d in (parse_domains(domains) if domains else DEFAULT_DOMAINS)}
+        specs = [known.get(n, DomainSpec(n)) for n in names]
+        texts = [self.template.render(r) for r in rows]
+        labels = [names.index(str(r["domain"])) for r in rows]
+        is_desc = [False] * len(rows)
+        if self.stage1.use_descriptions:
+            desc_texts, desc_labels = domain_anchor_texts(specs)
+            texts, labels = texts + desc_texts, labels + desc_labels
+            is_desc += [True] * len(desc_texts)
+        self.domains = names
+        self.anchor_features = self._embed(texts)
+        self.anchor_labels = np.asarray(labels, dtype=np.int64)
+        self.anchor_is_description = np.asarray(is_desc, dtype=bool)
+        protos, _, kept, _, info = build_prototypes(self.anchor_features, self.anchor_labels,
+                                                    len(names), self.anchor_is_description,
+                                                    self.stage1)
+        self.centroids = protos.astype(np.float32)
+        self.stage1_info = info
+        logger.info(f"{OP_NAME}: {self.method} labelling in the {self.feature} space from "
+                    f"{dict(zip(names, np.bincount(kept, minlength=len(names)).tolist()))} "
+                    f"anchors of {path}")
 
     def run(self, dataset, *, exporter=None, tracer=None):
-        if self.refine_iters > 0 and not self._refined and len(dataset) > 0:
-            texts = []
-            for batch in tqdm(dataset.iter(batch_size=1000), desc=f"{OP_NAME}: refine texts",
-                              disable=len(dataset) < 5000):
-                rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-                texts.extend(self.template.render(r) for r in rows)
-            feats = embed_texts(self._extractor(), texts, self.feature, progress=True)
-            before = self.centroids
-            self.centroids = kmeans_refine(feats, self.centroids, self.refine_iters, self.metric)
-            moved = np.linalg.norm(self.centroids - before, axis=1)
-            logger.info(f"{OP_NAME}: {self.refine_iters} k-means iterations moved the centroids "
-                        f"by {np.round(moved, 4).tolist()}")
-            self._refined = True
+        if self.method != "fixed" and len(dataset) > 0:
+            self._fit(dataset)
         dataset = with_fields(dataset, Fields.meta, {self.label_key: string_feature()})
         dataset = with_fields(dataset, Fields.stats, {self.similarity_key: float_list_feature(),
                                                       CENTROIDS_SHA_KEY: string_feature()})
         return super().run(dataset, exporter=exporter, tracer=tracer)
+
+    def _fit(self, dataset) -> None:
+        """Label every distinct text of the dataset with the whole-dataset method; the labels
+        are looked up per sample in :meth:`process_batched`."""
+        texts = []
+        for batch in tqdm(dataset.iter(batch_size=1000), desc=f"{OP_NAME}: texts",
+                          disable=len(dataset) < 5000):
+            rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+            texts.extend(render_rows(self.template, {k: [r.get(k) for r in rows] for k in batch},
+                                     range(len(rows)), OP_NAME))
+        distinct = list(dict.fromkeys(texts))
+        feats = self._embed(distinct, progress=True)
+        labels, _, info = pseudo_label(feats, self.anchor_features, self.anchor_labels,
+                                       len(self.domains), self.anchor_is_description,
+                                       self.stage1)
+        self._fitted = dict(zip(distinct, labels.tolist()))
+        self.stage1_info = {**self.stage1_info, **{k: v for k, v in info.items()
+                                                   if k not in ("cluster_labels",)}}
+        logger.info(f"{OP_NAME}: {self.method} labels of {len(distinct)} distinct texts: "
+                    f"{dict(zip(self.domains, info.get('label_counts', [])))}; "
+                    f"{info.get('prototype_agreement', float('nan')):.3f} agree with the nearest "
+                    f"prototype")
 
     def process_batched(self, samples: Dict[str, List[Any]], rank: Optional[int] = None
                         ) -> Dict[str, List[Any]]:
@@ -219,7 +321,7 @@ class DomainPseudoLabelMapper(Mapper):
         k = len(self.domains)
         # Labels from these centroids (same digest) are kept; anything else is (re)computed, so a
         # new centroid file never leaves the old labels in place silently.
-        todo = [i for i in range(n)
+        todo = list(range(n)) if self._fitted is not None else [i for i in range(n)
                 if not (isinstance(metas[i].get(self.label_key), str)
                         and isinstance(stats[i].get(self.similarity_key), list)
                         and len(stats[i][self.similarity_key]) == k
@@ -234,8 +336,10 @@ class DomainPseudoLabelMapper(Mapper):
             if empty:
                 logger.warning(f"{OP_NAME}: {empty}/{len(texts)} samples have empty text; they "
                                f"are embedded as one EOS token and still labelled")
-            feats = embed_texts(self._extractor(rank), texts, self.feature)
+            feats = self._embed(texts, rank)
             labels, sims = assign_nearest(feats, self.centroids, self.metric)
+            if self._fitted is not None:  # whole-dataset labels; similarities to prototypes
+                labels = np.array([self._fitted.get(t, int(lab)) for t, lab in zip(texts, labels)])
             for j, i in enumerate(todo):
                 row_sims = sims[j]
                 if not np.isfinite(row_sims).all():
@@ -249,11 +353,9 @@ class DomainPseudoLabelMapper(Mapper):
         return samples
 
     def _labels_sha(self) -> str:
-        """What produced the labels: the centroid source, plus the refinement when there is one
-        (refined centroids depend on the dataset too)."""
-        if self.refine_iters == 0:
-            return self.source_sha
-        return f"{self.source_sha}+kmeans{self.refine_iters}"
+        """What produced the labels: the anchors/centroids and the stage-1 settings. (A
+        whole-dataset method's labels depend on the dataset too: it relabels every sample.)"""
+        return self.source_sha if self.method == "fixed" else f"{self.source_sha}+{self.method}"
 
     @property
     def domain_specs(self) -> list[DomainSpec]:
