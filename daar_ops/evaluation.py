@@ -495,11 +495,24 @@ def summarize(results: Sequence[Mapping[str, Any]], reference: str = RANDOM) -> 
             row.update(delta_vs_random=mean, delta_ci95=half, delta_n=len(paired),
                        outside_spread=bool(half == half and abs(mean) > half))
         row["train_seconds"] = float(np.mean([runs[s].get("train_seconds", 0.0) for s in seeds]))
+        for task in sorted({t for s in seeds for t in runs[s].get("benchmarks", {})}):
+            scores = [_main_metric(runs[s]["benchmarks"][task]) for s in seeds
+                      if task in runs[s].get("benchmarks", {})]
+            row[f"bench:{task}"] = float(np.mean(scores))
         rows.append(row)
     tuned = [r for r in rows if r["method"] != BASE]
     best = min(tuned, key=lambda r: r["avg_loss"]) if tuned else None
     return {"domains": domains, "reference": reference, "rows": rows,
             "best_method": best["method"] if best else None}
+
+
+def _main_metric(metrics: Mapping[str, float]) -> float:
+    """The first accuracy-like metric lm-eval reported for a task (acc, exact_match, pass@1)."""
+    for prefix in ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1"):
+        for key, value in metrics.items():
+            if key.split(",")[0] == prefix:
+                return float(value)
+    return float(next(iter(metrics.values()), float("nan")))
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
@@ -518,6 +531,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
         else:
             cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    bench = sorted({k for r in summary["rows"] for k in r if k.startswith("bench:")})
+    if bench:
+        lines += ["", "| method | " + " | ".join(b[6:] for b in bench) + " |",
+                  "|" + "---|" * (len(bench) + 1)]
+        lines += ["| " + r["method"] + " | " + " | ".join(
+            f"{r[b]:.4f}" if b in r else "-" for b in bench) + " |" for r in summary["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -582,3 +601,234 @@ def write_outputs(results: Sequence[Mapping[str, Any]], out_dir: str | Path,
         "with a 95% t-interval; 'outside spread' = the interval excludes 0.\n\n"
         f"{ctx}\n\n{table}\n![losses](losses.png)\n")
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# One comparison from a pool: held-out sets, one slice, every method's selection at one budget
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_POOL = REPO.parent / "shared" / "data" / "daar_pool" / "daar_pool.jsonl.gz"
+# name -> recipe (relative to the repository); "random" is sampled here, seeded per seed.
+RECIPE_METHODS = {
+    "instruction_length": "recipes/baselines/instruction_length.yaml",
+    "qdit": "recipes/baselines/qdit.yaml",
+    "ds2": "recipes/baselines/ds2.yaml",
+    "daar": "recipes/sandbox/process_daar.yaml",
+    "daar_per_domain": "recipes/sandbox/process_daar_per_domain.yaml",
+}
+DEFAULT_METHODS = (RANDOM, *RECIPE_METHODS)
+FULL = "full"  # the whole slice: the upper reference (budget 100%)
+EVAL_ONLY_FIELDS = ("domain", "source")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL(.gz) file or a directory of shards (the train-probe reader)."""
+    from daar_ops.commands.train_probe import read_records
+
+    return read_records(path)
+
+
+def held_out_eval_sets(records: Sequence[Mapping[str, Any]], held: Sequence[int],
+                       per_domain: int, domain_key: str = "domain") -> dict[str, list[dict]]:
+    """The first ``per_domain`` held-out records of each domain in hash order (order-free)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for i in held:
+        rec = records[i]
+        domain = rec.get(domain_key)
+        if domain is None:
+            raise ValueError(f"held-out record {i} has no '{domain_key}' field: per-domain "
+                             "evaluation needs it (pass --eval-set DOMAIN=FILE instead)")
+        groups.setdefault(str(domain), []).append((text_hash(rec), dict(rec)))
+    return {d: [r for _, r in sorted(items, key=lambda x: x[0])[:per_domain]]
+            for d, items in sorted(groups.items())}
+
+
+def _compare_methods_module():
+    """tools/compare_methods.py (the repository's recipe runner), loaded by path."""
+    import importlib.util
+
+    path = REPO / "tools" / "compare_methods.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: method names need the repository's "
+                                "recipes and tools; pass selections as JSONL files instead")
+    spec = importlib.util.spec_from_file_location("daar_ops_compare_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Comparison:
+    """What :func:`prepare_comparison` built: the inputs of :func:`evaluate_selections`."""
+
+    selections: dict[str, Selection]
+    eval_sets: dict[str, list[dict[str, Any]]]
+    held_hashes: set[str]
+    context: dict[str, Any]
+
+
+def ensure_daar_checkpoint(train_pool: Path, out_dir: Path, model: str, probe_size: int,
+                           seed: int = 0, progress: bool = True) -> Path:
+    """A DaaR probe checkpoint from ``daar-ops select --quick`` on the selection pool (reused)."""
+    from daar_ops.pipeline import SelectConfig, run_select
+
+    checkpoint = out_dir / "daar_probe" / "checkpoint"
+    if (checkpoint / "manifest.json").exists():
+        return checkpoint
+    cfg = SelectConfig.quick(pool=str(train_pool), output_dir=str(out_dir / "daar_probe"),
+                             model=model, probe_size=probe_size, pool_size=50, seed=seed,
+                             progress=progress)
+    run_select(cfg)
+    return checkpoint
+
+
+def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: int = 5000,
+                       ratio: float = 0.2, methods: Sequence[str] = DEFAULT_METHODS,
+                       seeds: Sequence[int] = (0, 1, 2), slice_seed: int = 0,
+                       held_out_fraction: float = 0.05, eval_per_domain: int = 50,
+                       model: str = "smollm2-135m-instruct",
+                       daar_checkpoint: str | Path | None = None, daar_probe_size: int = 600,
+                       selection_files: Mapping[str, str | Path] | None = None,
+                       eval_files: Mapping[str, str | Path] | None = None,
+                       timeout: float | None = None, progress: bool = True) -> Comparison:
+    """Held-out sets, one slice of ``n`` records and each method's selection of it.
+
+    1. held out: pool records with text hash below ``held_out_fraction`` (and every text of
+       ``eval_files``); per domain the first ``eval_per_domain`` of them in hash order, unless
+       ``eval_files`` ({domain: JSONL}) are given;
+    2. the rest, without ``domain``/``source``, is the selection pool; the slice is ``n`` of it
+       drawn with ``slice_seed`` (``tools/compare_methods.write_slice``);
+    3. each method in ``methods`` selects ``ratio`` of the slice: ``random`` is sampled with each
+       seed; the others run their recipe through ``dj-process`` (:data:`RECIPE_METHODS`; DaaR's
+       probe checkpoint comes from ``daar_checkpoint`` or ``daar-ops select --quick`` on the
+       selection pool); ``full`` is the whole slice. ``selection_files`` add given JSONL files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(pool)
+    keep, held = split_held_out(records, held_out_fraction)
+    if eval_files:
+        eval_sets = {d: read_jsonl(p) for d, p in eval_files.items()}
+    else:
+        eval_sets = held_out_eval_sets(records, held, eval_per_domain)
+    held_hashes = {text_hash(records[i]) for i in held}
+    held_hashes |= {text_hash(r) for recs in eval_sets.values() for r in recs}
+    train_pool = out_dir / "selection_pool.jsonl"
+    with open(train_pool, "w", encoding="utf-8") as handle:
+        for i in keep:
+            if text_hash(records[i]) in held_hashes:
+                continue
+            rec = {k: v for k, v in records[i].items() if k not in EVAL_ONLY_FIELDS}
+            handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    cm = _compare_methods_module()
+    select_dir = out_dir / "select"
+    select_dir.mkdir(exist_ok=True)
+    input_path, _, size = cm.write_slice(train_pool, n, slice_seed, select_dir)
+    slice_records = read_jsonl(input_path)
+    k = max(1, round(ratio * size))
+    selections: dict[str, Selection] = {}
+    statuses: dict[str, str] = {}
+    for name in methods:
+        if name == RANDOM:
+            selections[name] = {s: [slice_records[i] for i in np.sort(
+                np.random.default_rng(s).choice(size, k, replace=False))] for s in seeds}
+            statuses[name] = "ok"
+        elif name == FULL:
+            selections[name] = slice_records
+            statuses[name] = "ok"
+        elif name in RECIPE_METHODS:
+            overrides: dict[str, dict] = {}
+            if name.startswith("daar"):
+                ckpt = Path(daar_checkpoint) if daar_checkpoint else ensure_daar_checkpoint(
+                    train_pool, out_dir, model, daar_probe_size, progress=progress)
+                overrides["diversity_reward_filter"] = {"checkpoint": str(Path(ckpt).resolve())}
+            res = cm.run_method(name, REPO / RECIPE_METHODS[name], input_path, select_dir, ratio,
+                                size, timeout, overrides, reuse=True)
+            statuses[name] = res["status"]
+            if res["status"] == "ok":
+                selections[name] = [{k2: v for k2, v in r.items() if not k2.startswith("__dj__")}
+                                    for r in read_jsonl(res["export"])]
+            else:
+                logger.warning(f"{name}: {res['status']}")
+        else:
+            raise ValueError(f"unknown method {name!r}; known: {[*DEFAULT_METHODS, FULL]} "
+                             "(or pass a selection file)")
+    for name, path in (selection_files or {}).items():
+        selections[name] = read_jsonl(path)
+        statuses[name] = f"file {path}"
+    context = {"pool": str(pool), "slice": f"{size} records (seed {slice_seed})",
+               "budget": f"{ratio:.0%} = {k} records", "held_out_fraction": held_out_fraction,
+               "eval_records": {d: len(r) for d, r in eval_sets.items()},
+               "methods": statuses, "model": model}
+    return Comparison(selections, eval_sets, held_hashes, context)
+
+
+# --------------------------------------------------------------------------------------------
+# Optional: benchmark accuracy through lm-eval (the DaaR paper's seven, on a GPU)
+
+# lm-eval task names of the paper's benchmarks (it used OpenCompass): NQ, TriviaQA, HellaSwag,
+# GSM8K, MATH, MBPP, HumanEval. The two code tasks execute model-written code.
+PAPER_BENCHMARKS = ("nq_open", "triviaqa", "hellaswag", "gsm8k", "minerva_math", "mbpp",
+                    "humaneval")
+CODE_TASKS = ("mbpp", "humaneval")
+
+
+def parse_tasks(value: str | None) -> list[str]:
+    if not value:
+        return []
+    if value.strip() == "paper":
+        return list(PAPER_BENCHMARKS)
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def lm_eval_model_args(model_path: str, adapter_dir: str | Path | None, dtype: str) -> str:
+    """lm-eval's ``--model_args`` for the HF backend: the base model plus a peft adapter."""
+    args = f"pretrained={model_path},dtype={dtype}"
+    if adapter_dir is not None:
+        args += f",peft={adapter_dir}"
+    return args
+
+
+def run_lm_eval(model: str, adapter_dir: str | Path | None, tasks: Sequence[str],
+                device: str = "cuda", limit: int | None = None,
+                batch_size: str | int = "auto") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from ``lm_eval.simple_evaluate`` (needs ``pip install lm-eval``)."""
+    try:
+        import lm_eval
+    except ImportError as err:  # an optional extra, not installed by make setup
+        raise ImportError("benchmarks need lm-eval: pip install 'daar-ops[lm-eval]'") from err
+    from daar_ops.models import resolve_model_path
+
+    device = resolve_eval_device(device)
+    dtype = "bfloat16" if bf16_supported(device) else "float32"
+    if any(t in CODE_TASKS for t in tasks):
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=lm_eval_model_args(resolve_model_path(model), adapter_dir, dtype),
+        tasks=list(tasks), device=device, limit=limit, batch_size=batch_size,
+        confirm_run_unsafe_code=any(t in CODE_TASKS for t in tasks))
+    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}
+
+
+def evaluate_benchmarks(results: Sequence[dict[str, Any]], out_dir: str | Path, model: str,
+                        tasks: Sequence[str], device: str = "cuda", limit: int | None = None,
+                        batch_size: str | int = "auto") -> list[dict[str, Any]]:
+    """Adds ``benchmarks`` to every run (from its saved adapter); resumable like the training."""
+    out_dir = Path(out_dir)
+    for r in results:
+        run_dir = out_dir / "runs" / r["method"] / ("base" if r["seed"] is None
+                                                   else f"seed-{r['seed']}")
+        done = r.get("benchmarks", {})
+        todo = [t for t in tasks if t not in done]
+        if not todo:
+            continue
+        adapter = run_dir / "adapter"
+        if r["method"] != BASE and not adapter.exists():
+            raise FileNotFoundError(f"{adapter} is missing: rerun with --no-resume so the "
+                                    "adapter is saved")
+        done.update(run_lm_eval(model, adapter if r["method"] != BASE else None, todo, device,
+                                limit, batch_size))
+        r["benchmarks"] = done
+        write_json_atomic(run_dir / "result.json", r)
+    return list(results)
