@@ -294,6 +294,17 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
         seconds=seconds, tokens_per_second=trained_tokens / max(seconds, 1e-9))
 
 
+def load_tuned(model: str, adapter_dir: str | Path | None, device: str = "cpu"):
+    """(base model + the saved LoRA adapter, tokenizer); no adapter: the base model."""
+    lm, tokenizer = load_base_model(model, resolve_eval_device(device))
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+    lm.eval()
+    return lm, tokenizer
+
+
 def held_out_loss(lm, tokenizer, eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
                   max_length: int, batch_size: int = 8, bf16: bool = False,
                   progress: bool = False) -> dict[str, dict[str, float]]:
@@ -667,6 +678,23 @@ class Comparison:
     context: dict[str, Any]
 
 
+def write_eval_sets(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
+                    directory: str | Path) -> Path:
+    """One ``DOMAIN.jsonl`` per domain (the sandbox hooks pass the folder between jobs)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for domain, records in eval_sets.items():
+        with open(directory / f"{domain}.jsonl", "w", encoding="utf-8") as handle:
+            for rec in records:
+                handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return directory
+
+
+def read_eval_sets(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
+    return {p.name[:-len(".jsonl")]: read_jsonl(p)
+            for p in sorted(Path(directory).glob("*.jsonl"))}
+
+
 def ensure_daar_checkpoint(train_pool: Path, out_dir: Path, model: str, probe_size: int,
                            seed: int = 0, progress: bool = True) -> Path:
     """A DaaR probe checkpoint from ``daar-ops select --quick`` on the selection pool (reused)."""
@@ -756,7 +784,9 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
     for name, path in (selection_files or {}).items():
         selections[name] = read_jsonl(path)
         statuses[name] = f"file {path}"
+    write_eval_sets(eval_sets, out_dir / "eval_sets")
     context = {"pool": str(pool), "slice": f"{size} records (seed {slice_seed})",
+               "slice_path": str(input_path),
                "budget": f"{ratio:.0%} = {k} records", "held_out_fraction": held_out_fraction,
                "eval_records": {d: len(r) for d, r in eval_sets.items()},
                "methods": statuses, "model": model}
