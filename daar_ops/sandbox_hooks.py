@@ -131,7 +131,8 @@ class DaarEvaluateModelHook(sandbox_hooks.BaseHook):
         avg = sum(r["avg_loss"] for r in per_seed) / len(per_seed)
         domains = {d: sum(r["losses"][d]["loss"] for r in per_seed) / len(per_seed)
                    for d in eval_sets}
-        self.watcher.watch({"avg_loss": avg, **domains}, self.meta_name)
+        # the watcher's keys are not per pipeline: prefix the method
+        self.watcher.watch({"avg_loss": avg, **domains}, f"{method}.{self.meta_name}")
         return avg, domains
 
 

@@ -42,12 +42,14 @@ def test_sandbox_experiment_runs_hooks_end_to_end(sandbox, tiny_llama, tmp_path,
                                write_recipes=True)
     config = tmp_path / "sandbox.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    executor = run_sandbox(config)
+    outputs = run_sandbox(config)
 
-    logged = executor.watcher.logged_res
-    assert logged["summary"] in ("random", "instruction_length") or \
-        any(k.startswith("summary.") for k in logged)
+    assert set(outputs) == {"prepare", "random", "instruction_length", "summary"}
+    assert outputs["summary"]["summary"]["best_method"] in ("random", "instruction_length")
+    assert len(outputs["random"]["train"]["adapters"]) == 2
     results = json.loads((work / "summary" / "results.json").read_text())
+    rows = {r["method"]: r for r in results["summary"]["rows"]}
+    assert rows["random"]["avg_loss"] == pytest.approx(outputs["random"]["evaluate"]["avg_loss"])
     methods = {r["method"] for r in results["runs"]}
     assert methods == {"random", "instruction_length"}
     assert len(results["runs"]) == 4  # 2 methods x 2 seeds
@@ -56,7 +58,7 @@ def test_sandbox_experiment_runs_hooks_end_to_end(sandbox, tiny_llama, tmp_path,
         assert all(v["n_tokens"] > 0 and v["loss"] > 0 for v in run["losses"].values())
     # the instruction-length selection really is the longest 20% of the slice
     slice_recs = ev.read_jsonl(work / "select" / "slice_input.jsonl")
-    chosen = ev.read_jsonl(next((work / "selections" / "instruction_length").rglob("*.jsonl")))
+    chosen = ev.read_jsonl(next((work / "selections" / "instruction_length").rglob("selected.jsonl")))
     words = sorted((len(f"{r['instruction']} {r['input']}".split()) for r in slice_recs),
                    reverse=True)
     assert min(len(f"{r['instruction']} {r['input']}".split()) for r in chosen) >= words[7]

@@ -116,7 +116,12 @@ def import_sandbox(path: str | os.PathLike | None = None):
 
 def run_sandbox(config: str | os.PathLike, overrides: list[str] | None = None,
                 sandbox_path: str | os.PathLike | None = None):
-    """Register the hooks and run the experiment; returns the executor (its watcher has results)."""
+    """Register the hooks and run the experiment.
+
+    Returns {pipeline: {job meta name: {output key: value}}} of the last iteration, read from the
+    ``context_infos.json`` the sandbox writes into its work_dir (the executor runs deep copies of
+    its pipelines, so its own watcher stays empty).
+    """
     init_sandbox_configs, SandBoxExecutor = import_sandbox(sandbox_path)
     from daar_ops.sandbox_hooks import register_hooks
 
@@ -124,9 +129,13 @@ def run_sandbox(config: str | os.PathLike, overrides: list[str] | None = None,
     cfg = init_sandbox_configs(["--config", str(config), *(overrides or [])])
     if cfg is None:
         raise ValueError(f"the sandbox could not parse {config}")
-    executor = SandBoxExecutor(cfg)
-    executor.run()
-    return executor
+    SandBoxExecutor(cfg).run()
+    import json
+
+    iterations = json.loads((Path(cfg.work_dir) / "context_infos.json").read_text())
+    last = iterations[-1]["pipeline_infos"] if iterations else []
+    return {p["pipeline_name"]: {j["meta_name"]: {k: v for k, v in j.items() if k != "meta_name"}
+                                 for j in p["job_infos"]} for p in last}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -134,10 +143,11 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     try:
-        executor = run_sandbox(args.config, args.overrides, args.sandbox_path)
+        outputs = run_sandbox(args.config, args.overrides, args.sandbox_path)
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for key, value in sorted(executor.watcher.logged_res.items()):
-        print(f"{key}: {value}")
+    for pipeline, jobs in outputs.items():
+        for job, values in jobs.items():
+            print(f"{pipeline}.{job}: {values}")
     return 0
