@@ -202,8 +202,11 @@ def resolve_eval_device(device: str | None) -> str:
     return device
 
 
-def load_base_model(model: str, device: str = "cpu"):
-    """(model in fp32 on ``device``, tokenizer with a pad token); a short name, folder or hub id."""
+def load_base_model(model: str, device: str = "cpu", dtype: Any = None):
+    """(model on ``device``, fp32 unless ``dtype``; tokenizer with a pad token).
+
+    ``model``: a short name, local folder or hub id (nothing is downloaded when offline).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,7 +218,7 @@ def load_base_model(model: str, device: str = "cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model} has no chat template; response-only training needs one")
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
     return lm, tokenizer
 
 
@@ -245,7 +248,11 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
 
     device = resolve_eval_device(device)
     set_seed(seed)
-    base, tokenizer = load_base_model(model, device)
+    # On a GPU with bf16 the frozen base weights are stored in bf16 (a 7B model in fp32 would
+    # need 28 GB); the LoRA weights peft adds stay fp32. CPUs keep fp32 weights (autocast only).
+    bf16 = use_bf16(settings, device)
+    base, tokenizer = load_base_model(
+        model, device, torch.bfloat16 if bf16 and device.startswith("cuda") else None)
     examples = encode_records(tokenizer, records, settings.max_length)
     if not examples:
         raise ValueError("no training example has answer tokens")
@@ -272,7 +279,7 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
         warmup_steps=int(round(settings.warmup_fraction * steps)),
         weight_decay=settings.weight_decay, logging_steps=max(1, steps // 10),
         save_strategy="no", report_to="none", seed=seed, data_seed=seed,
-        bf16=use_bf16(settings, device), use_cpu=device == "cpu", dataloader_num_workers=0,
+        bf16=bf16, use_cpu=device == "cpu", dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not progress, optim="adamw_torch")
     trainer = Trainer(model=lm, args=args, train_dataset=examples,
                       data_collator=lambda batch: _pad_batch(batch, pad_id))
@@ -294,9 +301,16 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
         seconds=seconds, tokens_per_second=trained_tokens / max(seconds, 1e-9))
 
 
+def _weights_dtype(device: str):
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") and bf16_supported(device) else None
+
+
 def load_tuned(model: str, adapter_dir: str | Path | None, device: str = "cpu"):
     """(base model + the saved LoRA adapter, tokenizer); no adapter: the base model."""
-    lm, tokenizer = load_base_model(model, resolve_eval_device(device))
+    device = resolve_eval_device(device)
+    lm, tokenizer = load_base_model(model, device, _weights_dtype(device))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -433,7 +447,7 @@ def _run_one(name, seed, records, eval_sets, model, settings, device, run_dir, p
     bf16 = use_bf16(settings, device)
     result: dict[str, Any] = {"method": name, "seed": seed, "n_selected": len(records)}
     if name == BASE:
-        lm, tokenizer = load_base_model(model, device)
+        lm, tokenizer = load_base_model(model, device, _weights_dtype(device) if bf16 else None)
     else:
         tuned = fine_tune(model, seeded_order(records, seed), settings, seed, run_dir, device,
                           progress, adapter_dir=run_dir / "adapter" if keep_adapters else None)

@@ -12,7 +12,7 @@ import json
 import pytest
 import yaml
 
-from tests.test_evaluation import write_tiny_pool
+from test_evaluation import write_tiny_pool  # tests/ is on sys.path (no __init__.py)
 
 
 @pytest.fixture(scope="module")

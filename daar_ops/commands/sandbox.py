@@ -108,8 +108,8 @@ def import_sandbox(path: str | os.PathLike | None = None):
     try:
         from data_juicer_sandbox.cli.sandbox_starter import init_sandbox_configs
         from data_juicer_sandbox.pipelines import SandBoxExecutor
-    except ImportError as err:
-        raise ImportError(f"the Data-Juicer sandbox is not importable ({err}); see "
+    except Exception as err:  # a missing extra, or one of the wrong version, fails differently
+        raise ImportError(f"the Data-Juicer sandbox is not importable ({err!r}); see "
                           "docs/sandbox.md for the install steps") from err
     return init_sandbox_configs, SandBoxExecutor
 
