@@ -799,11 +799,21 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
         selections[name] = read_jsonl(path)
         statuses[name] = f"file {path}"
     write_eval_sets(eval_sets, out_dir / "eval_sets")
+    # evaluation only: the ground-truth domains of what each method chose (joined by text hash)
+    truth = {text_hash(r): str(r.get("domain")) for r in records if "domain" in r}
+    composition = {}
+    for name, sel in selections.items():
+        chosen = selection_for_seed(sel, seeds[0]) if isinstance(sel, Mapping) else sel
+        counts: dict[str, int] = {}
+        for rec in chosen:
+            key = truth.get(text_hash(rec), "unknown")
+            counts[key] = counts.get(key, 0) + 1
+        composition[name] = dict(sorted(counts.items()))
     context = {"pool": str(pool), "slice": f"{size} records (seed {slice_seed})",
                "slice_path": str(input_path),
                "budget": f"{ratio:.0%} = {k} records", "held_out_fraction": held_out_fraction,
                "eval_records": {d: len(r) for d, r in eval_sets.items()},
-               "methods": statuses, "model": model}
+               "methods": statuses, "selection_domains": composition, "model": model}
     return Comparison(selections, eval_sets, held_hashes, context)
 
 
