@@ -745,7 +745,7 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
        probe checkpoint comes from ``daar_checkpoint`` or ``daar-ops select --quick`` on the
        selection pool); ``full`` is the whole slice. ``selection_files`` add given JSONL files.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # dj-process runs from the repository root
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(pool)
     keep, held = split_held_out(records, held_out_fraction)
