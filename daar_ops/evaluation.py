@@ -514,6 +514,13 @@ def summarize(results: Sequence[Mapping[str, Any]], reference: str = RANDOM) -> 
         avg = [runs[s]["avg_loss"] for s in seeds]
         row["avg_loss"] = float(np.mean(avg))
         row["avg_loss_std"] = float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0
+        if method != reference:
+            for d in domains:  # per-domain paired deltas, for the chart
+                diffs = [runs[s]["losses"][d]["loss"] - ref[s]["losses"][d]["loss"]
+                         for s in seeds if s in ref and d in runs[s]["losses"]
+                         and d in ref[s]["losses"]]
+                if diffs:
+                    row[f"{d}_delta"], row[f"{d}_delta_ci95"] = t_interval(diffs)
         paired = [runs[s]["avg_loss"] - ref[s]["avg_loss"] for s in seeds if s in ref]
         if method != reference and paired:
             mean, half = t_interval(paired)
@@ -575,7 +582,10 @@ def plot_losses(summary: Mapping[str, Any], path: str | Path) -> Path:
     groups = list(summary["domains"]) + ["avg_loss"]
     rows = summary["rows"]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 0.25 * len(rows)), 4.2))
+    compared = [r for r in rows if "delta_vs_random" in r]
+    fig, axes = plt.subplots(2 if compared else 1, 1, squeeze=False, figsize=(
+        max(6.0, 1.6 * len(groups) + 0.25 * len(rows)), 7.6 if compared else 4.2))
+    ax = axes[0][0]
     x = np.arange(len(groups))
     for i, r in enumerate(rows):
         means = [r[g] for g in groups]
@@ -591,6 +601,22 @@ def plot_losses(summary: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_ylim(max(0.0, min(lows) - pad), max(highs) + pad)
     ax.legend(fontsize=7, ncol=min(4, len(rows)))
     ax.set_title("Fine-tuned on each selection: held-out loss by domain (lower is better)")
+    if compared:
+        # Domains differ in loss far more than methods do: the paired difference shows the effect.
+        dx = axes[1][0]
+        w = 0.8 / len(compared)
+        keys = [f"{d}_delta" for d in summary["domains"]] + ["delta_vs_random"]
+        for i, r in enumerate(compared):
+            means = [r.get(k, np.nan) for k in keys]
+            cis = [r.get(f"{k}_ci95" if k != "delta_vs_random" else "delta_ci95", np.nan)
+                   for k in keys]
+            dx.bar(x + (i - (len(compared) - 1) / 2) * w, means, w,
+                   yerr=np.nan_to_num(cis), capsize=2, label=r["method"],
+                   color=f"C{rows.index(r)}")
+        dx.axhline(0.0, color="black", linewidth=0.8)
+        dx.set_xticks(x, [g.replace("avg_loss", "average") for g in groups])
+        dx.set_ylabel(f"loss - {summary['reference']} (paired, 95% CI)")
+        dx.legend(fontsize=7, ncol=min(4, len(compared)))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
