@@ -15,7 +15,8 @@ Outputs in ``--out``: results.json, table.md/csv, losses.png, summary.md. The la
     RESULT methods=<n> seeds=<n> random_avg_loss=<> daar_avg_loss=<> best_method=<name> \
 best_delta_vs_random=<> ci95=<>
 
-(best = lowest average loss among the fine-tuned methods; delta and ci95 paired over seeds.)
+(methods counts the selections at the budget: not ``base`` and not ``full``; best = the lowest
+average loss among them; delta and ci95 are paired over seeds.)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def result_line(summary: dict, seeds: int) -> str:
     rows = {r["method"]: r for r in summary["rows"]}
-    tuned = [r for r in summary["rows"] if r["method"] != "base"]
+    tuned = [r for r in summary["rows"] if r["method"] not in ("base", "full")]
 
     def fmt(v):
         return "nan" if v is None or v != v else f"{v:.4f}"
