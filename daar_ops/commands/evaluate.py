@@ -1,0 +1,144 @@
+"""``daar-ops evaluate``: fine-tune one model on each selection, compare held-out loss per domain."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared with ``tools/eval_downstream.py``; defaults are the CPU-sized comparison."""
+    from daar_ops import evaluation as ev
+
+    s = p.add_argument_group("selections and evaluation sets")
+    s.add_argument("--methods", default=None,
+                   help=f"comma-separated methods run on one slice of --pool at one budget, of "
+                        f"{[*ev.DEFAULT_METHODS, ev.FULL]} (default: all but full when no "
+                        f"--selection is given)")
+    s.add_argument("--selection", action="append", default=[], metavar="NAME=PATH",
+                   help="a selection given as a JSONL file (repeatable); texts held out are "
+                        "removed from it")
+    s.add_argument("--pool", type=Path, default=ev.DEFAULT_POOL,
+                   help="pool for the slice and the held-out sets (default: the shared pool)")
+    s.add_argument("--n", type=int, default=250, help="slice size the methods select from")
+    s.add_argument("--ratio", type=float, default=0.2, help="budget: fraction of the slice")
+    s.add_argument("--slice-seed", type=int, default=0)
+    s.add_argument("--held-out-fraction", type=float, default=0.05,
+                   help="pool records held out by text hash (never in any selection)")
+    s.add_argument("--eval-per-domain", type=int, default=12,
+                   help="held-out records per domain evaluated")
+    s.add_argument("--eval-set", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="a user-given evaluation file per domain (replaces the pool's held-out "
+                        "sets; its texts are removed from every selection)")
+    s.add_argument("--daar-checkpoint", default=None,
+                   help="DaaR probe checkpoint (default: `daar-ops select --quick` on the "
+                        "selection pool, once)")
+    t = p.add_argument_group("fine-tuning (identical for every selection)")
+    t.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model tuned: short name, local folder or hub id")
+    t.add_argument("--seeds", default="0,1,2", help="training seeds (and random's sampling)")
+    t.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=-1, help="> 0 caps the optimizer steps")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    t.add_argument("--lora-top-layers", type=int, default=8,
+                   help="adapters on the top N decoder layers only, which saves most of the "
+                        "backward pass on a CPU (0: every layer, the GPU setting)")
+    t.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                   help="bf16 autocast (auto: where the CPU/GPU has native bf16)")
+    t.add_argument("--paper", action="store_true",
+                   help="the GPU preset: 1,024 tokens, 3 epochs, lr 1e-4, LoRA r 64 on every "
+                        "layer, batch 16 (explicit options above do not override it)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    b = p.add_argument_group("benchmarks (optional; pip install 'daar-ops[lm-eval]', a GPU)")
+    b.add_argument("--lm-eval-tasks", default=None,
+                   help=f"comma-separated lm-eval tasks, or 'paper' for "
+                        f"{','.join(ev.PAPER_BENCHMARKS)}")
+    b.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task")
+    b.add_argument("--lm-eval-batch-size", default="auto")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "evaluate")
+    p.add_argument("--no-base", action="store_true", help="skip the untuned base model row")
+    p.add_argument("--no-resume", action="store_true", help="retrain even finished runs")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="fine-tune one model on each selection (LoRA) and compare the held-out "
+                         "loss per domain",
+        description="Fine-tune the same model with the same settings and seeds on each selection "
+                    "(given JSONL files, or methods run on one slice of a pool at one budget) "
+                    "and measure the loss on held-out records of each domain. Writes "
+                    "results.json, table.md/csv, losses.png and summary.md; finished runs are "
+                    "reused.")
+    add_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise SystemExit(f"{what} expects NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def run_from_args(args: argparse.Namespace):
+    """(summary, results, context) of the comparison the options describe."""
+    import torch
+
+    from daar_ops import evaluation as ev
+
+    torch.set_num_threads(max(1, args.threads))
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    files = _pairs(args.selection, "--selection")
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        methods = [] if files else list(ev.DEFAULT_METHODS)
+    if not methods and not files:
+        raise SystemExit("nothing to evaluate: give --methods or --selection")
+    start = time.perf_counter()
+    comparison = ev.prepare_comparison(
+        args.out, pool=args.pool, n=args.n, ratio=args.ratio, methods=methods, seeds=seeds,
+        slice_seed=args.slice_seed, held_out_fraction=args.held_out_fraction,
+        eval_per_domain=args.eval_per_domain, model=args.model,
+        daar_checkpoint=args.daar_checkpoint, selection_files=files,
+        eval_files=_pairs(args.eval_set, "--eval-set") or None, progress=not args.no_progress)
+    select_s = time.perf_counter() - start
+    if args.paper:
+        settings = ev.TrainSettings.gpu_paper(bf16=args.bf16)
+    else:
+        settings = ev.TrainSettings(
+            max_length=args.max_length, epochs=args.epochs, max_steps=args.max_steps,
+            batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r, lora_top_layers=args.lora_top_layers, bf16=args.bf16)
+    tasks = ev.parse_tasks(args.lm_eval_tasks)
+    results = ev.evaluate_selections(
+        comparison.selections, comparison.eval_sets, args.out, model=args.model, seeds=seeds,
+        settings=settings, device=args.device, held_hashes=comparison.held_hashes,
+        include_base=not args.no_base, resume=not args.no_resume,
+        progress=not args.no_progress, keep_adapters=bool(tasks))
+    if tasks:
+        results = ev.evaluate_benchmarks(results, args.out, args.model, tasks,
+                                         device=args.device, limit=args.lm_eval_limit,
+                                         batch_size=args.lm_eval_batch_size)
+    context = {**comparison.context, "seeds": seeds, "settings": settings.to_dict(),
+               "selection_seconds": round(select_s, 1),
+               "seconds": round(time.perf_counter() - start, 1)}
+    summary = ev.write_outputs(results, args.out, context)
+    return summary, results, context
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary, _, context = run_from_args(args)
+    print((args.out / "table.md").read_text())
+    print(f"best method: {summary['best_method']}; took {context['seconds']} s")
+    print(f"outputs: {args.out}/summary.md, results.json, table.csv, losses.png")
+    return 0
