@@ -674,10 +674,11 @@ EVAL_ONLY_FIELDS = ("domain", "source")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL(.gz) file or a directory of shards (the train-probe reader)."""
-    from daar_ops.commands.train_probe import read_records
+    """Records of a JSONL(.gz) file or a directory of shards (the package's one reader, strict:
+    a malformed line is an error naming it)."""
+    from daar_ops.core import read_jsonl as read
 
-    return read_records(path)
+    return read(path, strict=True)[0]
 
 
 def held_out_eval_sets(records: Sequence[Mapping[str, Any]], held: Sequence[int],

@@ -18,8 +18,8 @@ FLOORS = [
     ("artifacts", ["probe_checkpoint", "report"]),
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
-    ("driver", ["pipeline"]),
-    ("face", ["cli", "commands", "testing"]),
+    ("driver", ["pipeline", "evaluation"]),
+    ("face", ["cli", "commands", "testing", "sandbox_hooks"]),
 ]
 
 
