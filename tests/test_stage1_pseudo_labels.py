@@ -135,3 +135,15 @@ def test_domain_anchor_texts_paraphrase_default_domains_only():
     assert texts[0].startswith("common sense: ")
     plain, plain_labels = domain_anchor_texts(DEFAULT_DOMAINS, extra=False)
     assert plain_labels == [0, 1, 2, 3]
+
+
+def test_half_split_health_separates_good_and_broken_anchors():
+    from daar_ops.algorithms.pseudo_labels import half_split_health
+
+    pool, _, anchors, labels, is_desc = _world(6)
+    good = half_split_health(pool, anchors, labels, 4, is_desc, method="fixed")
+    assert good.reliable and good.cross_seed_agreement > 0.95
+    rng = np.random.default_rng(0)
+    junk = rng.standard_normal(anchors.shape)  # anchors unrelated to the pool
+    bad = half_split_health(pool, junk, labels, 4, None, method="fixed")
+    assert bad.cross_seed_agreement < good.cross_seed_agreement
