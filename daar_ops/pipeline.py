@@ -405,13 +405,15 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
 def stage1_health(info: Mapping[str, Any], labels: np.ndarray, names: Sequence[str]
                   ) -> dict[str, Any]:
     """Label-free signals of stage 1 for the summary, with a warning when they say the
-    pseudo-labels are unreliable (one domain nearly absent from the probe pool). The stronger
-    signal, agreement between two synthesis seeds, is measured by tools/eval_pseudo_labels.py."""
+    pseudo-labels are unreliable: the half-split agreement (two labelings from halves of the
+    synthetic samples; below 0.8 it flags a broken stage 1, docs/daar_stage1.md) or one domain
+    nearly absent from the probe pool."""
     counts = np.array([int((labels == n).sum()) for n in names])
     share = float(counts.min() / max(counts.sum(), 1))
-    out = {k: info[k] for k in ("prototype_agreement", "mean_margin", "anchors_kept",
-                                "anchors_dropped") if k in info}
-    out.update(min_domain_share=round(share, 4), reliable=share >= 0.05)
+    out = {k: info[k] for k in ("half_split_agreement", "prototype_agreement", "mean_margin",
+                                "anchors_kept", "anchors_dropped") if k in info}
+    out.update(min_domain_share=round(share, 4),
+               reliable=bool(info.get("reliable", True)) and share >= 0.05)
     if share < 0.05:
         weak = names[int(counts.argmin())]
         logger.warning(f"stage 1 looks unreliable: pseudo-domain '{weak}' got {counts.min()} of "

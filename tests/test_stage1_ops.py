@@ -288,20 +288,23 @@ def test_real_smollm2_synthesis_writes_parsed_pairs_and_centroids(smollm2_path, 
 
 
 @pytest.mark.integration
-def test_pseudo_label_recipe_runs_under_dj_process(smollm2_path, shared_pool, tmp_path):
+def test_pseudo_label_recipe_runs_under_dj_process(minilm_path, shared_pool, tmp_path):
+    """Recipe 02 as shipped (the default stage 1 from a synthetic samples file)."""
     with gzip.open(shared_pool, "rt") as handle:
         rows = [json.loads(line) for line in islice(handle, 40)]
     rows[0]["output"] = ""  # a sample with a missing part
     data = tmp_path / "slice.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfile = _centroid_file(tmp_path / "cent", smollm2_path)
+    samples = tmp_path / "synthetic.jsonl"
+    samples.write_text("".join(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n"
+                               for name, texts in TOPIC_TEXTS.items() for t in texts))
     export = tmp_path / "out" / "labelled.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("dj-process")),
            "--config", str(REPO / "recipes/daar/02_pseudo_label.yaml"),
            "--dataset_path", str(data), "--export_path", str(export),
-           "--domain_pseudo_label_mapper.centroids_path", str(cfile)]
+           "--domain_pseudo_label_mapper.samples_path", str(samples)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [json.loads(line) for line in export.read_text().splitlines()]

@@ -15,7 +15,8 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from daar_ops.algorithms.pseudo_labels import (Stage1Config, build_prototypes,
-                                               domain_anchor_texts, pseudo_label)
+                                               domain_anchor_texts, half_split_health,
+                                               pseudo_label)
 from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec, assign_nearest,
                                            check_feature, parse_domains,
                                            compatibility_keys, embed_texts, feature_description,
@@ -303,8 +304,19 @@ class DomainPseudoLabelMapper(Mapper):
                                        len(self.domains), self.anchor_is_description,
                                        self.stage1)
         self._fitted = dict(zip(distinct, labels.tolist()))
+        # label-free health: agreement of two labelings from halves of the synthetic samples
+        check = half_split_health(feats, self.anchor_features, self.anchor_labels,
+                                  len(self.domains), self.anchor_is_description, self.stage1)
         self.stage1_info = {**self.stage1_info, **{k: v for k, v in info.items()
-                                                   if k not in ("cluster_labels",)}}
+                                                   if k not in ("cluster_labels",)},
+                            "half_split_agreement": round(check.cross_seed_agreement, 4),
+                            "reliable": check.reliable}
+        if not check.reliable:
+            logger.warning(f"{OP_NAME}: stage 1 looks unreliable: labelings from two halves of "
+                           f"the synthetic samples agree on {check.cross_seed_agreement:.2f} of "
+                           f"the records (< {check.threshold}); expect poor pseudo-labels (more "
+                           f"or better synthetic samples, descriptions that fit the data, or a "
+                           f"stronger model help)")
         logger.info(f"{OP_NAME}: {self.method} labels of {len(distinct)} distinct texts: "
                     f"{dict(zip(self.domains, info.get('label_counts', [])))}; "
                     f"{info.get('prototype_agreement', float('nan')):.3f} agree with the nearest "
