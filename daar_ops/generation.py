@@ -21,7 +21,6 @@ same conversations, batch size, seed and model give the same outputs. vLLM and A
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
@@ -62,8 +61,9 @@ class TextGenerator(ABC):
     @abstractmethod
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 256,
                  temperature: float = 0.9, top_p: float = 0.95, do_sample: bool = True,
-                 seed: int = 0) -> list[str]:
-        """One completion (assistant text only, special tokens removed) per conversation."""
+                 seed: int = 0, progress: bool = False) -> list[str]:
+        """One completion (assistant text only, special tokens removed) per conversation;
+        ``progress``: a bar per generation batch."""
 
     def describe(self) -> dict[str, Any]:
         """Provenance to store with anything generated."""
@@ -265,20 +265,3 @@ def load_generator(backend: str = "hf", model: str = "smollm2-135m-instruct",
     if backend == "vllm":
         return VLLMGenerator(model=model, dtype=dtype, **backend_kwargs)
     raise ValueError(f"unknown generation backend {backend!r}; choose one of {BACKENDS}")
-
-
-_CACHE: dict[tuple, TextGenerator] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def cached_generator(backend: str = "hf", model: str = "smollm2-135m-instruct",
-                     device: str | None = "cpu", dtype: str = "float32", batch_size: int = 8,
-                     **backend_kwargs: Any) -> TextGenerator:
-    """:func:`load_generator`, loaded once per process for the same arguments (for operators)."""
-    key = (backend, str(model), device, dtype, batch_size,
-           tuple(sorted((k, repr(v)) for k, v in backend_kwargs.items())))
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = load_generator(backend, model, device, dtype, batch_size,
-                                         **backend_kwargs)
-        return _CACHE[key]

@@ -207,3 +207,13 @@ def test_every_method_keeps_the_same_count_for_the_same_ratio(tiny_artifacts, n,
                                     100 - ratio * 100, 100).sum()),
     }
     assert set(counts.values()) == {want}, counts
+
+
+def test_model_loaders_are_data_juicer_model_types(tiny_llama):
+    from data_juicer.utils.model_utils import get_model, prepare_model
+
+    import daar_ops.ops  # noqa: F401  (registers the loaders)
+
+    key = prepare_model("daar_layer_features", model=str(tiny_llama), layer=1)
+    extractor = get_model(key)
+    assert extractor.encode(["a text"]).layer.shape[0] == 1

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from daar_ops.generation import (APIGenerator, HFGenerator, TextGenerator, cached_generator,
+from daar_ops.generation import (APIGenerator, HFGenerator, TextGenerator,
                                  load_generator)
 
 CONV = [{"role": "user", "content": "Write an instruction pair about math."}]
@@ -65,11 +65,17 @@ def test_load_generator_validates_arguments(tiny_llama):
         load_generator("hf", str(tiny_llama), dtype="int3")
 
 
-def test_cached_generator_loads_once_per_setting(tiny_llama):
-    a = cached_generator("hf", str(tiny_llama), batch_size=3)
-    b = cached_generator("hf", str(tiny_llama), batch_size=3)
-    c = cached_generator("hf", str(tiny_llama), batch_size=2)
+def test_generators_load_once_per_setting_through_data_juicer(tiny_llama):
+    from data_juicer.utils.model_utils import MODEL_ZOO, free_models
+
+    from daar_ops.model_keys import load, model_key
+
+    a = load(model_key("generator", backend="hf", model=str(tiny_llama), batch_size=3))
+    b = load(model_key("generator", backend="hf", model=str(tiny_llama), batch_size=3))
+    c = load(model_key("generator", backend="hf", model=str(tiny_llama), batch_size=2))
     assert a is b and a is not c
+    free_models()  # what every Filter/Selector run ends with: the generators are released
+    assert not MODEL_ZOO
 
 
 def test_describe_records_model_identity(tiny_gen, tiny_llama):

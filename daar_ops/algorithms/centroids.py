@@ -329,9 +329,12 @@ def synthesize(
                 convs.append(conv)
             stats[d.name].attempts += n_jobs
         try:
+            # progress: the generator's own bar moves per generation batch, so a long round is
+            # visible (the synthesis bar counts accepted pairs, which arrive per round)
             outputs = generator.generate(convs, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, do_sample=True,
-                                         seed=seed * 1_000_003 + round_no * 7919)
+                                         seed=seed * 1_000_003 + round_no * 7919,
+                                         progress=progress)
         except Exception as err:  # a failed batch counts as malformed; attempts still advance
             logger.warning(f"generation failed in round {round_no}: {err}")
             outputs = [""] * len(convs)
@@ -357,6 +360,7 @@ def synthesize(
                 samples[d.name].append(pair)
                 st.accepted += 1
                 bar.update(1)
+        bar.set_postfix(generations=sum(st.attempts for st in stats.values()))
         round_no += 1
     bar.close()
     for d in domains:

@@ -7,5 +7,10 @@ operator module below, whose ``@OPERATORS.register_module`` decorators register 
 import importlib
 import pkgutil
 
+from daar_ops.model_keys import register_with_data_juicer
+
+# the package's model loaders become Data-Juicer model types (prepare_model("daar_<kind>", ...))
+register_with_data_juicer()
+
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_module}")
