@@ -812,6 +812,10 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
                 ckpt = Path(daar_checkpoint) if daar_checkpoint else ensure_daar_checkpoint(
                     train_pool, out_dir, model, daar_probe_size, progress=progress)
                 overrides["diversity_reward_filter"] = {"checkpoint": str(Path(ckpt).resolve())}
+                if name == "daar_per_domain":  # the same budget inside every predicted domain
+                    domains = json.loads((Path(ckpt) / "manifest.json").read_text())["domains"]
+                    overrides["diversity_reward_filter"]["domain_ratios"] = {
+                        d: ratio for d in domains}
             res = cm.run_method(name, REPO / RECIPE_METHODS[name], input_path, select_dir, ratio,
                                 size, timeout, overrides, reuse=True)
             statuses[name] = res["status"]
