@@ -795,7 +795,12 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
     select_dir.mkdir(exist_ok=True)
     input_path, _, size = cm.write_slice(train_pool, n, slice_seed, select_dir)
     slice_records = read_jsonl(input_path)
-    k = max(1, round(ratio * size))
+    from daar_ops.core import budget
+
+    k = budget(size, ratio=ratio)  # the count every selection method keeps for this ratio
+    if k == 0:
+        raise ValueError(f"ratio {ratio} of a {size}-record slice keeps no record; raise --n "
+                         f"or the ratio")
     selections: dict[str, Selection] = {}
     statuses: dict[str, str] = {}
     for name in methods:
