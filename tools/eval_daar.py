@@ -45,7 +45,8 @@ def entropy_nats(labels: list[str]) -> float:
 
 
 def run_pipeline_check(args: argparse.Namespace) -> None:
-    from daar_ops.pipeline import SelectConfig, read_jsonl, run_select
+    from daar_ops.core import iter_jsonl as read_jsonl
+    from daar_ops.pipeline import SelectConfig, run_select
 
     overrides = {k: getattr(args, k) for k in ("output_dir", "threads", "samples_per_domain",
                                                "probe_size", "pool_size")
