@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         InstructionFollowingDifficultyFilter
     from data_juicer.utils.constant import Fields, StatsKeys
 
-    from daar_ops.algorithms.rating import ScoreTokenRater
+    from daar_ops.raters import ScoreTokenRater
     from daar_ops.models import resolve_model_path
 
     with gzip.open(args.pool, "rt", encoding="utf-8") as fh:
