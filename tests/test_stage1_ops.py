@@ -158,7 +158,7 @@ def test_pseudo_label_refinement_moves_centroids_and_is_default_executor_only(cf
     assert refined.method == "kmeans" and len(refined._fitted) == len(rows)
     assert "prototype_agreement" in refined.stage1_info
     assert [r[Fields.meta]["daar_pseudo_domain"] for r in out] == [
-        refined.domains[refined._fitted[t]] for t in (r["instruction"] for r in rows)]
+        refined.domains[refined._fitted[t][0]] for t in (r["instruction"] for r in rows)]
     assert all(len(r[Fields.stats]["daar_domain_similarity"]) == 2 for r in out)
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import replace
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
@@ -169,7 +169,8 @@ class DomainPseudoLabelMapper(Mapper):
         self.similarity_key = similarity_key
         self.layer = layer
         self.sentence_model = sentence_model
-        self._fitted: Optional[Dict[str, int]] = None  # text -> label, for whole-dataset methods
+        # whole-dataset methods: text -> (label, similarities to the prototypes), from _fit
+        self._fitted: Optional[Dict[str, Tuple[int, List[float]]]] = None
         self.stage1_info: Dict[str, Any] = {}
 
         if centroids_path is not None:
@@ -303,7 +304,10 @@ class DomainPseudoLabelMapper(Mapper):
         labels, _, info = pseudo_label(feats, self.anchor_features, self.anchor_labels,
                                        len(self.domains), self.anchor_is_description,
                                        self.stage1)
-        self._fitted = dict(zip(distinct, labels.tolist()))
+        _, sims = assign_nearest(feats, self.centroids, self.metric)
+        # labels and similarities kept per text, so process_batched need not embed them again
+        self._fitted = {t: (int(lab), row) for t, lab, row in zip(distinct, labels.tolist(),
+                                                                 sims.tolist())}
         # label-free health: agreement of two labelings from halves of the synthetic samples
         check = half_split_health(feats, self.anchor_features, self.anchor_labels,
                                   len(self.domains), self.anchor_is_description, self.stage1)
@@ -338,7 +342,8 @@ class DomainPseudoLabelMapper(Mapper):
                         and isinstance(stats[i].get(self.similarity_key), list)
                         and len(stats[i][self.similarity_key]) == k
                         and stats[i].get(CENTROIDS_SHA_KEY) == self._labels_sha())]
-        stale = sum(1 for i in todo if isinstance(metas[i].get(self.label_key), str))
+        stale = 0 if self._fitted is not None else sum(
+            1 for i in todo if isinstance(metas[i].get(self.label_key), str))
         if stale:
             logger.info(f"{OP_NAME}: {stale} samples carried a {self.label_key} from other "
                         f"centroids; relabelled")
@@ -348,10 +353,7 @@ class DomainPseudoLabelMapper(Mapper):
             if empty:
                 logger.warning(f"{OP_NAME}: {empty}/{len(texts)} samples have empty text; they "
                                f"are embedded as one EOS token and still labelled")
-            feats = self._embed(texts, rank)
-            labels, sims = assign_nearest(feats, self.centroids, self.metric)
-            if self._fitted is not None:  # whole-dataset labels; similarities to prototypes
-                labels = np.array([self._fitted.get(t, int(lab)) for t, lab in zip(texts, labels)])
+            labels, sims = self._label_texts(texts, rank)
             for j, i in enumerate(todo):
                 row_sims = sims[j]
                 if not np.isfinite(row_sims).all():
@@ -363,6 +365,23 @@ class DomainPseudoLabelMapper(Mapper):
         samples[Fields.meta] = uniform_dicts(metas)
         samples[Fields.stats] = uniform_dicts(stats)
         return samples
+
+    def _label_texts(self, texts: List[str], rank: Optional[int] = None
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+        """(labels [n], similarities to the prototypes [n, K]): the fitted whole-dataset labels
+        for texts seen by :meth:`_fit`, the nearest prototype for the others."""
+        fitted = self._fitted or {}
+        unseen = [j for j, t in enumerate(texts) if t not in fitted]
+        labels = np.zeros(len(texts), dtype=np.int64)
+        sims = np.zeros((len(texts), len(self.domains)), dtype=np.float64)
+        if unseen:
+            new_labels, new_sims = assign_nearest(self._embed([texts[j] for j in unseen], rank),
+                                                  self.centroids, self.metric)
+            labels[unseen], sims[unseen] = new_labels, new_sims
+        for j, t in enumerate(texts):
+            if t in fitted:
+                labels[j], sims[j] = fitted[t][0], fitted[t][1]
+        return labels, sims
 
     def _labels_sha(self) -> str:
         """What produced the labels: the anchors/centroids and the stage-1 settings. (A
