@@ -324,14 +324,19 @@ class DiversityRewardSelector(StatsSelector):
         self.global_mode = ("quota" if domain_ratios else "top_ratio" if top_ratio is not None
                             else "top_k")
 
-    def _check_domain_ratios(self, domain_ratios, top_ratio, domains) -> None:
+    def _check_domain_ratios(self, domain_ratios, top_ratio, domains, unknown_is_error=True
+                             ) -> None:
+        """Every domain needs a ratio (or ``top_ratio`` for the rest); a ratio for a domain the
+        checkpoint lacks is an error, one for a domain no sample was predicted as a warning."""
         if not domain_ratios:
             return
         name = self._name or SELECTOR_NAME
         unknown = sorted(set(domain_ratios) - set(domains))
-        if unknown:
+        if unknown and unknown_is_error:
             raise ValueError(f"{name}: domain_ratios names {unknown}, not domains of the "
                              f"checkpoint {domains}")
+        if unknown:
+            logger.warning(f"{name}: domain_ratios names {unknown}, predicted for no sample")
         missing = [d for d in domains if d not in domain_ratios]
         if missing and top_ratio is None:
             raise ValueError(f"{name}: domain_ratios lacks {missing}; list every domain or set "
@@ -354,16 +359,9 @@ class DiversityRewardSelector(StatsSelector):
         stats = dataset[Fields.stats]
         scores = reward_scores(stats)
         domains = [as_dict(s).get(DOMAIN_KEY) or "" for s in stats]
-        if not self.scores_itself and self.domain_ratios:
-            present = sorted({d for d in domains if d})
-            unknown = sorted(set(self.domain_ratios) - set(present))
-            if unknown:
-                logger.warning(f"{self._name}: domain_ratios names {unknown}, predicted for no "
-                               f"sample")
-            missing = [d for d in present if d not in self.domain_ratios]
-            if missing and self.top_ratio is None:
-                raise ValueError(f"{self._name}: domain_ratios lacks {missing}; list every "
-                                 "domain or set top_ratio as the ratio of the unlisted ones")
+        if not self.scores_itself:  # the domains are known only now, from the stats
+            self._check_domain_ratios(self.domain_ratios, self.top_ratio,
+                                      sorted({d for d in domains if d}), unknown_is_error=False)
         n_invalid = int(np.isnan(scores).sum())
         if n_invalid:
             logger.warning(f"{self._name}: {n_invalid} samples have no valid "
