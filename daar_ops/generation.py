@@ -22,12 +22,13 @@ same conversations, batch size, seed and model give the same outputs. vLLM and A
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from loguru import logger
 from tqdm.auto import tqdm
 
 Conversation = list[dict[str, str]]
+StopRule = Callable[[int, str], bool]
 
 BACKENDS = ("hf", "api", "vllm")
 
@@ -61,9 +62,15 @@ class TextGenerator(ABC):
     @abstractmethod
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 256,
                  temperature: float = 0.9, top_p: float = 0.95, do_sample: bool = True,
-                 seed: int = 0, progress: bool = False) -> list[str]:
+                 seed: int = 0, progress: bool = False,
+                 stop: StopRule | None = None) -> list[str]:
         """One completion (assistant text only, special tokens removed) per conversation;
-        ``progress``: a bar per generation batch."""
+        ``progress``: a bar per generation batch.
+
+        ``stop(i, text) -> bool``: called with conversation ``i``'s text generated so far; once it
+        returns True that conversation is finished (the HF backend stops decoding it, and a batch
+        ends when all its rows are finished). Only a speed hint: the API and vLLM backends ignore
+        it, so a caller must not rely on the text ending where ``stop`` first said True."""
 
     def describe(self) -> dict[str, Any]:
         """Provenance to store with anything generated."""
@@ -133,7 +140,8 @@ class HFGenerator(TextGenerator):
 
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 256,
                  temperature: float = 0.9, top_p: float = 0.95, do_sample: bool = True,
-                 seed: int = 0, progress: bool = False) -> list[str]:
+                 seed: int = 0, progress: bool = False,
+                 stop: StopRule | None = None) -> list[str]:
         torch = self._torch
         _check_sampling(max_new_tokens, temperature, top_p)
         convs = _check_conversations(conversations)
@@ -152,14 +160,39 @@ class HFGenerator(TextGenerator):
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
             torch.manual_seed(seed + b)
+            criteria = None if stop is None else [_RowStop(self.tokenizer, stop, start, width)]
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                     max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self._eos_ids,
-                    **sampling)
+                    stopping_criteria=criteria, **sampling)
             new = out[:, width:].cpu()
             outputs.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return outputs
+
+
+class _RowStop:
+    """A ``transformers`` stopping criterion that finishes each row once ``stop`` says so.
+
+    ``generate`` still samples a token for finished rows (and replaces it by padding), so the
+    random stream, and with it every other row's text, is the same as without the rule.
+    """
+
+    def __init__(self, tokenizer: Any, stop: StopRule, first: int, width: int):
+        self.tokenizer, self.stop, self.first, self.width = tokenizer, stop, first, width
+        self.done: list[bool] | None = None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.width:]
+        if self.done is None:
+            self.done = [False] * new.shape[0]
+        for row in range(new.shape[0]):
+            if not self.done[row]:
+                text = self.tokenizer.decode(new[row], skip_special_tokens=True)
+                self.done[row] = bool(self.stop(self.first + row, text))
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 class APIGenerator(TextGenerator):
@@ -195,7 +228,8 @@ class APIGenerator(TextGenerator):
 
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 256,
                  temperature: float = 0.9, top_p: float = 0.95, do_sample: bool = True,
-                 seed: int = 0, progress: bool = False) -> list[str]:
+                 seed: int = 0, progress: bool = False,
+                 stop: StopRule | None = None) -> list[str]:
         _check_sampling(max_new_tokens, temperature, top_p)
         convs = _check_conversations(conversations)
 
@@ -243,7 +277,8 @@ class VLLMGenerator(TextGenerator):
 
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 256,
                  temperature: float = 0.9, top_p: float = 0.95, do_sample: bool = True,
-                 seed: int = 0, progress: bool = False) -> list[str]:
+                 seed: int = 0, progress: bool = False,
+                 stop: StopRule | None = None) -> list[str]:
         _check_sampling(max_new_tokens, temperature, top_p)
         convs = _check_conversations(conversations)
         params = [self._vllm.SamplingParams(

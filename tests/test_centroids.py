@@ -8,8 +8,8 @@ import pytest
 from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, DomainSpec, InstructionPair,
                                            assign_nearest, augment_prompt, compute_centroids,
                                            kmeans_refine, load_centroids, parse_domains,
-                                           parse_pairs, save_centroids, seed_prompt, similarities,
-                                           synthesize)
+                                           pairs_settled, parse_pairs, save_centroids, seed_prompt,
+                                           similarities, synthesize)
 from daar_ops.artifacts import ArtifactError
 
 # ----------------------------------------------------------------------------------- parsing
@@ -48,6 +48,60 @@ def test_parse_pairs_drops_duplicates_and_respects_max_pairs():
         "Instruction: Multiply two numbers.\nOutput: 6\n"
     assert len(parse_pairs(text)) == 2
     assert len(parse_pairs(text, max_pairs=1)) == 1
+
+
+SETTLE_TEXTS = [
+    "Instruction: Add 2 and 3.\nInput:\nOutput: 5\n\nInstruction: Sum 1 and 1.\nOutput: 2\n"
+    "Instruction: Name a prime.\nOutput: 7",
+    # the first pair is a placeholder (not a pair): the second one must still be parsed
+    "Instruction: <a task or question>\nOutput: <the answer>\nInstruction: Reverse a list in "
+    "Python.\nInput: [1, 2]\nOutput: [2, 1]\nInstruction: Sort it.\nOutput: sorted(x)",
+    # Input after Output belongs to the open pair: it must not settle the text
+    "Instruction: Explain recursion briefly.\nOutput: A function calling itself.\nInput: none"
+    "\n\n**Instruction 2:** Define a loop.\nOutput: repetition",
+    "1. Question: What is 2+2?\nAnswer: 4\n2. Question: What is 3*3?\nAnswer: 9\n3. Task: hi",
+    "Output: orphan answer\nInstruction: Real one here.\nOutput: yes",
+]
+
+
+@pytest.mark.parametrize("text", SETTLE_TEXTS)
+@pytest.mark.parametrize("max_pairs", [1, 2])
+def test_pairs_settled_never_changes_what_is_parsed(text, max_pairs):
+    # generation stops at the first prefix where pairs_settled says True: the pairs parsed from
+    # that prefix must be exactly those of the whole text
+    full = parse_pairs(text, max_pairs)
+    for end in range(len(text) + 1):
+        if pairs_settled(text[:end], max_pairs):
+            assert parse_pairs(text[:end], max_pairs) == full
+            assert len(full) == max_pairs
+            break
+
+
+def test_pairs_settled_stops_after_the_wanted_pairs_only():
+    text = "Instruction: Add 2 and 3.\nOutput: 5\nInstruction: Sum 4 and 4.\nOutput: 8\n"
+    assert not pairs_settled("Instruction: Add 2 and 3.\nOutput: 5", 1)
+    assert pairs_settled(text, 1)
+    assert not pairs_settled(text, 2)  # the second pair's output may still grow
+    assert pairs_settled(text + "Instruction:", 2)
+    assert not pairs_settled("", 1) and not pairs_settled(None, 1)
+
+
+def test_synthesis_passes_a_stop_rule_that_settles_on_the_wanted_pairs():
+    seen = {}
+
+    class StopAware(ScriptedGenerator):
+        def generate(self, conversations, **kwargs):
+            seen["stop"] = kwargs.get("stop")
+            return super().generate(conversations, **kwargs)
+
+    gen = StopAware(lambda prompt, i: f"Add {i} and {i}.\nOutput: {2 * i}")
+    synthesize(gen, DOMS, _bag_embed, samples_per_domain=1, max_attempts=2, tau=0.99,
+               n_seed_pairs=2, candidates_per_round=1, progress=False)
+    stop = seen["stop"]  # round 0: seed prompts, which ask for 2 pairs
+    assert not stop(0, " Add 1 and 1.\nOutput: 2\nInstruction: more")
+    # the prefix "Instruction:" is prepended before the rule reads the text
+    assert stop(0, " Add 1 and 1.\nOutput: 2\nInstruction: Add 2 and 2.\nOutput: 4\n"
+                   "Instruction:")
 
 
 def test_prompts_name_domain_description_others_and_counterexamples():

@@ -45,6 +45,22 @@ def test_hf_left_padding_keeps_batched_equal_to_single_greedy(tiny_llama):
     assert single == batched
 
 
+def test_hf_stop_rule_finishes_rows_without_changing_the_others(tiny_llama):
+    gen = load_generator("hf", str(tiny_llama), batch_size=3)
+    convs = [CONV, [{"role": "user", "content": "hi"}], CONV]
+    free = gen.generate(convs, max_new_tokens=16, seed=5)
+    seen = []
+
+    def stop(i, text):
+        seen.append(i)
+        return i == 1 and len(text) > 0  # only conversation 1 stops, after its first text
+
+    stopped = gen.generate(convs, max_new_tokens=16, seed=5, stop=stop)
+    assert stopped[0] == free[0] and stopped[2] == free[2]  # same random stream for the others
+    assert free[1].startswith(stopped[1]) and len(stopped[1]) < len(free[1])
+    assert set(seen) == {0, 1, 2}
+
+
 def test_bare_strings_are_user_turns_and_bad_input_is_rejected(tiny_gen):
     assert len(tiny_gen.generate(["hello"], max_new_tokens=4)) == 1
     assert tiny_gen.generate([], max_new_tokens=4) == []

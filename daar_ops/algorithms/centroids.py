@@ -213,6 +213,24 @@ def parse_pairs(text: Any, max_pairs: int | None = None) -> list[InstructionPair
 
 # ------------------------------------------------------------------------------------- synthesis
 
+def pairs_settled(text: Any, max_pairs: int) -> bool:
+    """True once more text cannot change ``parse_pairs(text, max_pairs)``: generation may stop.
+
+    That is when the text before its last ``Instruction``-kind label already holds ``max_pairs``
+    pairs: that label closes the pair before it (every field of it is bounded by a later label),
+    and whatever follows can only append pairs after the first ``max_pairs``. Any other label
+    (``Input:`` after an ``Output:``) could still add a field to the open pair, so it never
+    settles the text. Synthesis uses it to stop decoding a conversation once its pairs are written
+    (small models keep writing pairs nobody asked for until ``max_new_tokens``).
+    """
+    text = to_text(text)
+    for m in reversed(list(_LABEL_RE.finditer(text))):
+        if _LABELS[(m.group(1) or m.group(2)).lower()] == "instruction":
+            return m.start() > 0 and len(parse_pairs(text[:m.start()], max_pairs)) >= max_pairs
+    return False
+
+
+
 @dataclass
 class DomainStats:
     """Provenance of one domain's synthesis."""
@@ -331,16 +349,20 @@ def synthesize(
         try:
             # progress: the generator's own bar moves per generation batch, so a long round is
             # visible (the synthesis bar counts accepted pairs, which arrive per round)
+            wanted = [n_seed_pairs if is_seed else 1 for _, is_seed in jobs]
+            prefix = (response_prefix + " ") if response_prefix else ""
             outputs = generator.generate(convs, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, do_sample=True,
                                          seed=seed * 1_000_003 + round_no * 7919,
-                                         progress=progress)
+                                         progress=progress,
+                                         stop=lambda i, out: pairs_settled(prefix + out,
+                                                                           wanted[i]))
         except Exception as err:  # a failed batch counts as malformed; attempts still advance
             logger.warning(f"generation failed in round {round_no}: {err}")
             outputs = [""] * len(convs)
         candidates: list[tuple[DomainSpec, InstructionPair]] = []
         for (d, is_seed), out in zip(jobs, outputs):
-            text = (response_prefix + " " + to_text(out)) if response_prefix else out
+            text = prefix + to_text(out)
             pairs = parse_pairs(text, max_pairs=n_seed_pairs if is_seed else 1)
             if not pairs:
                 stats[d.name].malformed += 1
