@@ -97,6 +97,10 @@ class SelectConfig:
     epochs: int | None = None  # None: the probe trainer's default
     seed: int = 0
     threads: int = 1
+    # processes scoring the selection pool (Data-Juicer's num_proc), each with `threads` torch
+    # threads; a text's features do not depend on the process that computes them, so the output
+    # is the same for any number of workers (tests/test_pipeline.py)
+    workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: str | None = None
@@ -114,7 +118,8 @@ class SelectConfig:
     def validate(self) -> None:
         if not 0.0 < self.select_ratio <= 1.0:
             raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
-        for name in ("probe_size", "samples_per_domain", "max_attempts", "threads", "layer",
+        for name in ("probe_size", "samples_per_domain", "max_attempts", "threads", "workers",
+                     "layer",
                      "max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -352,8 +357,10 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
             cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
 
     with timer("score"):
+        # one process per worker on CPU; on a GPU one process keeps the model on the device
+        workers = cfg.workers if cfg.device == "cpu" else 1
         scorer = DiversityRewardFilter(checkpoint=str(ckpt_dir), model=cfg.model,
-                                       dtype=cfg.dtype, cache_dir=cfg.cache_dir, num_proc=1)
+                                       dtype=cfg.dtype, cache_dir=cfg.cache_dir, num_proc=workers)
         scored = scorer.run(_view(records, pool_idx, tpl))
 
     with timer("select"):

@@ -65,7 +65,8 @@ def _config(tiny_llama, pool, syn, out, cache, **kw) -> SelectConfig:
 
 def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_path):
     pool, syn = small_pool
-    first = run_select(_config(tiny_llama, pool, syn, tmp_path / "a", tmp_path / "cache_a"))
+    first = run_select(_config(tiny_llama, pool, syn, tmp_path / "a", tmp_path / "cache_a",
+                               workers=1))
     s = first.summary
     assert s["pool_records"] == 90 and s["malformed_lines"] == [91]
     assert s["probe_pool"] == 40 and s["selection_pool"] == 50 and s["selected"] == 12
@@ -81,7 +82,9 @@ def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_pat
                  "probe_pool.jsonl", "centroids/manifest.json", "checkpoint/manifest.json"):
         assert (tmp_path / "a" / name).exists(), name
 
-    second = run_select(_config(tiny_llama, pool, syn, tmp_path / "b", tmp_path / "cache_b"))
+    # a rerun in two scoring processes (fresh cache) writes the same bytes
+    second = run_select(_config(tiny_llama, pool, syn, tmp_path / "b", tmp_path / "cache_b",
+                                workers=2))
     for name in ("selected.jsonl", "scores.jsonl", "probe_pool.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert second.summary["selected_pseudo_domain_counts"] == s["selected_pseudo_domain_counts"]

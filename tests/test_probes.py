@@ -260,3 +260,15 @@ def test_train_probe_cli_paper_preset_and_label_key(tmp_path, tiny_llama):
     assert manifest["domains"] == ["qa", "math", "coding"]
     assert manifest["training"]["batch_size"] == 1 and manifest["training"]["lr"] == 1e-5
     assert manifest["training"]["standardize"] is False
+
+
+def test_predict_is_batch_invariant_bit_for_bit():
+    # a sample's reward must not depend on how many others are scored with it (multi-process
+    # scoring gives each worker a shard)
+    torch.manual_seed(0)
+    net = ProbeMLP(576, 4)
+    x = np.random.default_rng(0).normal(size=(1500, 576)).astype(np.float32)
+    whole = predict(net, x)
+    for start, stop in ((0, 1), (3, 10), (25, 50), (1000, 1500), (1023, 1025)):
+        assert np.array_equal(predict(net, x[start:stop]), whole[start:stop])
+    assert predict(net, x[:0]).shape == (0, 4)

@@ -178,13 +178,23 @@ def _seeded_probe(in_dim: int, n_out: int, cfg: TrainConfig, seed: int) -> Probe
 @torch.no_grad()
 def predict(model: ProbeMLP, features: np.ndarray, batch_size: int = 1024,
             device: str | torch.device = "cpu") -> np.ndarray:
-    """Raw outputs (logits, or the regression value) of ``model`` for ``features`` [N, d]."""
+    """Raw outputs (logits, or the regression value) of ``model`` for ``features`` [N, d].
+
+    Batch-invariant: every forward pass has exactly ``batch_size`` rows (the last chunk is padded
+    with zeros), because matrix kernels pick their blocking by the row count and a row's output
+    could otherwise change in its last bit with N; so a sample's reward is the same whether it is
+    scored alone, in a shard of a multi-process run or in the whole pool.
+    """
     model.eval()
     x = np.asarray(features, dtype=np.float32)
     out = np.zeros((len(x), model.n_out), dtype=np.float32)
-    for start in range(0, len(x), batch_size):
-        chunk = torch.from_numpy(x[start:start + batch_size]).to(device)
-        out[start:start + batch_size] = model(chunk).float().cpu().numpy()
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            rows = x[start:start + batch_size]
+            chunk = np.zeros((batch_size, x.shape[1]), dtype=np.float32)
+            chunk[:len(rows)] = rows
+            pred = model(torch.from_numpy(chunk).to(device)).float().cpu().numpy()
+            out[start:start + len(rows)] = pred[:len(rows)]
     return out
 
 

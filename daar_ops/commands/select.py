@@ -31,7 +31,9 @@ _HELP = {
                            "kmeans or fixed (nearest prototype, the paper's)",
     "select_ratio": "fraction of the selection pool kept",
     "epochs": "probe training epochs (default: the trainer's)",
-    "threads": "torch CPU threads (results are reproducible for a fixed value)",
+    "threads": "torch CPU threads per process (results are reproducible for a fixed value)",
+    "workers": "processes scoring the selection pool on CPU (the output does not depend on it; "
+               "default: min(2, CPU count))",
     "cache_dir": "feature cache directory (default $DAAR_OPS_HOME/feature_cache)",
 }
 
