@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-descriptions", dest="descriptions", action="store_false",
                         default=None, help="stage 1 anchors are the synthetic samples only "
                                            "(the paper's), not also the domain descriptions")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars of the pipeline's own loops (the operators' and "
+                             "Data-Juicer's bars still show)")
     parser.set_defaults(func=_run)
 
 
