@@ -12,7 +12,8 @@ the triple, vote-share detection score, a suggestion from every round, noise rat
 ("{instruction} {input} {output}", as DS2 embeds it; ``--real-template``; cached under
 ``$DAAR_OPS_HOME/bench`` like ``tools/bench_qdit.py``'s) of the first ``--real-n`` (3,000) pool
 records. The true class is derived from the record (its ``domain``, 4 classes: an evaluation
-tool may read it, selection never does); observed classes are drawn through a known T
+tool may read it, selection never does; or ``--real-label kmeans:K``, K clusters of the
+embeddings, which fit HOC's "a sample and its 2-NN share the class" assumption better); observed classes are drawn through a known T
 (``off_diagonal_transition(4, 0.3)``) with seeds ``--real-seeds``. The true prior is the empirical
 class distribution. Real kNN graphs have hubs (samples that are neighbours of many others), which
 is where counting only the sample's own position in HOC matters.
@@ -102,7 +103,15 @@ def real_case(args) -> list[dict]:
     from bench_qdit import DEFAULT_POOL, pool_embeddings
 
     emb = pool_embeddings(args.real_n, DEFAULT_POOL, progress=False, template=args.real_template)
-    true, vocab = pool_domains(args.real_n, DEFAULT_POOL)
+    if args.real_label == "domain":
+        true, vocab = pool_domains(args.real_n, DEFAULT_POOL)
+    else:  # kmeans:K - clusters of the embeddings themselves, where HOC's assumption holds better
+        from sklearn.cluster import KMeans
+
+        k_clusters = int(args.real_label.split(":", 1)[1])
+        true = KMeans(k_clusters, n_init=4, random_state=0).fit_predict(
+            emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.int64)
+        vocab = [f"cluster{c}" for c in range(k_clusters)]
     k = len(vocab)
     t = off_diagonal_transition(k, args.off_mass)
     prior = np.bincount(true, minlength=k) / len(true)
@@ -111,7 +120,7 @@ def real_case(args) -> list[dict]:
     purity = float((true[nb] == true[:, None]).all(axis=1).mean())
     indegree = np.bincount(nb.ravel(), minlength=len(true))
     print(f"\nreal-embedding case: N={len(true)} MiniLM embeddings of {args.real_template!r} of "
-          f"pool records, true class = domain "
+          f"pool records, true class = {args.real_label} "
           f"{vocab} (prior {np.round(prior, 3).tolist()}); T = off_diagonal_transition({k}, "
           f"{args.off_mass}); both 2-NN share the true class for {purity:.3f} of the rows; "
           f"largest 2-NN in-degree {int(indegree.max())} (mean 2)")
@@ -146,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--real-template", default="{instruction} {input} {output}",
                         help="text embedded for the real case (DS2 embeds the whole sample)")
+    parser.add_argument("--real-label", default="domain",
+                        help="the real case's true class: the record's `domain`, or kmeans:K "
+                             "(K k-means clusters of the embeddings: 2-NN purity ~0.87 instead "
+                             "of 0.73)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding case")
     parser.add_argument("--no-former", action="store_true",
                         help="synthetic case: skip the former-defaults comparison")
