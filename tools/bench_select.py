@@ -24,10 +24,12 @@ Their rewards must be identical (rank correlation 1). For reference, dynamic int
 of the extractor's linear layers (``torch.ao``) is timed and its reward rank correlation printed;
 it is not used: it misses the issue's 0.999 and the API is deprecated.
 
-Seconds are wall seconds (``time.perf_counter``) and, in-process, CPU seconds; on a machine shared
-with other jobs the multi-process speedup is understated (other jobs take the second core).
+Synthesis ratios are of CPU seconds of this one-thread process (``time.process_time``): on a
+machine shared with other jobs they count the work done, not how often the scheduler ran
+something else; wall seconds are printed beside them. The scoring speedup is of wall seconds (it
+comes from a second process), so on a shared machine it is understated.
 
-Last line: ``RESULT synth_speedup=<batch-1 s per conversation / ours> score_speedup=<x>
+Last line: ``RESULT synth_speedup=<batch-1 CPU s per conversation / ours> score_speedup=<x>
 score_rank_corr=<r> stage_seconds=<json of --summary's stage_seconds, {} without one>``
 
 Usage: ``.venv/bin/python tools/bench_select.py --checkpoint outputs/daar_select/checkpoint``
@@ -115,10 +117,12 @@ def bench_synthesis(args, records) -> float:
         outs, wall, cpu = timed(lambda: gen.generate(convs[:n], stop=stop if use_stop else None,
                                                      **sampling))
         pairs = parsed(outs)
-        rows[name] = dict(wall=wall, cpu=cpu, n=n, per_conv=wall / n, outs=outs, pairs=pairs,
+        # CPU seconds of this one-thread process: on a shared machine they count the work done,
+        # not how often the scheduler ran another job (wall seconds printed beside them)
+        rows[name] = dict(wall=wall, cpu=cpu, n=n, per_conv=cpu / n, outs=outs, pairs=pairs,
                           chars=sum(len(o) for o in outs))
         print(f"  {name:20s} {n:3d} conversations {wall:7.1f} s wall ({cpu:7.1f} s CPU) "
-              f"{wall / n:6.2f} s/conversation, {sum(len(p) for p in pairs)} pairs parsed, "
+              f"{cpu / n:6.2f} CPU s/conversation, {sum(len(p) for p in pairs)} pairs parsed, "
               f"{rows[name]['chars']} characters", flush=True)
     names = list(rows)
     same = rows[names[2]]["pairs"] == rows[names[3]]["pairs"]
@@ -126,7 +130,7 @@ def bench_synthesis(args, records) -> float:
     if not same:
         raise SystemExit("the stop rule changed the parsed pairs: a bug")
     speedup = rows[names[0]]["per_conv"] / rows[names[3]]["per_conv"]
-    print(f"  s/conversation ratios: batch 1 / ours {speedup:.2f}x; former (batch 8) / ours "
+    print(f"  CPU s/conversation ratios: batch 1 / ours {speedup:.2f}x; former (batch 8) / ours "
           f"{rows[names[1]]['per_conv'] / rows[names[3]]['per_conv']:.2f}x; stop rule alone "
           f"{rows[names[2]]['per_conv'] / rows[names[3]]['per_conv']:.2f}x")
     return speedup
