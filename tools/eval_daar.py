@@ -14,6 +14,13 @@ TRUE domains) is the reference of a perfect stage 1. Last line, per method:
     RESULT pool=<p> method=<m> entropy=<mean over seeds> entropy_random=<> coverage=<>
         coverage_random=<> pseudo_agreement=<>
 
+``--from-run DIR`` evaluates a ``daar-ops select`` run's artifacts instead (its ``checkpoint/``
+and ``probe_pool.jsonl``; a finished run or the copy of an interrupted one): the selection pool
+is rebuilt with the run's split (``--probe-size``, ``--seeds`` first value, the shared pool),
+its first ``--max-pool`` records in split order (a seeded hash order, so a random sample of
+it) are scored through ``--cache-dir``'s feature cache, and the global top ``--ratio`` is compared
+with random subsets of that sample, as above (``RESULT pool=run ...``).
+
 ``--pipeline`` runs the old end-to-end check instead (``daar_ops.pipeline.run_select`` on the
 shared pool, then the evaluation of its outputs).
 """
@@ -73,6 +80,50 @@ def run_pipeline_check(args: argparse.Namespace) -> None:
           f"pseudo_agreement={evaluation['pseudo_agreement']:.4f}")
 
 
+def evaluate_run(args: argparse.Namespace) -> None:
+    """Entropy and coverage of a select run's global top ratio on a sample of its pool."""
+    from daar_ops.algorithms.coverage import facility_location_coverage
+    from daar_ops.core import iter_jsonl
+    from daar_ops.pipeline import default_pool, split_by_text
+    from daar_ops.probe_checkpoint import DaarScorer
+    from daar_ops.text import TextTemplate
+
+    import eval_pseudo_labels as E
+
+    run = Path(args.from_run)
+    probe = [r for _, r in iter_jsonl(run / "probe_pool.jsonl")]
+    agreement = float(np.mean([r["__dj__meta__"]["daar_pseudo_domain"] == r.get("domain")
+                               for r in probe]))
+    records = [r for _, r in iter_jsonl(default_pool()) if r is not None]
+    scorer = DaarScorer(run / "checkpoint", feature_cache=True, cache_dir=args.cache_dir)
+    tpl = TextTemplate(scorer.template)
+    texts = tpl.render_all(records)
+    _, pool_idx, _ = split_by_text(texts, args.probe_size or 5000, None, args.seeds[0])
+    sample = pool_idx[:args.max_pool]
+    select_texts = [texts[i] for i in sample]
+    truth = [records[i]["domain"] for i in sample]  # evaluation only
+    reward, _, _ = scorer.score_texts(select_texts, progress=True)
+    cover_space = None if args.no_coverage else \
+        E.Spaces("smollm2-135m-instruct", 3, args.threads).sentence(select_texts)
+    n_keep = int(args.ratio * len(sample))
+
+    def evaluate(keep: np.ndarray) -> tuple[float, float]:
+        return (entropy_nats([truth[i] for i in keep]), float("nan") if cover_space is None else
+                facility_location_coverage(cover_space, cover_space[keep]))
+
+    rand = np.array([evaluate(np.sort(np.random.default_rng(100 + s).permutation(len(sample))
+                                      [:n_keep])) for s in range(args.random_seeds)])
+    keep = np.sort(np.argsort(-reward, kind="stable")[:n_keep])
+    ent, cov = evaluate(keep)
+    print(f"run {run}: pseudo-label agreement {agreement:.4f}; {len(sample)} of {len(pool_idx)} "
+          f"selection-pool records scored, keep {n_keep}; selected true domains "
+          f"{dict(sorted(Counter(truth[i] for i in keep).items()))}")
+    print(f"RESULT pool=run method=select entropy={ent:.4f} entropy_random={rand[:, 0].mean():.4f} "
+          f"entropy_random_std={rand[:, 0].std():.4f} coverage={cov:.4f} "
+          f"coverage_random={rand[:, 1].mean():.4f} coverage_random_std={rand[:, 1].std():.4f} "
+          f"pseudo_agreement={agreement:.4f} scored={len(sample)}")
+
+
 def selection_pool(name: str, n_probe: int, n_select: int) -> tuple[list[dict], list[dict]]:
     import eval_pseudo_labels as E
 
@@ -108,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", action="store_true",
                     help="old mode: run daar-ops select on the shared pool and evaluate it")
     ap.add_argument("--quick", action="store_true", help="--pipeline with the quick preset")
+    ap.add_argument("--from-run", default=None, help="evaluate a select run's artifacts")
+    ap.add_argument("--max-pool", type=int, default=None,
+                    help="--from-run: score this many selection-pool records (default: all)")
+    ap.add_argument("--cache-dir", default=None, help="--from-run: the run's feature cache")
+    ap.add_argument("--no-coverage", action="store_true",
+                    help="--from-run: entropy only (coverage embeds the sample with MiniLM)")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--samples-per-domain", type=int, default=None)
     ap.add_argument("--probe-size", type=int, default=None)
@@ -115,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pipeline:
         run_pipeline_check(args)
+        return 0
+    if args.from_run:
+        evaluate_run(args)
         return 0
 
     import torch
