@@ -118,6 +118,26 @@ def evaluate_run(args: argparse.Namespace) -> None:
     print(f"run {run}: pseudo-label agreement {agreement:.4f}; {len(sample)} of {len(pool_idx)} "
           f"selection-pool records scored, keep {n_keep}; selected true domains "
           f"{dict(sorted(Counter(truth[i] for i in keep).items()))}")
+    if args.retrain:
+        # the same probe pool and trainer, per seed: probes on the run's pseudo-labels (the seed
+        # spread of probe training) and on the TRUE domains (a perfect stage 1; evaluation only)
+        from daar_ops.algorithms.probes import DaarProbes, TrainConfig, train_daar_probes
+
+        names = scorer.domains
+        x_probe = scorer.cache.encode([tpl.render(r) for r in probe], progress=False).layer
+        x_sample = scorer.cache.encode(select_texts, progress=False).layer
+        targets = {"pseudo": [r["__dj__meta__"]["daar_pseudo_domain"] for r in probe],
+                   "true": [r["domain"] for r in probe]}
+        for kind, labels in targets.items():
+            y = np.array([names.index(d) for d in labels])
+            for seed in args.seeds:
+                res = train_daar_probes(x_probe, y, names, TrainConfig(seed=seed), progress=False)
+                r, _ = DaarProbes(res.dom, res.div, names).score(x_sample)
+                top = np.sort(np.argsort(-r, kind="stable")[:n_keep])
+                e, c = evaluate(top)
+                print(f"  retrained on {kind:6s} labels, seed {seed}: entropy {e:.4f} coverage "
+                      f"{c:.4f} selected {dict(sorted(Counter(truth[i] for i in top).items()))}",
+                      flush=True)
     print(f"RESULT pool=run method=select entropy={ent:.4f} entropy_random={rand[:, 0].mean():.4f} "
           f"entropy_random_std={rand[:, 0].std():.4f} coverage={cov:.4f} "
           f"coverage_random={rand[:, 1].mean():.4f} coverage_random_std={rand[:, 1].std():.4f} "
@@ -163,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pool", type=int, default=None,
                     help="--from-run: score this many selection-pool records (default: all)")
     ap.add_argument("--cache-dir", default=None, help="--from-run: the run's feature cache")
+    ap.add_argument("--retrain", action="store_true",
+                    help="--from-run: also retrain the probes per --seeds on the run's "
+                         "pseudo-labels and on the true domains")
     ap.add_argument("--no-coverage", action="store_true",
                     help="--from-run: entropy only (coverage embeds the sample with MiniLM)")
     ap.add_argument("--output-dir", default=None)
