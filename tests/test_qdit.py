@@ -262,13 +262,15 @@ def test_fast_bounds_are_upper_bounds_and_keep_the_sequence():
 
     x = _clustered(400, d=48, seed=8)
     xt = torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
-    backend = _DenseRows(xt, torch.float32, 64)
+    backend = _DenseRows(xt, torch.float32, 0.5)  # too small to hold the 400 x 400 matrix
+    assert backend.dense is None
     bounds = backend.all_gains(torch.zeros(400), False, fast_bounds=True)
     exact = torch.from_numpy(_clipped_sim(x).sum(1))
     assert bool((bounds >= exact - 1e-6).all())
     assert float((bounds - exact).max()) <= 400 * BF16_MARGIN + 1e-3
-    a = qdit_select(x, select_num=40, fast_bounds=True, progress=False)
-    b = qdit_select(x, select_num=40, fast_bounds=False, progress=False)
+    a = qdit_select(x, select_num=40, fast_bounds=True, max_memory_mb=0.5, progress=False)
+    assert a.meta["fast_bounds"] and not a.meta["held_matrix"]
+    b = qdit_select(x, select_num=40, fast_bounds=False, max_memory_mb=0.5, progress=False)
     assert a.indices.tolist() == b.indices.tolist()
 
 
