@@ -201,35 +201,10 @@ def _symmetric_similarity(xc: torch.Tensor, store_dtype: torch.dtype, block: int
     for start in tqdm(range(0, n, block), desc="QDIT similarity (symmetric blocks)",
                       disable=not progress):
         stop = min(start + block, n)
-        b = (xc[start:stop] @ xc[start:].T).to(store_dtype)
-        if out.device.type == "cpu":
-            _scatter_symmetric(b.numpy(), out.numpy(), start)
-        else:
-            b.clamp_(min=0.0)
-            out[start:stop, start:] = b
-            out[stop:, start:stop] = b[:, stop - start:].T
+        b = (xc[start:stop] @ xc[start:].T).to(store_dtype).clamp_(min=0.0)
+        out[start:stop, start:].copy_(b)
+        out[stop:, start:stop].copy_(b[:, stop - start:].T)
     return out
-
-
-@numba.njit(cache=True)
-def _scatter_symmetric(b, out, start):  # pragma: no cover - compiled
-    """out[start + r, start + c] = out[start + c, start + r] = max(0, b[r, c]) for the block
-    b = S[start:stop, start:], in one pass of 32 x 32 tiles (a plain strided transpose misses
-    the cache on every write). The diagonal block is copied as computed, row by row."""
-    rows, cols = b.shape
-    for r0 in range(0, rows, 32):
-        r1 = min(r0 + 32, rows)
-        for c0 in range(0, cols, 32):
-            c1 = min(c0 + 32, cols)
-            for r in range(r0, r1):
-                for c in range(c0, c1):
-                    v = b[r, c]
-                    out[start + r, start + c] = v if v > 0 else 0.0
-            if c1 > rows:  # below the diagonal block: the transpose, written row by row
-                for c in range(max(c0, rows), c1):
-                    for r in range(r0, r1):
-                        v = b[r, c]
-                        out[start + c, start + r] = v if v > 0 else 0.0
 
 
 @numba.njit(cache=True)
