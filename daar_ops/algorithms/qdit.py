@@ -33,19 +33,24 @@ Optimisers (all deterministic for a seed; ties broken by the lower index):
 * ``lazy`` (default): exact lazy greedy (Minoux). Stale gains are upper bounds; the top stale
   candidates are re-evaluated *in batches* (one matmul for a batch of rows), and a candidate is
   taken when its exact score is at least every remaining bound. Same sequence as the plain greedy.
+  When the whole matrix is held (below) the greedy is one compiled binary-heap loop instead
+  (the same argmax and tie rule, far less overhead per step).
 * ``stochastic``: stochastic greedy (Mirzasoleiman et al. 2015): each step draws
   ``ceil(N / K * ln(1 / epsilon))`` unselected candidates with a seeded generator and takes the best
   of them, found lazily with the same bounds. Expected (1 - 1/e - epsilon) guarantee, far fewer
-  evaluations for large N.
+  evaluations for large N (but each sampled candidate still needs its whole similarity row once).
 
 Similarity backends (``similarity=``):
 
-* ``blocked`` (default): rows of the similarity are computed on the fly with matmuls
+* ``blocked`` (default): when the clipped N x N matrix fits ``max_memory_mb`` (N^2 * 4 bytes plus a
+  matmul block: N <= ~22k at the default 2048 MB) it is held, built from the upper block triangle
+  (S is symmetric: N^2 d / 2 multiply-adds) into prefaulted memory (MAP_POPULATE), and every gain is
+  a fused pass over a held row. Otherwise rows are computed on the fly with matmuls
   (``compute_dtype``: float32, or bfloat16 which uses AMX/tensor cores and is ~5x faster on CPUs
-  that have them, at ~1e-3 error per similarity). Memory is bounded by ``max_memory_mb``: it caps the
-  matmul block and an LRU cache of recently evaluated rows; never O(N^2).
-* ``dense``: the full clipped N x N matrix is built once (N^2 * 4 bytes: 1.6 GB at 20k, 40 GB at
-  100k); only when asked for.
+  that have them, at ~1e-3 error per similarity) and kept in an LRU cache of recently evaluated
+  rows. Memory is bounded by ``max_memory_mb`` either way.
+* ``dense``: the full clipped N x N matrix is held whatever ``max_memory_mb`` says (N^2 * 4
+  bytes: 1.6 GB at 20k, 40 GB at 100k); only when asked for.
 * ``knn``: sparse facility location where a candidate covers only itself and its ``knn_k`` nearest
   neighbours (exact cosine kNN from :func:`daar_ops.algorithms.knn.knn_cosine`). O(N * k) memory;
   gains cost O(k); a different (truncated) objective, good for very large N.
@@ -174,16 +179,16 @@ def _cached_gains(buf, slots, m, out):  # pragma: no cover - compiled
         out[i] = _row_gain(buf[slots[i]], m)
 
 
-def _hugepage_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised array in anonymous memory advised for transparent huge pages: a held
-    N x N matrix is touched once, and 4 KiB pages made that first touch cost ~7x more (page
-    faults) on the project's CPU; plain ``np.empty`` where madvise is unavailable."""
+def _prefaulted_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array in anonymous memory mapped with MAP_POPULATE: a held N x N matrix is
+    touched once, and taking its 4 KiB page faults one at a time during the build cost more than
+    the matmul on the project's CPU (1.6 GB: ~1.4 s prefaulted against 2-4 s faulted, and huge
+    pages were no better under memory pressure); plain ``np.empty`` where that flag is missing."""
     count = int(np.prod(shape))
     nbytes = count * np.dtype(dtype).itemsize
-    if nbytes < 2**21 or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < 2**21 or not hasattr(mmap, "MAP_POPULATE"):
         return np.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
@@ -194,14 +199,19 @@ def _symmetric_similarity(xc: torch.Tensor, store_dtype: torch.dtype, block: int
     to both halves (N^2 d / 2 multiply-adds instead of N^2 d)."""
     n = xc.shape[0]
     if xc.device.type == "cpu":
-        out = torch.from_numpy(_hugepage_empty((n, n), np.float64 if store_dtype == torch.float64
+        out = torch.from_numpy(_prefaulted_empty((n, n), np.float64 if store_dtype == torch.float64
                                                else np.float32))
     else:
         out = torch.empty((n, n), dtype=store_dtype, device=xc.device)
+    # one block buffer for every product: a fresh [block, N] temporary per block is returned to
+    # the OS and faulted in again each time (~as costly as the matmul on the project's CPU)
+    flat = torch.empty(min(block, n) * n, dtype=xc.dtype, device=xc.device)
     for start in tqdm(range(0, n, block), desc="QDIT similarity (symmetric blocks)",
                       disable=not progress):
         stop = min(start + block, n)
-        b = (xc[start:stop] @ xc[start:].T).to(store_dtype).clamp_(min=0.0)
+        b = flat[:(stop - start) * (n - start)].view(stop - start, n - start)
+        torch.matmul(xc[start:stop], xc[start:].T, out=b)
+        b = b.to(store_dtype).clamp_(min=0.0)
         out[start:stop, start:].copy_(b)
         out[stop:, start:stop].copy_(b[:, stop - start:].T)
     return out
@@ -566,7 +576,8 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         (gain / N), ``max_singleton``, ``none`` or a positive number (see the module docstring).
     :param method: ``lazy`` (exact) or ``stochastic`` (with ``epsilon`` and ``seed``).
     :param similarity: ``blocked`` (default), ``dense`` or ``knn`` (with ``knn_k``).
-    :param max_memory_mb: memory for similarity blocks and the row cache (``blocked``).
+    :param max_memory_mb: memory for the similarity (``blocked``): the whole matrix when it fits
+        (held; the fast path), else matmul blocks and a row cache.
     :param compute_dtype: ``float32`` (default), ``bfloat16`` (fast, approximate) or ``float64``
         (all arithmetic in float64; for exact comparisons).
     :param fast_bounds: compute the lazy greedy's first-step upper bounds with a bfloat16 matmul
