@@ -7,8 +7,11 @@ daar-ops artifact) under ``$DAAR_OPS_HOME/bench`` so repeated runs skip encoding
 
 ``--synthetic --n 200000`` runs random clustered vectors (d = 384, select 10%) with the exact lazy
 greedy on seeded random parts of 10,000 rows (``partition_size``, GreeDi's first round; apricot
-skipped: a dense 200k x 200k float64 matrix would be 298 GB), then compares, on a 20k subsample,
-the exact lazy greedy with the stochastic greedy and with the same partitioning.
+skipped: a dense 200k x 200k float64 matrix would be 298 GB; ``--partition-size 0`` runs the exact
+greedy on all rows), prints the float32 matmul rate and the exact greedy's similarity-work floor,
+then compares, on a 20k subsample, the exact lazy greedy with the stochastic greedy and with the
+same partitioning. Last line: ``RESULT n200k_partitioned_seconds=<s> peak_rss_mb=<m>``
+(``n200k_exact_seconds`` without partitions).
 
 ``--alpha-sweep`` measures the quality-diversity trade-off instead (paper Fig. 2): for alpha in
 {0, 0.1, 0.3, 0.5, 0.7, 0.9, 1} the mean normalised quality and the facility-location value d(A) of

@@ -357,21 +357,18 @@ class _DenseRows(_Backend):
         self.row_bytes = self.n * (8 if self.store_dtype == torch.float64 else 4)
         budget = max(0.0, float(max_memory_mb)) * 2**20
         self.block = int(max(8, min(4096, budget / 4 / (self.row_bytes * 2))))
-        self.capacity = 0 if dense else int(min(self.n, budget * 3 / 4 / self.row_bytes))
+        # hold the whole matrix when it fits the memory bound: built once with half the matmul
+        # work (S is symmetric), and every later gain is a lookup (the ``dense`` similarity too)
+        hold_block = int(min(1024, (budget - self.n * self.row_bytes) / (2 * self.row_bytes)))
+        hold = dense or hold_block >= min(64, self.n)
+        self.capacity = 0 if hold else int(min(self.n, budget * 3 / 4 / self.row_bytes))
         self.buf = torch.empty((self.capacity, self.n), dtype=self.store_dtype, device=self.device)
         self.slot = np.full(self.n, -1, dtype=np.int64)  # row -> slot
         self.owner = np.full(self.capacity, -1, dtype=np.int64)  # slot -> row
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
         self.clock = 0
         self.dense = None
-        # hold the whole matrix when it fits the memory bound: built once with half the matmul
-        # work (S is symmetric), and every later gain is a lookup (the ``dense`` similarity too)
-        hold_block = int(min(1024, (budget - self.n * self.row_bytes) / (2 * self.row_bytes)))
-        if dense or hold_block >= min(64, self.n):
-            self.capacity = 0
-            self.buf = self.buf[:0]
-            self.owner = self.owner[:0]
-            self.last_used = self.last_used[:0]
+        if hold:
             self.dense = _symmetric_similarity(self.xc, self.store_dtype,
                                                max(8, min(self.block, hold_block)), progress)
 
