@@ -262,13 +262,15 @@ def test_fast_bounds_are_upper_bounds_and_keep_the_sequence():
 
     x = _clustered(400, d=48, seed=8)
     xt = torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
-    backend = _DenseRows(xt, torch.float32, 64)
+    backend = _DenseRows(xt, torch.float32, 0.5)  # too small to hold the 400 x 400 matrix
+    assert backend.dense is None
     bounds = backend.all_gains(torch.zeros(400), False, fast_bounds=True)
     exact = torch.from_numpy(_clipped_sim(x).sum(1))
     assert bool((bounds >= exact - 1e-6).all())
     assert float((bounds - exact).max()) <= 400 * BF16_MARGIN + 1e-3
-    a = qdit_select(x, select_num=40, fast_bounds=True, progress=False)
-    b = qdit_select(x, select_num=40, fast_bounds=False, progress=False)
+    a = qdit_select(x, select_num=40, fast_bounds=True, max_memory_mb=0.5, progress=False)
+    assert a.meta["fast_bounds"] and not a.meta["held_matrix"]
+    b = qdit_select(x, select_num=40, fast_bounds=False, max_memory_mb=0.5, progress=False)
     assert a.indices.tolist() == b.indices.tolist()
 
 
@@ -282,3 +284,47 @@ def test_partitioned_selection_budget_determinism_and_quality():
     assert a.meta["partitions"] == 3
     assert np.all(np.diff(a.gains) <= 1e-12)  # merged order: by marginal gain
     assert facility_location_value(x, a.indices) / exact.objective > 0.97
+
+
+@pytest.mark.parametrize("alpha,scale", [(0.0, "budget"), (0.5, "budget"), (0.7, "mean"),
+                                         (0.3, "max_singleton"), (0.5, 3.0)])
+@pytest.mark.parametrize("method", ["lazy", "stochastic"])
+def test_held_matrix_paths_match_the_general_loop(method, alpha, scale):
+    """When the whole matrix fits max_memory_mb, the compiled heap greedy (lazy) and the compiled
+    per-step sample argmax (stochastic) take the same sequence as the general batched loop over
+    the row cache (forced by a memory bound too small to hold the matrix)."""
+    x = _random(600, d=24, seed=11)
+    q = np.random.default_rng(12).random(600)
+    kw = dict(select_num=60, quality=q, alpha=alpha, diversity_scale=scale, method=method,
+              seed=3, epsilon=0.05, progress=False)
+    held = qdit_select(x, **kw)
+    loop = qdit_select(x, max_memory_mb=0.5, **kw)
+    assert held.meta["held_matrix"] and not loop.meta["held_matrix"]
+    assert held.indices.tolist() == loop.indices.tolist()
+    np.testing.assert_allclose(held.gains, loop.gains, rtol=1e-5, atol=1e-6)
+    assert held.objective == pytest.approx(loop.objective, rel=1e-6)
+    if method == "lazy":  # a heap evaluates no more rows than the batched rounds
+        assert held.n_evaluations <= loop.n_evaluations
+
+
+@pytest.mark.parametrize("n,block", [(1, 8), (97, 8), (300, 64), (513, 512)])
+def test_symmetric_similarity_is_the_clipped_gram_matrix(n, block):
+    from daar_ops.algorithms.qdit import _prepare_embeddings, _symmetric_similarity
+
+    x = torch.from_numpy(_prepare_embeddings(_random(n, d=12, seed=n), "float32"))
+    s = _symmetric_similarity(x, torch.float32, block)
+    np.testing.assert_allclose(s.numpy(), _clipped_sim(x.numpy().astype(np.float64)), atol=1e-6)
+    assert bool((s == s.T).all())
+
+
+def test_stochastic_eps001_objective_and_determinism_on_a_held_matrix():
+    x = _clustered(3000, d=32, centers=60, seed=13)
+    exact = qdit_select(x, select_num=150, progress=False)
+    runs = [qdit_select(x, select_num=150, method="stochastic", epsilon=0.01, seed=s,
+                        progress=False) for s in (0, 0, 1)]
+    assert runs[0].indices.tolist() == runs[1].indices.tolist()
+    assert runs[0].indices.tolist() != runs[2].indices.tolist()
+    for r in runs:
+        assert r.meta["held_matrix"] and len(set(r.indices.tolist())) == 150
+        assert r.objective / exact.objective >= 0.99
+        assert r.n_evaluations < exact.n_evaluations

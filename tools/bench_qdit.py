@@ -7,8 +7,11 @@ daar-ops artifact) under ``$DAAR_OPS_HOME/bench`` so repeated runs skip encoding
 
 ``--synthetic --n 200000`` runs random clustered vectors (d = 384, select 10%) with the exact lazy
 greedy on seeded random parts of 10,000 rows (``partition_size``, GreeDi's first round; apricot
-skipped: a dense 200k x 200k float64 matrix would be 298 GB), then compares, on a 20k subsample,
-the exact lazy greedy with the stochastic greedy and with the same partitioning.
+skipped: a dense 200k x 200k float64 matrix would be 298 GB; ``--partition-size 0`` runs the exact
+greedy on all rows), prints the float32 matmul rate and the exact greedy's similarity-work floor,
+then compares, on a 20k subsample, the exact lazy greedy with the stochastic greedy and with the
+same partitioning. Last line: ``RESULT n200k_partitioned_seconds=<s> peak_rss_mb=<m>``
+(``n200k_exact_seconds`` without partitions).
 
 ``--alpha-sweep`` measures the quality-diversity trade-off instead (paper Fig. 2): for alpha in
 {0, 0.1, 0.3, 0.5, 0.7, 0.9, 1} the mean normalised quality and the facility-location value d(A) of
@@ -17,8 +20,12 @@ seeded uniform quality (plus a plot), then the default scaling's fractions on mo
 sources, a second pool slice, seeds and budgets. Last line:
 ``RESULT alpha07_quality_frac=<(q(.7)-q(0))/(q(1)-q(0))> alpha07_diversity_frac=<(d(.7)-d(1))/(d(0)-d(1))>``.
 
-Timing run's last line: ``RESULT time_ratio_vs_apricot=<ours/apricot> objective_ratio=<ours/apricot>
-peak_rss_mb=<m>``.
+Timing run (default): ours (exact lazy) and the stochastic greedy (eps 0.01, seeds 0 1 2) beside
+apricot-select's lazy greedy on the precomputed dense matrix; then the float32 matmul rate of this
+machine and the exact greedy's similarity-work floor at N = 200k (``--n200k run`` runs it in a child
+process instead). Last line: ``RESULT time_ratio_vs_apricot_fit=<ours / apricot fit alone>
+stochastic_speedup=<exact / stochastic seconds> stochastic_objective=<stochastic / exact d(A)>
+n200k_exact_seconds=<> n200k_peak_rss_mb=<>`` (nan when not run).
 """
 
 from __future__ import annotations
@@ -319,6 +326,71 @@ def warm_up() -> None:
     apricot_select(x, 10)
 
 
+def gemm_gflops(d: int = 384, n: int = 20000, rows: int = 2048, repeats: int = 3) -> float:
+    """float32 matmul rate of this process (torch threads as set): the best of ``repeats`` runs
+    of a [rows, d] x [d, n] product, the shape of a similarity block."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, d, generator=g)
+    b = torch.randn(n, d, generator=g)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _ = a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * rows * d * n / best / 1e9
+
+
+def exact_floor_seconds(n: int, d: int, gflops: float) -> float:
+    """The exact greedy's similarity work alone: every first gain needs every entry of the clipped
+    X X^T once; with its symmetry that is N^2 / 2 * d multiply-adds = N^2 d FLOP."""
+    return float(n) * n * d / (gflops * 1e9)
+
+
+def run_synthetic(args, emb: np.ndarray, k: int, part: int | None) -> int:
+    from daar_ops.algorithms.qdit import facility_location_value, qdit_select
+
+    warm_up()
+    rss_before = peak_rss_mb()
+    t0 = time.perf_counter()
+    ours = qdit_select(emb, select_num=k, method=args.method, epsilon=args.epsilon,
+                       compute_dtype=args.compute_dtype, max_memory_mb=args.max_memory_mb,
+                       partition_size=part, progress=True)
+    t_ours = time.perf_counter() - t0
+    rss_ours = peak_rss_mb()
+    print(f"ours ({args.method}, partition_size={part}): {t_ours:.2f} s, {ours.n_evaluations} gain "
+          f"evaluations ({ours.meta['evaluations_per_step']:.1f} per step), objective "
+          f"{facility_location_value(emb, ours.indices):.4f}, peak RSS {rss_ours:.0f} MB "
+          f"(before: {rss_before:.0f} MB)", flush=True)
+    gf = gemm_gflops(emb.shape[1], min(len(emb), 20000))
+    print(f"float32 matmul rate here: {gf:.1f} GFLOP/s (torch threads={args.threads}); the exact "
+          f"greedy's similarity work alone at N={len(emb)}: {len(emb) ** 2 * emb.shape[1] / 1e12:.1f}"
+          f" TFLOP (symmetric) = {exact_floor_seconds(len(emb), emb.shape[1], gf):.0f} s at this "
+          f"rate; its held matrix would need {len(emb) ** 2 * 4 / 2**30:.0f} GB", flush=True)
+    if args.subsample and args.subsample < len(emb):
+        sub = emb[np.random.default_rng(1).choice(len(emb), args.subsample, replace=False)]
+        ks = max(1, args.subsample // 10) if args.k is None else max(1, args.k * args.subsample
+                                                                      // len(emb))
+        runs = {}
+        sub_part = None if part is None else max(1, part * args.subsample // len(emb))
+        for name, kw in [("exact lazy", dict(method="lazy")),
+                         ("stochastic eps=%g" % args.epsilon,
+                          dict(method="stochastic", epsilon=args.epsilon)),
+                         (f"lazy, parts of {sub_part} (as the main run)",
+                          dict(method="lazy", partition_size=sub_part))]:
+            t0 = time.perf_counter()
+            r = qdit_select(sub, select_num=ks, compute_dtype="float32",
+                            max_memory_mb=args.max_memory_mb, progress=False, **kw)
+            runs[name] = (time.perf_counter() - t0, facility_location_value(sub, r.indices))
+        t_ex, o_ex = runs["exact lazy"]
+        for name, (t, o) in runs.items():
+            print(f"subsample N={args.subsample} K={ks}: {name}: {t:.1f} s, objective {o:.4f}, "
+                  f"ratio vs exact {o / o_ex:.6f}", flush=True)
+    exact = part is None and args.method == "lazy"
+    print(f"RESULT n{len(emb) // 1000}k_{'exact' if exact else 'partitioned'}_seconds={t_ours:.1f} "
+          f"peak_rss_mb={peak_rss_mb():.0f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="rows (default 20000)")
@@ -330,11 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-dtype", default="float32", help="float32 (default) | bfloat16")
     ap.add_argument("--partition-size", type=int, default=None,
                     help="GreeDi-style random parts of this size (default: none on the pool, "
-                    "10000 with --synthetic)")
+                    "10000 with --synthetic; 0 = none)")
     ap.add_argument("--epsilon", type=float, default=0.01)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="stochastic greedy seeds (timing run)")
+    ap.add_argument("--exact-repeats", type=int, default=2,
+                    help="timing run: exact runs (first before, the rest after the stochastic "
+                    "ones); ratios use their mean")
     ap.add_argument("--max-memory-mb", type=float, default=2048.0)
     ap.add_argument("--subsample", type=int, default=20000,
                     help="--synthetic: stochastic vs exact objective on this many rows")
+    ap.add_argument("--n200k", choices=("floor", "run"), default="floor",
+                    help="timing run: 'floor' (default) reports the exact greedy's measured "
+                    "similarity-work floor at N=200k, K=20k; 'run' runs it in a child process "
+                    "(hours on the shared 2-core CPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-apricot", action="store_true")
     ap.add_argument("--alpha-sweep", action="store_true",
@@ -352,18 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     from daar_ops.algorithms.qdit import facility_location_value, qdit_select
 
     method, dtype = args.method, args.compute_dtype
-    part = args.partition_size or (10000 if args.synthetic else None)
+    part = args.partition_size if args.partition_size is not None else \
+        (10000 if args.synthetic else None)
+    part = part or None
     if args.synthetic:
         emb = synthetic_embeddings(args.n)
         k = args.k or max(1, args.n // 10)
-        source = f"synthetic clustered vectors (d=384, 1000 centres)"
-    else:
-        emb = pool_embeddings(args.n, args.pool)
-        k = args.k or 1000
-        source = f"all-MiniLM-L6-v2 embeddings of the first {args.n} pool records"
-    print(f"data: N={len(emb)} d={emb.shape[1]} ({source}); select K={k}; alpha=0; "
-          f"ours: method={method} similarity=blocked compute_dtype={dtype} partition_size={part} "
-          f"max_memory_mb={args.max_memory_mb:g}; torch threads={args.threads}", flush=True)
+        print(f"data: N={len(emb)} d={emb.shape[1]} (synthetic clustered vectors, 1000 centres); "
+              f"select K={k}; alpha=0; ours: method={method} compute_dtype={dtype} "
+              f"partition_size={part} max_memory_mb={args.max_memory_mb:g}; torch threads="
+              f"{args.threads}", flush=True)
+        return run_synthetic(args, emb, k, part)
+    emb = pool_embeddings(args.n, args.pool)
+    k = args.k or 1000
+    print(f"data: N={len(emb)} d={emb.shape[1]} (all-MiniLM-L6-v2 embeddings of the first "
+          f"{args.n} pool records); select K={k}; alpha=0; ours: method={method} "
+          f"compute_dtype={dtype} partition_size={part} max_memory_mb={args.max_memory_mb:g}; "
+          f"torch threads={args.threads} (the machine is shared)", flush=True)
     warm_up()
     rss_before = peak_rss_mb()
 
@@ -374,50 +460,94 @@ def main(argv: list[str] | None = None) -> int:
     t_ours = time.perf_counter() - t0
     rss_ours = peak_rss_mb()
     obj_ours = facility_location_value(emb, ours.indices)
-    print(f"ours: {t_ours:.2f} s, {ours.n_evaluations} gain evaluations "
-          f"({ours.meta['evaluations_per_step']:.1f} per step), objective {obj_ours:.4f}, "
-          f"peak RSS {rss_ours:.0f} MB (before: {rss_before:.0f} MB)", flush=True)
+    print(f"ours ({method}): {t_ours:.2f} s, {ours.n_evaluations} gain evaluations "
+          f"({ours.meta['evaluations_per_step']:.1f} per step), held matrix "
+          f"{ours.meta.get('held_matrix')}, objective {obj_ours:.4f}, peak RSS {rss_ours:.0f} MB "
+          f"(before: {rss_before:.0f} MB)", flush=True)
 
-    time_ratio = obj_ratio = float("nan")
+    # stochastic greedy beside it, several seeds; then the exact once more (a process's first
+    # large allocation pays more page faults than later ones, so the exact runs first and last)
+    st_times, st_objs, st = [], [], None
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        st = qdit_select(emb, select_num=k, method="stochastic", epsilon=args.epsilon, seed=seed,
+                         compute_dtype=dtype, max_memory_mb=args.max_memory_mb, progress=False)
+        st_times.append(time.perf_counter() - t0)
+        st_objs.append(facility_location_value(emb, st.indices) / obj_ours)
+        print(f"stochastic eps={args.epsilon:g} seed={seed}: {st_times[-1]:.2f} s, "
+              f"{st.meta['evaluations_per_step']:.1f} evaluations per step, objective ratio vs "
+              f"exact {st_objs[-1]:.6f}", flush=True)
+    ex_times = [t_ours]
+    for _ in range(max(0, args.exact_repeats - 1)):
+        t0 = time.perf_counter()
+        again = qdit_select(emb, select_num=k, method=method, epsilon=args.epsilon,
+                            compute_dtype=dtype, max_memory_mb=args.max_memory_mb,
+                            partition_size=part, progress=False)
+        ex_times.append(time.perf_counter() - t0)
+        assert again.indices.tolist() == ours.indices.tolist(), "the exact greedy must repeat"
+        del again
+    t_ours = float(np.mean(ex_times))
+    print(f"exact runs: {', '.join(f'{t:.2f}' for t in ex_times)} s (mean {t_ours:.2f} s; "
+          f"same sequence each time)", flush=True)
+    st_t = float(np.mean(st_times)) if st_times else float("nan")
+    speedup = t_ours / st_t
+    st_obj = float(np.mean(st_objs)) if st_objs else float("nan")
+    if st_times:
+        print(f"stochastic over {len(st_times)} seeds: {st_t:.2f} +- {np.std(st_times):.2f} s, "
+              f"speedup vs exact {speedup:.3f}, objective ratio {st_obj:.6f} +- "
+              f"{np.std(st_objs):.6f} [{min(st_objs):.6f}, {max(st_objs):.6f}]", flush=True)
+
+    ratio_fit = float("nan")
     dense_gb = len(emb) ** 2 * 8 / 2**30
-    if args.synthetic or args.no_apricot or dense_gb > 8:
+    if args.no_apricot or dense_gb > 8:
         print(f"apricot: skipped (its dense float64 matrix would need {dense_gb:.1f} GB)")
     else:
+        st = None  # free the stochastic run's matrix before apricot builds its own
         ranking, t_build, t_fit = apricot_select(emb, k)
         t_apricot = t_build + t_fit
         obj_apricot = facility_location_value(emb, ranking)
-        time_ratio, obj_ratio = t_ours / t_apricot, obj_ours / obj_apricot
+        # apricot JIT-compiles its gain kernel in every fit (cache=False): time a tiny fit to
+        # report its greedy without that compile too
+        _, _, t_jit = apricot_select(emb[:200], 10)
+        ratio_fit = t_ours / t_fit
+        print(f"apricot fit includes its per-fit JIT compile (~{t_jit:.2f} s on a 200-row fit); "
+              f"ours vs its fit minus that: {t_ours / max(t_fit - t_jit, 1e-9):.3f}", flush=True)
         same = int(np.sum(ranking[:k] == ours.indices[:k]))
         first_diff = next((i for i in range(k) if ranking[i] != ours.indices[i]), None)
         print(f"apricot lazy: {t_apricot:.2f} s (dense matrix {t_build:.2f} s + fit {t_fit:.2f} s), "
               f"objective {obj_apricot:.4f}", flush=True)
-        print(f"ours vs apricot: time ratio {time_ratio:.3f} (vs fit alone "
-              f"{t_ours / t_fit:.3f}), objective ratio {obj_ratio:.6f}, identical positions "
-              f"{same}/{k}, first difference at {first_diff}")
+        print(f"ours vs apricot: time ratio vs its fit alone {ratio_fit:.3f}, end to end "
+              f"{t_ours / t_apricot:.3f}; objective ratio {obj_ours / obj_apricot:.6f}, identical "
+              f"positions {same}/{k}, first difference at {first_diff}", flush=True)
 
-    if args.synthetic and args.subsample and args.subsample < len(emb):
-        sub = emb[np.random.default_rng(1).choice(len(emb), args.subsample, replace=False)]
-        ks = max(1, args.subsample // 10) if args.k is None else max(1, args.k * args.subsample
-                                                                      // len(emb))
-        runs = {}
-        sub_part = None if part is None else max(1, part * args.subsample // len(emb))
-        for name, kw in [("exact lazy", dict(method="lazy")),
-                         ("stochastic eps=%g" % args.epsilon,
-                          dict(method="stochastic", epsilon=args.epsilon)),
-                         (f"lazy, parts of {sub_part} (as the main run)",
-                          dict(method=method, partition_size=sub_part))]:
-            t0 = time.perf_counter()
-            r = qdit_select(sub, select_num=ks, compute_dtype="float32",
-                            max_memory_mb=args.max_memory_mb, progress=False, **kw)
-            runs[name] = (time.perf_counter() - t0, facility_location_value(sub, r.indices))
-        t_ex, o_ex = runs["exact lazy"]
-        for name, (t, o) in runs.items():
-            print(f"subsample N={args.subsample} K={ks}: {name}: {t:.1f} s, objective {o:.4f}, "
-                  f"ratio vs exact {o / o_ex:.6f}", flush=True)
-    if time_ratio != time_ratio:  # no apricot: the whole process's peak (ours + subsample)
-        rss_ours = peak_rss_mb()
-    print(f"RESULT time_ratio_vs_apricot={time_ratio:.3f} objective_ratio={obj_ratio:.6f} "
-          f"peak_rss_mb={rss_ours:.0f}")
+    # N = 200k, K = 20k: the measured floor, or a run in a child process (its own peak RSS)
+    n_big, d = 200000, emb.shape[1]
+    gf = gemm_gflops(d)
+    floor = exact_floor_seconds(n_big, d, gf)
+    print(f"float32 matmul rate here: {gf:.1f} GFLOP/s (torch threads={args.threads}); exact at "
+          f"N={n_big}: the similarity work alone is {n_big ** 2 * d / 1e12:.1f} TFLOP (symmetric "
+          f"N^2 d) = {floor:.0f} s at this rate, and its held matrix {n_big ** 2 * 4 / 2**30:.0f} GB "
+          f"(so each lazy re-evaluation recomputes a row: {2 * n_big * d / 1e6:.0f} MFLOP)",
+          flush=True)
+    big_s = big_rss = float("nan")
+    if args.n200k == "run":
+        import subprocess
+
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--synthetic", "--n", str(n_big),
+               "--partition-size", "0", "--subsample", "0", "--threads", str(args.threads),
+               "--max-memory-mb", str(min(args.max_memory_mb, 4096.0))]
+        print("running: " + " ".join(cmd), flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            print("  | " + line)
+            if line.startswith("RESULT n200k_exact_seconds="):
+                fields = dict(f.split("=") for f in line.split()[1:])
+                big_s, big_rss = float(fields["n200k_exact_seconds"]), float(fields["peak_rss_mb"])
+    else:
+        print(f"n200k exact: not run (--n200k floor); >= {floor:.0f} s of matmul alone here")
+    print(f"RESULT time_ratio_vs_apricot_fit={ratio_fit:.3f} stochastic_speedup={speedup:.3f} "
+          f"stochastic_objective={st_obj:.6f} n200k_exact_seconds={big_s:.1f} "
+          f"n200k_peak_rss_mb={big_rss:.0f}")
     return 0
 
 

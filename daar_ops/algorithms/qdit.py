@@ -33,19 +33,24 @@ Optimisers (all deterministic for a seed; ties broken by the lower index):
 * ``lazy`` (default): exact lazy greedy (Minoux). Stale gains are upper bounds; the top stale
   candidates are re-evaluated *in batches* (one matmul for a batch of rows), and a candidate is
   taken when its exact score is at least every remaining bound. Same sequence as the plain greedy.
+  When the whole matrix is held (below) the greedy is one compiled binary-heap loop instead
+  (the same argmax and tie rule, far less overhead per step).
 * ``stochastic``: stochastic greedy (Mirzasoleiman et al. 2015): each step draws
   ``ceil(N / K * ln(1 / epsilon))`` unselected candidates with a seeded generator and takes the best
   of them, found lazily with the same bounds. Expected (1 - 1/e - epsilon) guarantee, far fewer
-  evaluations for large N.
+  evaluations for large N (but each sampled candidate still needs its whole similarity row once).
 
 Similarity backends (``similarity=``):
 
-* ``blocked`` (default): rows of the similarity are computed on the fly with matmuls
+* ``blocked`` (default): when the clipped N x N matrix fits ``max_memory_mb`` (N^2 * 4 bytes plus a
+  matmul block: N <= ~22k at the default 2048 MB) it is held, built from the upper block triangle
+  (S is symmetric: N^2 d / 2 multiply-adds) into prefaulted memory (MAP_POPULATE), and every gain is
+  a fused pass over a held row. Otherwise rows are computed on the fly with matmuls
   (``compute_dtype``: float32, or bfloat16 which uses AMX/tensor cores and is ~5x faster on CPUs
-  that have them, at ~1e-3 error per similarity). Memory is bounded by ``max_memory_mb``: it caps the
-  matmul block and an LRU cache of recently evaluated rows; never O(N^2).
-* ``dense``: the full clipped N x N matrix is built once (N^2 * 4 bytes: 1.6 GB at 20k, 40 GB at
-  100k); only when asked for.
+  that have them, at ~1e-3 error per similarity) and kept in an LRU cache of recently evaluated
+  rows. Memory is bounded by ``max_memory_mb`` either way.
+* ``dense``: the full clipped N x N matrix is held whatever ``max_memory_mb`` says (N^2 * 4
+  bytes: 1.6 GB at 20k, 40 GB at 100k); only when asked for.
 * ``knn``: sparse facility location where a candidate covers only itself and its ``knn_k`` nearest
   neighbours (exact cosine kNN from :func:`daar_ops.algorithms.knn.knn_cosine`). O(N * k) memory;
   gains cost O(k); a different (truncated) objective, good for very large N.
@@ -54,6 +59,7 @@ Similarity backends (``similarity=``):
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -155,16 +161,159 @@ def normalize_quality(values: Sequence[Any] | np.ndarray, method: str = "minmax"
 # --------------------------------------------------------------------------------------------
 
 @numba.njit(fastmath=True, cache=True)
+def _row_gain(row, m):  # pragma: no cover - compiled
+    """sum_j max(0, row[j] - m[j]), float64 accumulation (vectorised; fastmath only reorders
+    this sum)."""
+    acc = 0.0
+    for j in range(row.shape[0]):
+        d = row[j] - m[j]
+        if d > 0:
+            acc += d
+    return acc
+
+
+@numba.njit(cache=True)
 def _cached_gains(buf, slots, m, out):  # pragma: no cover - compiled
     """out[i] = sum_j max(0, buf[slots[i], j] - m[j]), float64 accumulation."""
     for i in range(slots.shape[0]):
-        row = buf[slots[i]]
-        acc = 0.0
-        for j in range(row.shape[0]):
-            d = row[j] - m[j]
-            if d > 0:
-                acc += d
-        out[i] = acc
+        out[i] = _row_gain(buf[slots[i]], m)
+
+
+def _prefaulted_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array in anonymous memory mapped with MAP_POPULATE: a held N x N matrix is
+    touched once, and taking its 4 KiB page faults one at a time during the build cost more than
+    the matmul on the project's CPU (1.6 GB: ~1.4 s prefaulted against 2-4 s faulted, and huge
+    pages were no better under memory pressure); plain ``np.empty`` where that flag is missing."""
+    count = int(np.prod(shape))
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes < 2**21 or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
+def _symmetric_similarity(xc: torch.Tensor, store_dtype: torch.dtype, block: int,
+                          progress: bool = False) -> torch.Tensor:
+    """clip(X X^T, 0) as one [N, N] tensor, built from the upper block triangle: each row block
+    is multiplied only by the rows from its own start on, and the off-diagonal part is written
+    to both halves (N^2 d / 2 multiply-adds instead of N^2 d)."""
+    n = xc.shape[0]
+    if xc.device.type == "cpu":
+        out = torch.from_numpy(_prefaulted_empty((n, n), np.float64 if store_dtype == torch.float64
+                                               else np.float32))
+    else:
+        out = torch.empty((n, n), dtype=store_dtype, device=xc.device)
+    # one block buffer for every product: a fresh [block, N] temporary per block is returned to
+    # the OS and faulted in again each time (~as costly as the matmul on the project's CPU)
+    flat = torch.empty(min(block, n) * n, dtype=xc.dtype, device=xc.device)
+    for start in tqdm(range(0, n, block), desc="QDIT similarity (symmetric blocks)",
+                      disable=not progress):
+        stop = min(start + block, n)
+        b = flat[:(stop - start) * (n - start)].view(stop - start, n - start)
+        torch.matmul(xc[start:stop], xc[start:].T, out=b)
+        b = b.to(store_dtype).clamp_(min=0.0)
+        out[start:stop, start:].copy_(b)
+        out[stop:, start:stop].copy_(b[:, stop - start:].T)
+    return out
+
+
+@numba.njit(cache=True)
+def _heap_before(key, idx, i, j):  # pragma: no cover - compiled
+    """Heap order: the larger score first, ties to the lower row index."""
+    return key[i] > key[j] or (key[i] == key[j] and idx[i] < idx[j])
+
+
+@numba.njit(cache=True)
+def _sift_down(heap, key, idx, pos, size):  # pragma: no cover - compiled
+    while True:
+        left = 2 * pos + 1
+        if left >= size:
+            return
+        best = left
+        right = left + 1
+        if right < size and _heap_before(key, idx, heap[right], heap[left]):
+            best = right
+        if _heap_before(key, idx, heap[best], heap[pos]):
+            heap[pos], heap[best] = heap[best], heap[pos]
+            pos = best
+        else:
+            return
+
+
+@numba.njit(cache=True)
+def _lazy_greedy_dense(sim, first, q, wd, wq, k, m, out_idx, out_gain, out_dgain
+                       ):  # pragma: no cover - compiled
+    """Exact lazy greedy (Minoux) over a held clipped similarity matrix, with a binary heap.
+
+    ``first`` holds the exact first gains (m = 0 on entry). A row is taken when it is on top of
+    the heap with a score evaluated at the current step; otherwise its exact score is computed
+    (one fused pass over its row, float64 accumulation) and it sinks. Scores only shrink, so a
+    stale score is an upper bound and the top fresh row is the exact argmax; ties go to the lower
+    row index (the heap order). Returns the number of gain evaluations after the first pass.
+    """
+    n = sim.shape[0]
+    key = wd * first + wq * q  # the step-0 scores, exact
+    idx = np.arange(n)
+    stamp = np.zeros(n, dtype=np.int64)  # the step at which a row's score was evaluated
+    heap = np.arange(n)
+    size = n
+    for pos in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, key, idx, pos, size)
+    evaluations = 0
+    for step in range(k):
+        while True:
+            a = heap[0]
+            if stamp[a] == step:
+                break
+            acc = _row_gain(sim[a], m)
+            evaluations += 1
+            first[a] = acc  # the latest exact diversity gain
+            key[a] = wd * acc + wq * q[a]
+            stamp[a] = step
+            _sift_down(heap, key, idx, 0, size)
+        out_idx[step] = a
+        out_gain[step] = key[a]
+        out_dgain[step] = first[a]
+        size -= 1
+        heap[0] = heap[size]
+        _sift_down(heap, key, idx, 0, size)
+        row = sim[a]
+        for j in range(n):
+            if row[j] > m[j]:
+                m[j] = row[j]
+    return evaluations
+
+
+@numba.njit(cache=True)
+def _sample_argmax(sim, cand, dstale, q, wd, wq, m):  # pragma: no cover - compiled
+    """Exact argmax of wd * d(a | A) + wq * q(a) over the rows ``cand`` (sorted), lazily: rows are
+    evaluated in the order of their upper bounds (``dstale``: the last exact gain, +inf if never
+    evaluated) until no bound can beat the best exact score; ties go to the lower row index.
+    Updates ``dstale`` of the evaluated rows. Returns (row, score, diversity gain, evaluations)."""
+    ub = np.empty(cand.shape[0])
+    for i in range(cand.shape[0]):
+        ub[i] = wd * dstale[cand[i]] + wq * q[cand[i]] if dstale[cand[i]] < np.inf else np.inf
+    order = np.argsort(-ub, kind="mergesort")  # stable: equal bounds keep the index order
+    best, best_score, best_dg, evaluations = -1, -np.inf, 0.0, 0
+    for o in order:
+        a = cand[o]
+        if ub[o] < best_score or (ub[o] == best_score and a > best):
+            break  # sorted: no later bound beats the best exact score
+        g = _row_gain(sim[a], m)
+        evaluations += 1
+        dstale[a] = g
+        score = wd * g + wq * q[a]
+        if score > best_score or (score == best_score and a < best):
+            best, best_score, best_dg = a, score, g
+    return best, best_score, best_dg, evaluations
+
+
+@numba.njit(cache=True)
+def _cover(row, m):  # pragma: no cover - compiled
+    """m <- max(m, row) in place."""
+    for j in range(m.shape[0]):
+        if row[j] > m[j]:
+            m[j] = row[j]
 
 
 class _Backend:
@@ -208,19 +357,20 @@ class _DenseRows(_Backend):
         self.row_bytes = self.n * (8 if self.store_dtype == torch.float64 else 4)
         budget = max(0.0, float(max_memory_mb)) * 2**20
         self.block = int(max(8, min(4096, budget / 4 / (self.row_bytes * 2))))
-        self.capacity = 0 if dense else int(min(self.n, budget * 3 / 4 / self.row_bytes))
+        # hold the whole matrix when it fits the memory bound: built once with half the matmul
+        # work (S is symmetric), and every later gain is a lookup (the ``dense`` similarity too)
+        hold_block = int(min(1024, (budget - self.n * self.row_bytes) / (2 * self.row_bytes)))
+        hold = dense or hold_block >= min(64, self.n)
+        self.capacity = 0 if hold else int(min(self.n, budget * 3 / 4 / self.row_bytes))
         self.buf = torch.empty((self.capacity, self.n), dtype=self.store_dtype, device=self.device)
         self.slot = np.full(self.n, -1, dtype=np.int64)  # row -> slot
         self.owner = np.full(self.capacity, -1, dtype=np.int64)  # slot -> row
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
         self.clock = 0
         self.dense = None
-        if dense:
-            self.dense = torch.empty((self.n, self.n), dtype=self.store_dtype, device=self.device)
-            for start in tqdm(range(0, self.n, self.block), desc="QDIT dense similarity",
-                              disable=not progress):
-                stop = min(start + self.block, self.n)
-                self.dense[start:stop] = self._compute(torch.arange(start, stop))
+        if hold:
+            self.dense = _symmetric_similarity(self.xc, self.store_dtype,
+                                               max(8, min(self.block, hold_block)), progress)
 
     def block_rows(self) -> int:
         return self.block
@@ -304,6 +454,11 @@ class _DenseRows(_Backend):
         computed in the working precision only for the candidates the greedy evaluates. Without
         it, the exact pass also caches the rows with the largest first gains.
         """
+        if self.dense is not None and self.device.type == "cpu":
+            out = np.empty(self.n, dtype=np.float64)
+            _cached_gains(self.dense.numpy(), np.arange(self.n), m.numpy(), out)
+            self.n_evaluations += self.n
+            return torch.from_numpy(out)
         out = torch.empty(self.n, dtype=torch.float64)
         xb = self.x.to(torch.bfloat16) if fast_bounds else None
         for start in tqdm(range(0, self.n, self.block), desc="QDIT initial gains",
@@ -418,7 +573,8 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         (gain / N), ``max_singleton``, ``none`` or a positive number (see the module docstring).
     :param method: ``lazy`` (exact) or ``stochastic`` (with ``epsilon`` and ``seed``).
     :param similarity: ``blocked`` (default), ``dense`` or ``knn`` (with ``knn_k``).
-    :param max_memory_mb: memory for similarity blocks and the row cache (``blocked``).
+    :param max_memory_mb: memory for the similarity (``blocked``): the whole matrix when it fits
+        (held; the fast path), else matmul blocks and a row cache.
     :param compute_dtype: ``float32`` (default), ``bfloat16`` (fast, approximate) or ``float64``
         (all arithmetic in float64; for exact comparisons).
     :param fast_bounds: compute the lazy greedy's first-step upper bounds with a bfloat16 matmul
@@ -509,6 +665,26 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
     # dstale[a] >= d(a | A): the last exact diversity gain of a (gains only shrink as A grows),
     # +inf when never evaluated. The step's score is wd * d(a | A) + wq * q(a) with wd, wq >= 0,
     # so bound = wd * dstale + wq * q is an upper bound of it (what the lazy greedy needs).
+    if (method == "lazy" and not running and isinstance(backend, _DenseRows)
+            and backend.dense is not None and backend.device.type == "cpu"):
+        # the whole matrix is held: the compiled heap greedy (same sequence as the loop below)
+        out_idx = np.empty(k, dtype=np.int64)
+        out_gain = np.empty(k, dtype=np.float64)
+        out_dgain = np.empty(k, dtype=np.float64)
+        wd = (1.0 - alpha) / scale
+        evals = _lazy_greedy_dense(backend.dense.numpy(), first.numpy().copy(),
+                                   qv.numpy().astype(np.float64), wd, alpha, k, m.numpy(),
+                                   out_idx, out_gain, out_dgain)
+        backend.n_evaluations += int(evals)
+        meta["evaluations_per_step"] = backend.n_evaluations / k
+        meta["held_matrix"] = True
+        return QditResult(out_idx, out_gain, out_dgain, q, scale,
+                          float(m.sum(dtype=torch.float64)), backend.n_evaluations, meta)
+    meta["held_matrix"] = isinstance(backend, _DenseRows) and backend.dense is not None
+    if (method == "stochastic" and not running and meta["held_matrix"]
+            and backend.device.type == "cpu"):
+        return _stochastic_held(backend, q, qv, alpha, scale, k, n, m, seed, epsilon, meta,
+                                progress)
     dstale = first.clone() if first is not None else torch.full((n,), math.inf,
                                                                 dtype=torch.float64)
     weights = [0.0, alpha] if running else [(1.0 - alpha) / scale, alpha]  # [wd, wq]
@@ -561,6 +737,36 @@ def qdit_select(embeddings: np.ndarray, select_num: int | None = None,
         meta["step_scales"] = step_scales
     return QditResult(out_idx, out_gain, out_dgain, q, scale, objective, backend.n_evaluations,
                       meta)
+
+
+def _stochastic_held(backend: "_DenseRows", q, qv: torch.Tensor, alpha: float, scale: float,
+                     k: int, n: int, m: torch.Tensor, seed: int, epsilon: float, meta: dict,
+                     progress: bool) -> QditResult:
+    """Stochastic greedy over a held matrix: the same seeded samples and the same exact argmax
+    per sample as the general loop (so the same sequence), each step one compiled call."""
+    sim, mn = backend.dense.numpy(), m.numpy()
+    qn = qv.numpy().astype(np.float64)
+    wd = (1.0 - alpha) / scale
+    dstale = np.full(n, np.inf)
+    selected = np.zeros(n, dtype=bool)
+    out_idx = np.empty(k, dtype=np.int64)
+    out_gain = np.empty(k, dtype=np.float64)
+    out_dgain = np.empty(k, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    sample_size = min(n, int(math.ceil(n / k * math.log(1.0 / float(epsilon)))))
+    for step in tqdm(range(k), desc="QDIT stochastic greedy", disable=not progress):
+        avail = np.flatnonzero(~selected)
+        cand = avail if sample_size >= n - step else \
+            np.sort(rng.choice(avail, size=sample_size, replace=False))
+        best, score, dg, evals = _sample_argmax(sim, cand, dstale, qn, wd, alpha, mn)
+        backend.n_evaluations += int(evals)
+        selected[best] = True
+        dstale[best] = -np.inf
+        out_idx[step], out_gain[step], out_dgain[step] = best, score, dg
+        _cover(sim[best], mn)
+    meta["evaluations_per_step"] = backend.n_evaluations / k
+    return QditResult(out_idx, out_gain, out_dgain, q, scale, float(m.sum(dtype=torch.float64)),
+                      backend.n_evaluations, meta)
 
 
 def _partitioned(x: np.ndarray, k: int, quality, q, part_size: int, meta: dict,
