@@ -98,7 +98,9 @@ class QditSelector(StatsSelector):
         :param similarity: ``blocked`` (on the fly, memory bounded), ``dense`` (N x N matrix)
             or ``knn`` (sparse: each sample covers its ``knn_k`` nearest neighbours).
         :param knn_k: neighbours per sample with ``similarity: knn``.
-        :param max_memory_mb: memory for similarity blocks and the row cache (``blocked``).
+        :param max_memory_mb: memory for the similarity (``blocked``): the whole matrix when it
+            fits (held; the fast path, N up to ~22k at the default), else matmul blocks and a
+            row cache.
         :param compute_dtype: similarity matmul precision: ``float32``, ``bfloat16`` (faster on
             AMX CPUs and GPUs, ~1e-3 error) or ``float64``.
         :param partition_size: for very large datasets: select in seeded random parts of about
