@@ -16,7 +16,8 @@ No Data-Juicer import, no model loading, no file I/O.
 
 The tie rule is the package's (:func:`daar_ops.core.rank_order`): among equal similarities the lower
 index comes first. faiss promises no order among ties, so every backend retrieves ``tie_margin``
-extra candidates and they are re-sorted by (-similarity, index). A row whose k-th kept similarity
+extra candidates, rescores them pair by pair in float64 (a BLAS GEMM may give exact duplicates
+similarities one float32 ulp apart) and re-sorts them by (-similarity, index). A row whose k-th kept similarity
 equals the last retrieved one (the tie group may continue past what was retrieved), or that got
 fewer than k candidates (an approximate index that probed too few cells), is recomputed exactly
 against all rows with a stable sort, so the rule holds for any number of duplicates.
@@ -52,49 +53,71 @@ def _faiss():
     return faiss
 
 
-def _tie_ruled(cand_idx: np.ndarray, cand_sim: np.ndarray, rows: np.ndarray, k: int,
-               exclude_self: bool, complete: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first k of each row's candidates in (-similarity, index) order.
+# float32 BLAS similarities of unit vectors are within this of the true cosine (typical error
+# ~sqrt(d) * 2^-24, ~1e-6 at d = 384); a candidate list whose k-th value clears the last retrieved
+# one by more than this cannot miss a row that ties with or beats its k-th.
+SIM_TOLERANCE = 1e-5
 
-    :param cand_idx: [B, c] candidate indices (-1 = none), any order.
-    :param cand_sim: [B, c] their similarities.
-    :param rows: [B] the query rows' own indices (dropped with ``exclude_self``).
+
+def _pair_sims(queries: np.ndarray, base: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """[B, c] cosines of each query with its candidates, each pair summed by one fixed routine in
+    float64 (exact products), so exact duplicates get bit-identical similarities (a BLAS GEMM does
+    not promise that: its edge tiles sum in another order)."""
+    out = np.empty(cand.shape, dtype=np.float64)
+    step = max(1, (1 << 22) // max(1, cand.shape[1] * queries.shape[1]))
+    for s in range(0, len(cand), step):
+        q = queries[s:s + step].astype(np.float64)
+        out[s:s + step] = (q[:, None, :] * base[cand[s:s + step]].astype(np.float64)).sum(-1)
+    return out
+
+
+def _tie_ruled(queries: np.ndarray, base: np.ndarray, cand_idx: np.ndarray,
+               cand_sim: np.ndarray, rows: np.ndarray | None, k: int, complete: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first k of each query's candidates in (-similarity, index) order.
+
+    :param cand_idx: [B, c] candidate rows of ``base`` (-1 = none), any order.
+    :param cand_sim: [B, c] their similarities as the search computed them.
+    :param rows: [B] the queries' own rows in ``base``, dropped (``exclude_self``); or None.
     :param complete: the candidates are all rows (nothing beyond them can tie).
     :returns: (indices [B, k], sims [B, k], exact [B] bool: False where the row must be recomputed).
     """
-    idx = cand_idx.astype(np.int64, copy=True)
-    sim = cand_sim.astype(np.float32, copy=True)
-    invalid = idx < 0
-    if exclude_self:
-        invalid |= idx == rows[:, None]
+    invalid = cand_idx < 0
+    if rows is not None:
+        invalid |= cand_idx == rows[:, None]
     sentinel = np.iinfo(np.int64).max
-    idx[invalid] = sentinel
-    sim[invalid] = -np.inf
-    order = np.lexsort((idx, -sim), axis=-1)
-    idx = np.take_along_axis(idx, order, axis=1)[:, :k]
-    sim = np.take_along_axis(sim, order, axis=1)[:, :k]
-    enough = idx[:, k - 1] != sentinel
-    if complete:
-        return idx, sim, enough
-    # lowest similarity retrieved (self and empty slots aside): a tie with the k-th kept one means
-    # rows outside the candidates may share that similarity and have a lower index
-    retrieved = np.where(np.isfinite(cand_sim) & (cand_idx >= 0), cand_sim, np.inf).min(axis=1)
-    return idx, sim, enough & (sim[:, k - 1] > retrieved)
+    idx = np.where(invalid, sentinel, cand_idx).astype(np.int64)
+    sim = np.where(invalid, -np.inf, _pair_sims(queries, base, np.where(invalid, 0, cand_idx)))
+    order = np.lexsort((idx, -sim), axis=-1)[:, :k]
+    idx = np.take_along_axis(idx, order, axis=1)
+    sim = np.take_along_axis(sim, order, axis=1)
+    exact = idx[:, k - 1] != sentinel
+    if not complete:
+        # the lowest similarity retrieved (self and empty slots aside): rows outside the candidates
+        # are at most this similar, so the k-th kept one must clear it
+        retrieved = np.where(invalid, np.inf, cand_sim).min(axis=1)
+        exact &= sim[:, k - 1] > retrieved + SIM_TOLERANCE
+    return idx, sim.astype(np.float32), exact
 
 
-def _exact_rows(x: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool
+def _exact_rows(queries: np.ndarray, base: np.ndarray, rows: np.ndarray | None, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact neighbours of ``rows`` against all of ``x`` by a stable full sort (the fallback)."""
-    out_idx = np.empty((len(rows), k), dtype=np.int64)
-    out_sim = np.empty((len(rows), k), dtype=np.float32)
-    for start in range(0, len(rows), 256):
-        r = rows[start:start + 256]
-        s = x[r] @ x.T
-        if exclude_self:
-            s[np.arange(len(r)), r] = -np.inf
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        out_idx[start:start + len(r)] = order
-        out_sim[start:start + len(r)] = np.take_along_axis(s, order, axis=1)
+    """Exact neighbours of ``queries`` against all of ``base`` (the fallback): every row within
+    SIM_TOLERANCE of the k-th similarity is rescored by :func:`_pair_sims` and sorted with the tie
+    rule. ``rows``: the queries' own rows in ``base`` (excluded) or None."""
+    out_idx = np.empty((len(queries), k), dtype=np.int64)
+    out_sim = np.empty((len(queries), k), dtype=np.float32)
+    for j, q in enumerate(queries):
+        s = base @ q
+        if rows is not None:
+            s[rows[j]] = -np.inf
+        kth = np.partition(s, len(s) - k)[len(s) - k]
+        cand = np.flatnonzero(s >= kth - 2 * SIM_TOLERANCE)
+        if rows is not None:
+            cand = cand[cand != rows[j]]
+        sim = _pair_sims(q[None], base, cand[None])[0]
+        order = np.lexsort((cand, -sim))[:k]
+        out_idx[j], out_sim[j] = cand[order], sim[order]
     return out_idx, out_sim
 
 
@@ -176,7 +199,8 @@ def knn_cosine(embeddings: np.ndarray, k: int, block_size: int = 4096, device: s
         else:
             d, i = searcher.search(x[start:stop], n_cand)
         rows = np.arange(start, stop)
-        idx, sim, exact = _tie_ruled(i, d, rows, k, exclude_self, complete=n_cand == n)
+        idx, sim, exact = _tie_ruled(x[start:stop], x, i, d, rows if exclude_self else None, k,
+                                     complete=n_cand == n)
         indices[start:stop], sims[start:stop] = idx, sim
         redo.append(rows[~exact])
     _repair(x, indices, sims, np.concatenate(redo), k, exclude_self)
@@ -186,7 +210,7 @@ def knn_cosine(embeddings: np.ndarray, k: int, block_size: int = 4096, device: s
 def _repair(x: np.ndarray, indices: np.ndarray, sims: np.ndarray, rows: np.ndarray, k: int,
             exclude_self: bool) -> None:
     if len(rows):
-        indices[rows], sims[rows] = _exact_rows(x, rows, k, exclude_self)
+        indices[rows], sims[rows] = _exact_rows(x[rows], x, rows if exclude_self else None, k)
 
 
 def knn_cosine_torch(embeddings: np.ndarray, k: int, block_size: int = 4096, device: str = "cpu",
@@ -207,8 +231,9 @@ def knn_cosine_torch(embeddings: np.ndarray, k: int, block_size: int = 4096, dev
         top_vals, top_idx = torch.topk(x[start:stop] @ x.T, n_cand, dim=1, largest=True,
                                        sorted=True)
         rows = np.arange(start, stop)
-        idx, sim, exact = _tie_ruled(top_idx.cpu().numpy(), top_vals.cpu().numpy(), rows, k,
-                                     exclude_self, complete=n_cand == n)
+        idx, sim, exact = _tie_ruled(xn[start:stop], xn, top_idx.cpu().numpy(),
+                                     top_vals.cpu().numpy(), rows if exclude_self else None, k,
+                                     complete=n_cand == n)
         indices[start:stop], sims[start:stop] = idx, sim
         redo.append(rows[~exact])
     _repair(xn, indices, sims, np.concatenate(redo), k, exclude_self)
@@ -239,12 +264,10 @@ def nearest_cosine(queries: np.ndarray, base: np.ndarray, block_size: int = 4096
             d, i = vals.cpu().numpy(), idx.cpu().numpy()
         else:
             d, i = faiss.knn(block, b, n_cand, metric=faiss.METRIC_INNER_PRODUCT)
-        rows = np.full(len(block), -1, dtype=np.int64)  # no self to exclude
-        idx, sim, exact = _tie_ruled(i, d, rows, 1, False, complete=n_cand == len(b))
-        for r in np.flatnonzero(~exact):  # a tie group larger than the margin
-            s = b @ block[r]
-            j = int(np.argmax(s))  # argmax returns the first (lowest) index of the maximum
-            idx[r, 0], sim[r, 0] = j, s[j]
+        idx, sim, exact = _tie_ruled(block, b, i, d, None, 1, complete=n_cand == len(b))
+        redo = np.flatnonzero(~exact)  # a tie group larger than the margin
+        if len(redo):
+            idx[redo], sim[redo] = _exact_rows(block[redo], b, None, 1)
         out_idx[start:start + len(block)] = idx[:, 0]
         out_sim[start:start + len(block)] = sim[:, 0]
     return out_idx, out_sim
