@@ -159,3 +159,17 @@ def test_faiss_threads_follow_torch():
         assert faiss.omp_get_max_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+def test_ds2_curation_through_an_ivf_index_probing_every_cell_equals_exact():
+    from daar_ops.algorithms.ds2 import curate_scores, make_synthetic_ds2
+
+    data = make_synthetic_ds2(n=1200, seed=0)
+    exact = curate_scores(data["embeddings"], data["observed"], hoc_steps=200, seed=0)
+    ivf = curate_scores(data["embeddings"], data["observed"], hoc_steps=200, seed=0,
+                        knn_index="ivf", knn_params=dict(nlist=8, nprobe=8))
+    assert (ivf.curated == exact.curated).all()
+    np.testing.assert_allclose(ivf.long_tail, exact.long_tail, atol=1e-6)
+    assert ivf.info["knn_index"] == "ivf" and ivf.info["knn_params"] == dict(nlist=8, nprobe=8)
+    with pytest.raises(ValueError, match="index must be one of"):
+        curate_scores(data["embeddings"], data["observed"], knn_index="lsh")
