@@ -140,8 +140,9 @@ def child(stage: str, n: int, threads: int) -> dict:
     else:
         raise SystemExit(f"unknown stage {stage}")
     seconds = time.perf_counter() - t
+    # the 1-minute load average at the end: on a shared machine times scale with it
     return dict(stage=stage, n=n, seconds=seconds, peak_rss_mb=peak_rss_mb(),
-                input_mb=data_mb, **extra)
+                input_mb=data_mb, loadavg_1m=os.getloadavg()[0], **extra)
 
 
 def fit_exponent(points: list[tuple[int, float]]) -> tuple[float, float] | None:
