@@ -99,13 +99,13 @@ def child(stage: str, n: int, threads: int) -> dict:
             from daar_ops.algorithms.knn import knn_cosine
 
             kw = dict(index="ivf", nprobe=32) if stage == "knn_ivf" else {}
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), time.process_time()
             knn_cosine(x, 30, **kw)
         else:
             from daar_ops.algorithms.qdit import qdit_select
 
             method = "lazy" if stage == "qdit_exact" else "stochastic"
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), time.process_time()
             res = qdit_select(x, select_num=max(1, n // 20), method=method, epsilon=0.01, seed=0,
                               progress=False)
             extra = dict(k=max(1, n // 20), objective=float(res.objective))
@@ -114,7 +114,7 @@ def child(stage: str, n: int, threads: int) -> dict:
 
         data = make_synthetic_ds2(n=n, dim=384, seed=0)
         data_mb = data["embeddings"].nbytes / 2**20
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), time.process_time()
         res = curate_scores(data["embeddings"], data["observed"], seed=0)
         extra = dict(curated_acc=float((res.curated == data["true"]).mean()),
                      raw_acc=float((data["observed"] == data["true"]).mean()))
@@ -125,7 +125,7 @@ def child(stage: str, n: int, threads: int) -> dict:
         probes = DaarProbes(ProbeMLP(576, 4), ProbeMLP(576, 1), ["a", "b", "c", "d"])
         feats = np.random.default_rng(0).standard_normal((n, 576)).astype(np.float32)
         data_mb = feats.nbytes / 2**20
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), time.process_time()
         probes.score(feats)
     elif stage == "features":
         from daar_ops.features import LayerFeatureExtractor
@@ -134,15 +134,16 @@ def child(stage: str, n: int, threads: int) -> dict:
         data_mb = sum(len(s) for s in texts) / 2**20
         ex = LayerFeatureExtractor("smollm2-135m-instruct", layer=3, dtype="float32")
         ex.encode(texts[:8], progress=False)  # warm-up (not timed)
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), time.process_time()
         feats = ex.encode(texts, progress=False)
         extra = dict(texts_per_s=n / (time.perf_counter() - t), dim=int(feats.layer.shape[1]))
     else:
         raise SystemExit(f"unknown stage {stage}")
     seconds = time.perf_counter() - t
+    cpu_s = time.process_time() - c0  # CPU seconds of all threads: the time on an idle machine
     # the 1-minute load average at the end: on a shared machine times scale with it
     return dict(stage=stage, n=n, seconds=seconds, peak_rss_mb=peak_rss_mb(),
-                input_mb=data_mb, loadavg_1m=os.getloadavg()[0], **extra)
+                input_mb=data_mb, cpu_s=cpu_s, loadavg_1m=os.getloadavg()[0], **extra)
 
 
 def fit_exponent(points: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -197,12 +198,14 @@ def table(rows: dict, ns: list[int], exponents: dict, feature_ns: list[int]) -> 
             elif "seconds" in c and c.get("extrapolated"):
                 out.append(f"~{fmt_s(c['seconds'])} s (extrapolated)")
             elif "seconds" in c:
-                out.append(f"{fmt_s(c['seconds'])} s, {c['peak_rss_mb']:,.0f} MB")
+                cpu = f" (cpu {fmt_s(c['cpu_s'])})" if "cpu_s" in c else ""
+                out.append(f"{fmt_s(c['seconds'])} s{cpu}, {c['peak_rss_mb']:,.0f} MB")
             else:
                 out.append(c["note"])
         e = exponents.get(stage)
         lines.append(f"| {stage} | " + " | ".join(out) + f" | {'' if e is None else f'{e:.2f}'} |")
-    note = (f"\nSeconds of the stage itself and the peak RSS of its process (input included). "
+    note = (f"\nWall seconds of the stage itself (CPU seconds of its process, all threads, where "
+            f"recorded) and the peak RSS of its process (input included). "
             f"features: measured at N = {', '.join(f'{n:,}' for n in feature_ns)}, larger N "
             f"extrapolated with the fitted exponent.")
     return "\n".join(lines) + "\n" + note + "\n"
@@ -244,6 +247,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=600.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="outputs/bench_scale")
+    ap.add_argument("--replot", action="store_true",
+                    help="rewrite scale.md / scale.png from --out's scale.json, run nothing")
     ap.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -252,6 +257,17 @@ def main() -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((out / "scale.json").read_text())
+        rows = {s: {int(n): c for n, c in r.items()} for s, r in saved["rows"].items()}
+        feature_ns = sorted(n for n, c in rows.get("features", {}).items()
+                            if "seconds" in c and not c.get("extrapolated"))
+        ns_table = sorted({n for r in rows.values() for n in r})
+        md = table(rows, ns_table, saved["exponents"], feature_ns)
+        (out / "scale.md").write_text(md)
+        plot(rows, out / "scale.png")
+        print(md)
+        return 0
     rows: dict[str, dict[int, dict]] = {}
     exponents: dict[str, float] = {}
     t_all = time.perf_counter()
