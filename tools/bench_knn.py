@@ -2,8 +2,8 @@
 IVF / HNSW recall; DS2 curation of a million synthetic records.
 
 1. **Exact.** On ``--n`` (20,000) DS2 synthetic records (``make_synthetic_ds2``, d = 32, k = 30 =
-   DS2's ``k_pool``) and on ``--n`` random unit vectors of d = 384 (sentence-embedding width,
-   k = 50 = QDIT's ``knn_k``): ``knn_cosine`` (faiss flat search, the default) beside the former
+   DS2's ``k_pool``) and on ``--n`` clustered vectors of d = 384 (sentence-embedding width, 1,000
+   centres as ``tools/bench_qdit.py --synthetic``; k = 50 = QDIT's ``knn_k``): ``knn_cosine`` (faiss flat search, the default) beside the former
    torch code of this package (main 2f3c720: one float64 matmul block + ``topk``, copied below as
    :func:`former_torch_knn`) and beside the new torch path (:func:`knn_cosine_torch`, the CUDA
    path). Reported: seconds, the speed ratio, and whether the neighbours are the same (share of
