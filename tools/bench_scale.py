@@ -157,13 +157,14 @@ def fit_exponent(points: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 
 def predict(points: list[tuple[int, float]], n: int, nominal: float) -> float:
+    """Predicted seconds at n from the last measured point, with the larger of the fitted and the
+    stage's nominal exponent (at small N fixed costs flatten the fit below the asymptote)."""
+    if not points:
+        return 0.0
     fit = fit_exponent(points)
-    if fit is not None:
-        return math.exp(fit[1] + fit[0] * math.log(n))
-    if points:
-        n0, t0 = points[-1]
-        return t0 * (n / n0) ** nominal
-    return 0.0
+    exponent = max(nominal, fit[0]) if fit is not None else nominal
+    n0, t0 = points[-1]
+    return t0 * (n / n0) ** exponent
 
 
 def run_cell(stage: str, n: int, threads: int, timeout: float) -> dict:
