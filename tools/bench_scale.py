@@ -20,8 +20,8 @@ Inputs are synthetic where real ones are not needed (generation is not timed):
   this CPU, so it is *measured* only at ``--feature-ns`` (500, 2,000) and *extrapolated* to the
   table's N with its fitted exponent (marked "extrapolated"). Model loading is not timed.
 
-A cell whose time, predicted from the cells already measured (the fitted exponent with >= 2
-points, else the stage's nominal exponent), exceeds ``--budget-s`` (600) is not run
+A cell whose time, predicted from the last measured cell with the larger of the fitted and the
+stage's nominal exponent (2 for the quadratic stages), exceeds ``--budget-s`` (600) is not run
 ("skipped: > budget"); a running cell is killed at 2 x budget. Torch (and so faiss) threads:
 ``--threads`` (1).
 
