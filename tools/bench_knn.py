@@ -148,6 +148,12 @@ def ds2_child(args) -> None:
     acc = dict(raw_acc=float((data["observed"] == data["true"]).mean()),
                curated_acc=float((result.curated == data["true"]).mean()),
                t_max_abs_err=float(np.abs(result.transition - data["transition"]).max()))
+    if args.exact_sample == 0:  # no side measurements
+        print("DS2CHILD " + json.dumps(dict(
+            n=args.ds2_n, index=args.ds2_index, params=params, curate_s=round(seconds, 1),
+            curate_cpu_s=round(cpu_s, 1), peak_rss_mb=round(peak), loadavg_1m=os.getloadavg()[0],
+            cpu_s_by_part=parts, n_corrupted=int(result.corrupted.sum()), **acc)), flush=True)
+        return
     # beside it: exact flat search on a sample of query rows against all rows, extrapolated
     x = l2_normalize(data["embeddings"])
     rows = np.sort(np.random.default_rng(args.seed).choice(len(x), args.exact_sample, replace=False))
@@ -192,7 +198,9 @@ def main() -> None:
     ap.add_argument("--ds2-index", default="ivf", choices=("exact", "ivf", "hnsw"))
     ap.add_argument("--nlist", type=int, default=4096)
     ap.add_argument("--nprobe", type=int, default=64)
-    ap.add_argument("--exact-sample", type=int, default=4096)
+    ap.add_argument("--exact-sample", type=int, default=4096,
+                    help="DS2 child: rows for the exact-search extrapolation and IVF recall "
+                    "(0: skip them)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ds2", action="store_true")
