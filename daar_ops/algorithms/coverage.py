@@ -1,6 +1,7 @@
 """Coverage and diversity metrics of a selected subset, in one embedding space.
 
-Blocked and memory bounded (O(block_size * n_selected), never O(N^2)). No Data-Juicer import.
+Blocked and memory bounded (O(block_size * n_selected), never O(N^2)); the nearest selected row
+is found by :func:`daar_ops.algorithms.knn.nearest_cosine` (faiss flat search). No Data-Juicer import.
 
 * :func:`facility_location_coverage`: ``(1/N) sum_v max_a max(0, cos(a, v))`` over the pool V and
   the selection A (QDIT's facility-location objective, normalised to [0, 1]).
@@ -17,9 +18,8 @@ from collections import Counter
 from typing import Hashable, Iterable, Sequence
 
 import numpy as np
-import torch
 
-from daar_ops.algorithms.knn import l2_normalize
+from daar_ops.algorithms.knn import l2_normalize, nearest_cosine
 
 
 def nearest_selected_cosine(pool: np.ndarray, selected: np.ndarray, block_size: int = 4096,
@@ -33,13 +33,7 @@ def nearest_selected_cosine(pool: np.ndarray, selected: np.ndarray, block_size: 
         raise ValueError("the selection is empty: coverage is undefined")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    p = torch.from_numpy(l2_normalize(pool)).to(device)
-    s = torch.from_numpy(l2_normalize(selected)).to(device)
-    out = np.empty(len(pool), dtype=np.float32)
-    for start in range(0, len(pool), block_size):
-        block = p[start:start + block_size] @ s.T
-        out[start:start + block_size] = block.max(dim=1).values.cpu().numpy()
-    return out
+    return nearest_cosine(pool, selected, block_size=block_size, device=device)[1]
 
 
 def facility_location_coverage(pool: np.ndarray, selected: np.ndarray, block_size: int = 4096,

@@ -4,8 +4,8 @@ Implemented from the math (DS2, ICLR 2025; HOC, Zhu et al. ICML'21; SimiFeat, Zh
 not from the reference code. Pipeline, all deterministic for a given ``seed``:
 
 1. :func:`scores_to_classes` - raw ratings -> K ordinal classes (DS2: ``clip(s, 4, 9) - 4``).
-2. One exact blocked cosine kNN (:func:`daar_ops.algorithms.knn.knn_cosine`) of ``k_pool``
-   neighbours per row; every later step reads prefixes of that list (memory O(N * k_pool), never
+2. One cosine kNN (:func:`daar_ops.algorithms.knn.knn_cosine`: exact faiss flat search by default,
+   IVF / HNSW as options) of ``k_pool`` neighbours per row; every later step reads prefixes of that list (memory O(N * k_pool), never
    O(N^2)).
    :func:`uninformative_neighbourhoods` - the degenerate-geometry guard: rows whose k-NN are tied
    or exact duplicates are never curated and left out of HOC (logged; if fewer than 3 rows are
@@ -399,7 +399,8 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
                   consensus_positions: str = "own", detection_score: str = "cosine",
                   self_weight: float = 0.0, suggestion: str = "flagged",
                   noise_rate_clip: tuple[float, float] = (0.0, 1.0),
-                  tie_tolerance: float = 1e-6) -> DS2Result:
+                  tie_tolerance: float = 1e-6, knn_index: str = "exact",
+                  knn_params: dict[str, Any] | None = None) -> DS2Result:
     """Estimate T and p, detect corrupted scores, curate them, and compute long-tail scores.
 
     :param embeddings: [N, d] sample embeddings (any scale; cosine geometry is used).
@@ -422,6 +423,10 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
         are left out of the HOC counts; if fewer than 3 rows are informative nothing is curated
         (T is then reported as the identity and the prior as the observed distribution, with
         ``info["curation_skipped"]``).
+    :param knn_index: the neighbour search of :func:`daar_ops.algorithms.knn.knn_cosine`:
+        ``exact`` (default, faiss flat inner product), ``ivf`` or ``hnsw`` (approximate; for
+        millions of rows, see docs/ds2.md); ``knn_params``: its options (``nlist``, ``nprobe``,
+        ``hnsw_m``, ``ef_search``, ``ef_construction``, ``tie_margin``).
     """
     y = np.asarray(labels, dtype=np.int64)
     n = y.shape[0]
@@ -450,7 +455,7 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
     k_pool = min(k_pool or 3 * k, n - 1)
     k_vote = min(k, k_pool)
     nb, sims = knn_cosine(l2_normalize(emb), k_pool, block_size=block_size, device=device,
-                          progress=progress)
+                          progress=progress, index=knn_index, seed=seed, **(knn_params or {}))
     long_tail = long_tail_scores(sims, k=k_vote)
     uninformative = uninformative_neighbourhoods(sims, k_vote, tol=tie_tolerance)
     informative_rows = np.flatnonzero(~uninformative)
@@ -459,7 +464,8 @@ def curate_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int =
                 confidence_threshold=confidence_threshold, seed=seed,
                 consensus_positions=consensus_positions, detection_score=detection_score,
                 self_weight=self_weight, suggestion=suggestion,
-                noise_rate_clip=list(noise_rate_clip), n_uninformative=int(uninformative.sum()))
+                noise_rate_clip=list(noise_rate_clip), n_uninformative=int(uninformative.sum()),
+                knn_index=knn_index, knn_params=dict(knn_params or {}))
     if uninformative.any():
         logger.warning(f"DS2: {int(uninformative.sum())}/{n} samples have uninformative "
                        f"neighbourhoods (their {k_vote} nearest neighbours are tied or exact "
