@@ -66,6 +66,16 @@ def test_ds2_filter_selects_best_curated_and_writes_report(tmp_path):
     assert [r["text"] for r in again] == [r["text"] for r in out]
 
 
+def test_ds2_filter_through_an_ivf_index_probing_every_cell_selects_as_exact():
+    rows, _ = _synthetic_rows(n=200)
+    exact = DS2Filter(score_key="quality", embedding_key="vec", select_ratio=0.2, **FAST).run(
+        NestedDataset.from_list(rows))
+    ivf = DS2Filter(score_key="quality", embedding_key="vec", select_ratio=0.2,
+                    knn_index="ivf", knn_params={"nlist": 4, "nprobe": 4}, **FAST).run(
+        NestedDataset.from_list(rows))
+    assert [r["text"] for r in ivf] == [r["text"] for r in exact]
+
+
 def test_ds2_filter_reads_stats_fields_and_survives_bad_scores():
     rows, _ = _synthetic_rows(n=120)
     for i, row in enumerate(rows):
@@ -106,6 +116,7 @@ def test_ds2_filter_small_and_empty_datasets():
     dict(select_ratio=1.5), dict(select_ratio=0.2, select_num=3), dict(select_num=-1),
     dict(k=1), dict(confidence_threshold=2.0), dict(score_low=5.0, score_high=1.0),
     dict(subset_fraction=0.0), dict(k=10, k_pool=5), dict(num_classes=1),
+    dict(knn_index="annoy"), dict(knn_params=[8]),
 ])
 def test_ds2_filter_validates_parameters(kwargs):
     with pytest.raises(ValueError):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
+from daar_ops.algorithms.knn import KNN_INDEXES
 from daar_ops.algorithms.ds2 import (DS2Result, curate_scores, lexicographic_select,
                                      scores_to_classes, write_ds2_report)
 from daar_ops.core import DS2_CONFIDENCE_KEY as CONFIDENCE_KEY
@@ -85,6 +86,8 @@ class DS2Selector(StatsSelector):
         subset_fraction: float = 0.8,
         confidence_threshold: float = 0.5,
         seed: int = 0,
+        knn_index: str = "exact",
+        knn_params: Optional[Dict[str, Any]] = None,
         report_dir: Optional[str] = None,
         *args,
         **kwargs,
@@ -116,6 +119,11 @@ class DS2Selector(StatsSelector):
         :param subset_fraction: fraction of samples drawn per detection round, in (0, 1].
         :param confidence_threshold: replace a score when its confidence >= this (DS2: 0.5).
         :param seed: seed of the detection subsets and ties: same data + seed -> same output.
+        :param knn_index: neighbour search: ``exact`` (faiss flat inner product, default),
+            ``ivf`` or ``hnsw`` (approximate, for millions of samples; recall measured in
+            ``tools/bench_knn.py``, e.g. ``knn_params: {nlist: 4096, nprobe: 64}`` at 1M).
+        :param knn_params: options of the approximate index (``nlist``, ``nprobe``, ``hnsw_m``,
+            ``ef_search``, ``ef_construction``); see ``daar_ops.algorithms.knn.knn_cosine``.
         :param report_dir: directory for the T heatmap / JSON / score distribution report.
         :param args: extra args
         :param kwargs: extra args
@@ -151,6 +159,11 @@ class DS2Selector(StatsSelector):
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"{OP_NAME}: confidence_threshold must be in [0, 1], got "
                              f"{confidence_threshold}")
+        if knn_index not in KNN_INDEXES:
+            raise ValueError(f"{OP_NAME}: knn_index must be one of {KNN_INDEXES}, got "
+                             f"{knn_index!r}")
+        if knn_params is not None and not isinstance(knn_params, Mapping):
+            raise ValueError(f"{OP_NAME}: knn_params must be a mapping, got {knn_params!r}")
         if missing_score is not None and not math.isfinite(float(missing_score)):
             raise ValueError(f"{OP_NAME}: missing_score must be finite, got {missing_score}")
         self.score_key = score_key
@@ -166,7 +179,8 @@ class DS2Selector(StatsSelector):
                                   detection_rounds=int(detection_rounds),
                                   subset_fraction=float(subset_fraction),
                                   confidence_threshold=float(confidence_threshold),
-                                  seed=int(seed))
+                                  seed=int(seed), knn_index=str(knn_index),
+                                  knn_params=dict(knn_params or {}))
         self.report_dir = report_dir
 
     # -- pieces ------------------------------------------------------------------------------------
