@@ -230,7 +230,6 @@ def pairs_settled(text: Any, max_pairs: int) -> bool:
     return False
 
 
-
 @dataclass
 class DomainStats:
     """Provenance of one domain's synthesis."""
