@@ -64,13 +64,12 @@ def peak_rss_mb() -> float:
 
 def clustered(n: int, d: int = 384, centers: int = 1000, noise: float = 0.8, seed: int = 0
               ) -> np.ndarray:
-    """Random clustered unit-ish vectors (as tools/bench_qdit.py --synthetic)."""
-    rng = np.random.default_rng(seed)
-    c = rng.standard_normal((centers, d)).astype(np.float32)
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-    x = c[rng.integers(0, centers, n)]  # float32 throughout: no float64 copy inflates the RSS
-    x += rng.standard_normal((n, d), dtype=np.float32) * np.float32(noise / np.sqrt(d))
-    return x
+    """Clustered unit centres plus noise, the vectors of ``tools/bench_qdit.py --synthetic``: a
+    stand-in for sentence embeddings, which an ANN index can exploit (pure noise it cannot)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_qdit import synthetic_embeddings
+
+    return synthetic_embeddings(n, d, centers, noise, seed)
 
 
 def pool_texts(n: int) -> list[str]:
