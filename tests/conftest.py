@@ -105,3 +105,14 @@ def tiny_artifacts(tiny_llama, tmp_path_factory) -> dict:
                    ext.describe(), "embedding", "{instruction} {input} {output}",
                    [1] * len(TINY_DOMAINS))
     return {"probe": root / "probe", "centroids": root / "centroids", "model": tiny_llama}
+
+
+@pytest.fixture
+def warnings_log():
+    """Messages logged at WARNING or above while the test runs."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)

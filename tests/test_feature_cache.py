@@ -135,16 +135,6 @@ def _varied_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words, size=int(rng.integers(1, 50)))) for _ in range(n)]
 
 
-@pytest.fixture
-def warnings_log():
-    from loguru import logger
-
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
-
-
 def _overwrite_float(chunk, tensor: str, row: int, value: float) -> None:
     """Overwrite one float32 of ``tensor`` in a safetensors file in place (same size: it parses)."""
     import json

@@ -24,16 +24,6 @@ def test_template_renders_fields_and_tolerates_missing_ones():
     assert TextTemplate("{meta.src}: {text}").render({"text": "b"}) == ": b"
 
 
-@pytest.fixture
-def warnings_log():
-    from loguru import logger
-
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
-
-
 def test_render_all_refuses_a_field_that_leaves_every_text_empty(warnings_log):
     # Issue 13 item 6: `--template {nonexistent_field}` gave every record an empty text, exit 0.
     records = [{"instruction": "Hi", "output": "!"}, {"instruction": "Yo", "input": None}]
