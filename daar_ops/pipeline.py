@@ -26,7 +26,6 @@ The ground-truth ``domain`` field is never read here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from loguru import logger
+from tqdm.auto import tqdm
 
 from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
@@ -46,6 +46,7 @@ from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, 
 from daar_ops.models import SMOLLM2
 from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
 from daar_ops.ops.domain_pseudo_label_mapper import PSEUDO_LABEL_DEFAULTS
+from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split_by_digest
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 ROW_KEY = "__daar_row__"  # the view's pointer back to the input record
@@ -101,6 +102,9 @@ class SelectConfig:
     # threads; a text's features do not depend on the process that computes them, so the output
     # is the same for any number of workers (tests/test_pipeline.py)
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    # selection-pool records read and scored per pass: memory holds one chunk of records (and
+    # a few numbers per record), so the pool may be larger than memory
+    score_chunk_size: int = 20000
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: str | None = None
@@ -119,7 +123,7 @@ class SelectConfig:
         if not 0.0 < self.select_ratio <= 1.0:
             raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
         for name in ("probe_size", "samples_per_domain", "max_attempts", "threads", "workers",
-                     "layer",
+                     "layer", "score_chunk_size",
                      "max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,34 +139,6 @@ class SelectConfig:
         TextTemplate(self.template)  # a clear error for a malformed template
 
 
-def split_by_text(texts: Sequence[str], probe_size: int, pool_size: int | None, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Disjoint (probe indices, selection-pool indices, number of duplicated texts).
-
-    Distinct texts are ordered by a seeded SHA-256 of the text; whole texts (every copy) go to
-    the probe pool until it holds ``probe_size`` records, the rest to the selection pool (its
-    first ``pool_size`` records in that order). So no text is on both sides, and the split of a
-    record does not depend on the pool's order."""
-    groups: dict[str, list[int]] = {}
-    for i, text in enumerate(texts):
-        groups.setdefault(text, []).append(i)
-    duplicated = sum(1 for rows in groups.values() if len(rows) > 1)
-    salt = f"daar-split:{seed}:".encode()
-    order = sorted(groups, key=lambda t: hashlib.sha256(salt + t.encode("utf-8", "replace"))
-                   .digest())
-    probe: list[int] = []
-    rest: list[int] = []
-    for text in order:
-        (probe if len(probe) < probe_size else rest).extend(groups[text])
-    if not rest:
-        raise ValueError(f"probe_size {probe_size} takes all {len(texts)} records "
-                         f"({len(groups)} distinct texts); nothing is left to select from")
-    if pool_size is not None:
-        rest = rest[:pool_size]
-    return np.sort(np.array(probe, dtype=np.int64)), np.sort(np.array(rest, dtype=np.int64)), \
-        duplicated
-
-
 def _clean(value: Any) -> Any:
     """A view value Arrow can hold: text without lone surrogates, containers recursively."""
     if isinstance(value, str):
@@ -174,15 +150,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _view(records: Sequence[Mapping[str, Any]], rows: np.ndarray, template: TextTemplate):
-    """A NestedDataset of what the ops need from each record: the template's top-level fields
-    (plain fields as text, nested ones cleaned) plus the row index."""
+def _view(rows: Sequence[tuple[int, Mapping[str, Any]]], template: TextTemplate):
+    """A NestedDataset of what the ops need from each (row, record): the template's top-level
+    fields (plain fields as text, nested ones cleaned) plus the row index."""
     from data_juicer.core.data import NestedDataset
 
     top = list(dict.fromkeys(f.split(".")[0] for f in template.fields))
     view = []
-    for i in rows.tolist():
-        rec = records[i]
+    for i, rec in rows:
         item = {ROW_KEY: int(i)}
         for name in top:
             value = rec.get(name)
@@ -303,20 +278,23 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
     names = [d.name for d in domains]
 
     with timer("load_pool"):
-        report = JsonlReport(cfg.pool)
-        records = [r for _, r in iter_jsonl(cfg.pool, report) if r is not None]
+        # one pass keeps a digest per record; the records are read again only where a stage
+        # needs them, so memory does not grow with the pool beyond a few arrays
+        scan = scan_pool(cfg.pool, tpl, cfg.seed, source=f"the records of {cfg.pool}",
+                         progress=cfg.progress)
+        report = scan.report
         if report.message():
             logger.warning(f"{report.message()}; those lines are skipped and listed in "
                            f"summary.json")
-        if not records:
+        if not scan.n:
             raise ValueError(f"{cfg.pool} holds no JSON object record "
                              f"({len(report.skipped)} malformed lines)")
-        texts = tpl.render_all(records, source=f"the records of {cfg.pool}")
-        probe_idx, pool_idx, duplicated = split_by_text(texts, cfg.probe_size, cfg.pool_size,
-                                                        cfg.seed)
+        probe_idx, pool_idx, duplicated = split_by_digest(scan.digests, cfg.probe_size,
+                                                          cfg.pool_size)
         if duplicated:
             logger.info(f"{duplicated} texts occur more than once in the pool; every copy is on "
                         f"the same side of the probe/selection split")
+        probe_rows = list(iter_rows(scan, probe_idx))
 
     with timer("synthesize"):
         synthetic, synthesis_stats = _synthetic_records(cfg, names, domains)
@@ -330,7 +308,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
             domains=[{"name": d.name, "description": d.description} for d in domains],
             refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1)
         order = [labeller.domains.index(n) for n in names]
-        labelled = labeller.run(_view(records, probe_idx, tpl))
+        labelled = labeller.run(_view(probe_rows, tpl))
         metas = labelled[META_FIELD]
         sims = labelled[STATS_FIELD]
         save_centroids(out / "centroids", labeller.centroids[order], domains,
@@ -338,14 +316,15 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
                        np.array([sum(1 for r in synthetic if r["domain"] == n) for n in names]),
                        extra={"synthesis": synthesis_stats, "stage1": labeller.stage1.to_dict()})
         probe_records, labels = [], []
-        for row, i in enumerate(probe_idx.tolist()):
-            rec = dict(records[i])
+        for row, (_, record) in enumerate(probe_rows):
+            rec = dict(record)
             label = as_dict(metas[row])[PSEUDO_DOMAIN_KEY]
             labels.append(label)
             rec[META_FIELD] = {**as_dict(rec.get(META_FIELD)), PSEUDO_DOMAIN_KEY: label}
             rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), DOMAIN_SIMILARITY_KEY:
                                 [as_dict(sims[row])[DOMAIN_SIMILARITY_KEY][k] for k in order]}
             probe_records.append(rec)
+        del probe_rows
         write_jsonl(out / "probe_pool.jsonl", probe_records)
 
     with timer("train_probes"):
@@ -361,33 +340,24 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         workers = cfg.workers if cfg.device == "cpu" else 1
         scorer = DiversityRewardFilter(checkpoint=str(ckpt_dir), model=cfg.model,
                                        dtype=cfg.dtype, cache_dir=cfg.cache_dir, num_proc=workers)
-        scored = scorer.run(_view(records, pool_idx, tpl))
+        scores = _score_stream(scan, pool_idx, tpl, scorer, names, cfg.score_chunk_size,
+                               cfg.progress)
 
     with timer("select"):
         rule = (dict(domain_ratios={n: cfg.select_ratio for n in names}) if cfg.per_domain
                 else dict(top_ratio=cfg.select_ratio))
-        chosen = DiversityRewardSelector(**rule).run(scored)
-        kept_rows = set(chosen[ROW_KEY])
-        pool_stats = [as_dict(s) for s in scored[STATS_FIELD]]
-        reward = np.array([s[REWARD_KEY] for s in pool_stats], dtype=np.float64)
-        predicted = [s[PROBE_DOMAIN_KEY] for s in pool_stats]
-        keep = np.array([int(i) in kept_rows for i in scored[ROW_KEY]], dtype=bool)
-        scores, selected = [], []
-        for row, i in enumerate(scored[ROW_KEY]):
-            stats = {REWARD_KEY: float(reward[row]), PROBS_KEY: pool_stats[row][PROBS_KEY],
-                     PROBE_DOMAIN_KEY: predicted[row]}
-            scores.append({"pool_index": int(i), "selected": bool(keep[row]), **stats})
-            if keep[row]:
-                rec = dict(records[i])
-                rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), **stats}
-                selected.append(rec)
-        write_jsonl(out / "scores.jsonl", scores)
-        write_jsonl(out / "selected.jsonl", selected)
+        keep = DiversityRewardSelector(**rule).choose_scores(
+            scores.for_selection, scores.domain_names(names))
+        write_jsonl(out / "scores.jsonl", scores.rows(pool_idx, keep, names))
+        write_jsonl(out / "selected.jsonl", _selected_records(scan, pool_idx, keep, scores, names))
+        predicted = scores.domain_counts(names)
+        selected_predicted = scores.domain_counts(names, keep)
+        reward = scores.reward
 
     label_arr = np.array(labels, dtype=object)
     summary = {
         "config": asdict(cfg),
-        "pool_records": len(records), "malformed_lines": report.skipped,
+        "pool_records": scan.n, "malformed_lines": report.skipped,
         "invalid_utf8_lines": report.invalid_utf8,
         "duplicated_texts": duplicated,
         "probe_pool": int(len(probe_idx)), "selection_pool": int(len(pool_idx)),
@@ -396,8 +366,8 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         "synthesis": synthesis_stats,
         "probe_pseudo_domain_counts": {n: int((label_arr == n).sum()) for n in names},
         "stage1": stage1_health(labeller.stage1_info, label_arr, names),
-        "selection_pool_pseudo_domain_counts": _counts(predicted, names),
-        "selected_pseudo_domain_counts": _counts([p for p, k in zip(predicted, keep) if k], names),
+        "selection_pool_pseudo_domain_counts": predicted,
+        "selected_pseudo_domain_counts": selected_predicted,
         "probe_metrics": manifest.get("metrics", {}),
         "reward": _describe(reward), "selected_reward": _describe(reward[keep]),
         "stage_seconds": timer.seconds,
@@ -405,7 +375,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     _write_summary_md(out, summary)
-    _plot(out, reward, keep, predicted, names)
+    _plot(out, reward, keep, predicted, selected_predicted, names)
     return summary
 
 
@@ -430,8 +400,73 @@ def stage1_health(info: Mapping[str, Any], labels: np.ndarray, names: Sequence[s
     return out
 
 
-def _counts(labels: Sequence[str], names: Sequence[str]) -> dict[str, int]:
-    return {n: sum(1 for x in labels if x == n) for n in names}
+@dataclass
+class _PoolScores:
+    """The score stage's outputs as arrays over the selection pool (no object per record)."""
+
+    reward: np.ndarray  # the stored reward (INVALID_REWARD where no score could be computed)
+    for_selection: np.ndarray  # the reward the selector ranks (NaN where invalid)
+    probs: np.ndarray  # [n, K]
+    domain: np.ndarray  # index into the domain names, -1 where no domain was predicted
+
+    def domain_names(self, names: Sequence[str]) -> list[str]:
+        table = list(names) + [""]
+        return [table[d] for d in self.domain.tolist()]
+
+    def domain_counts(self, names: Sequence[str], mask: np.ndarray | None = None
+                      ) -> dict[str, int]:
+        codes = self.domain if mask is None else self.domain[mask]
+        counts = np.bincount(codes[codes >= 0], minlength=len(names))
+        return {n: int(c) for n, c in zip(names, counts)}
+
+    def stats(self, position: int, names: Sequence[str]) -> dict[str, Any]:
+        code = int(self.domain[position])
+        return {REWARD_KEY: float(self.reward[position]),
+                PROBS_KEY: [float(p) for p in self.probs[position]],
+                PROBE_DOMAIN_KEY: names[code] if code >= 0 else ""}
+
+    def rows(self, pool_idx: np.ndarray, keep: np.ndarray, names: Sequence[str]):
+        for position, row in enumerate(pool_idx.tolist()):
+            yield {"pool_index": int(row), "selected": bool(keep[position]),
+                   **self.stats(position, names)}
+
+
+def _score_stream(scan: PoolScan, pool_idx: np.ndarray, tpl: TextTemplate, scorer: Any,
+                  names: Sequence[str], chunk_size: int, progress: bool) -> _PoolScores:
+    """Score the selection pool ``chunk_size`` records at a time through the filter op, keeping
+    only its stats as arrays: memory holds one chunk of records, whatever the pool's size."""
+    from daar_ops.ops.diversity_reward_filter import reward_scores
+
+    n, k = len(pool_idx), len(names)
+    out = _PoolScores(np.empty(n), np.empty(n), np.empty((n, k)), np.empty(n, dtype=np.int64))
+    code = {name: j for j, name in enumerate(names)}
+    done = 0
+    chunks = iter_row_chunks(scan, pool_idx, chunk_size)
+    for chunk in tqdm(chunks, total=math.ceil(n / chunk_size), desc="scoring chunks",
+                      unit="chunk", disable=not progress or n <= chunk_size):
+        scored = scorer.run(_view(chunk, tpl))
+        if scored[ROW_KEY] != [row for row, _ in chunk]:
+            raise RuntimeError("the score stage lost or reordered records")  # a filter bug
+        stats = [as_dict(x) for x in scored[STATS_FIELD]]
+        span = slice(done, done + len(chunk))
+        out.reward[span] = [x[REWARD_KEY] for x in stats]
+        out.for_selection[span] = reward_scores(stats)
+        out.probs[span] = [x[PROBS_KEY] for x in stats]
+        out.domain[span] = [code.get(x[PROBE_DOMAIN_KEY], -1) for x in stats]
+        done += len(chunk)
+    if done != n:
+        raise RuntimeError(f"scored {done} of {n} selection-pool records")
+    return out
+
+
+def _selected_records(scan: PoolScan, pool_idx: np.ndarray, keep: np.ndarray,
+                      scores: _PoolScores, names: Sequence[str]):
+    """The kept input records, unchanged but for their reward stats, read in one more pass."""
+    positions = np.flatnonzero(keep)
+    for position, (_, record) in zip(positions.tolist(), iter_rows(scan, pool_idx[positions])):
+        rec = dict(record)
+        rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), **scores.stats(position, names)}
+        yield rec
 
 
 def _describe(values: np.ndarray) -> dict[str, float]:
@@ -463,8 +498,8 @@ def _write_summary_md(out: Path, s: Mapping[str, Any]) -> None:
     (out / "summary.md").write_text("\n".join(lines))
 
 
-def _plot(out: Path, reward: np.ndarray, keep: np.ndarray, predicted: Sequence[str],
-          names: Sequence[str]) -> None:
+def _plot(out: Path, reward: np.ndarray, keep: np.ndarray, predicted: Mapping[str, int],
+          selected: Mapping[str, int], names: Sequence[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,8 +519,8 @@ def _plot(out: Path, reward: np.ndarray, keep: np.ndarray, predicted: Sequence[s
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    pool = [sum(1 for p in predicted if p == n) for n in names]
-    sel = [sum(1 for p, k in zip(predicted, keep) if k and p == n) for n in names]
+    pool = [predicted[n] for n in names]
+    sel = [selected[n] for n in names]
     x = np.arange(len(names))
     ax.bar(x - 0.2, pool, 0.4, label="selection pool", color="#bbbbbb")
     ax.bar(x + 0.2, sel, 0.4, label="selected", color="#d62728")

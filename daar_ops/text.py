@@ -72,34 +72,60 @@ class TextTemplate:
         * otherwise a warning names it with the record count, and it renders as "".
 
         Fields missing from only some records render as "" (logged at INFO with record counts).
+        A pool too large for memory renders one record at a time through :class:`TemplateCheck`,
+        which makes the same checks.
         """
-        if on_missing not in ("raise", "warn"):
-            raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
-        records = list(records)
-        texts = [self.render(r) for r in records]
-        n = len(records)
-        if not n:
-            return texts
-        absent = {f: sum(lookup(r, f) is None for r in records) for f in self.fields}
-        nowhere = [f for f, k in absent.items() if k == n]
-        if nowhere:
-            message = (f"text template {self.template!r}: field(s) {', '.join(nowhere)} missing "
-                       f"or null in all {n} of {source}")
-            if not any(texts):
-                message += (f", so every text is empty; fields present: "
-                            f"{', '.join(present_fields(records)) or 'none'}")
-                if on_missing == "raise":
-                    raise TemplateFieldError(message)
-            logger.warning(message + ("" if not any(texts) else " (rendered as '')"))
-        partial = {f: k for f, k in absent.items() if 0 < k < n}
-        if partial:
-            logger.info("text template: " + ", ".join(
-                f"'{f}' missing in {k}/{n} records" for f, k in partial.items())
-                + " (rendered as '')")
+        check = TemplateCheck(self, on_missing)
+        texts = [check.render(r) for r in records]
+        check.finish(source)
         return texts
 
     def __repr__(self) -> str:
         return f"TextTemplate({self.template!r})"
+
+
+class TemplateCheck:
+    """Renders records one at a time and, at :meth:`finish`, makes :meth:`TextTemplate.render_all`'s
+    checks over all of them, so a pool can be streamed without holding its records or texts."""
+
+    def __init__(self, template: TextTemplate, on_missing: str = "raise"):
+        if on_missing not in ("raise", "warn"):
+            raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+        self.template, self.on_missing = template, on_missing
+        self.n = 0
+        self.any_text = False
+        self.absent = {f: 0 for f in template.fields}
+        self.sample: list[Mapping[str, Any]] = []  # the first records, to name present fields
+
+    def render(self, record: Mapping[str, Any]) -> str:
+        text = self.template.render(record)
+        self.n += 1
+        self.any_text = self.any_text or bool(text)
+        for f in self.template.fields:
+            self.absent[f] += lookup(record, f) is None
+        if len(self.sample) < 1000:
+            self.sample.append(record)
+        return text
+
+    def finish(self, source: str = "the records") -> None:
+        n = self.n
+        if not n:
+            return
+        nowhere = [f for f, k in self.absent.items() if k == n]
+        if nowhere:
+            message = (f"text template {self.template.template!r}: field(s) {', '.join(nowhere)} "
+                       f"missing or null in all {n} of {source}")
+            if not self.any_text:
+                message += (f", so every text is empty; fields present: "
+                            f"{', '.join(present_fields(self.sample)) or 'none'}")
+                if self.on_missing == "raise":
+                    raise TemplateFieldError(message)
+            logger.warning(message + ("" if not self.any_text else " (rendered as '')"))
+        partial = {f: k for f, k in self.absent.items() if 0 < k < n}
+        if partial:
+            logger.info("text template: " + ", ".join(
+                f"'{f}' missing in {k}/{n} records" for f, k in partial.items())
+                + " (rendered as '')")
 
 
 class TemplateFieldError(ValueError):

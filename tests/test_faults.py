@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from daar_ops.core import dumps_record, iter_jsonl, read_jsonl, write_jsonl
-from daar_ops.pipeline import SelectConfig, run_select, split_by_text
+from daar_ops.pipeline import SelectConfig, run_select
+from daar_ops.pool import split_by_text
 from test_pipeline import SYNTHETIC, pool_records
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "daar_ops"
 
 # lowest first
 FLOORS = [
-    ("ground", ["core", "text", "artifacts", "models", "__init__"]),
+    ("ground", ["core", "text", "pool", "artifacts", "models", "__init__"]),
     ("algorithms", ["algorithms"]),
     ("models", ["features", "feature_cache", "generation", "encoders", "raters"]),
     ("artifacts", ["probe_checkpoint", "report"]),

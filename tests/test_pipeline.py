@@ -7,7 +7,8 @@ import json
 import pytest
 
 from daar_ops.core import iter_jsonl
-from daar_ops.pipeline import SelectConfig, run_select, split_by_text
+from daar_ops.pipeline import SelectConfig, run_select
+from daar_ops.pool import split_by_text
 
 
 def read_jsonl(path):
@@ -82,9 +83,10 @@ def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_pat
                  "probe_pool.jsonl", "centroids/manifest.json", "checkpoint/manifest.json"):
         assert (tmp_path / "a" / name).exists(), name
 
-    # a rerun in two scoring processes (fresh cache) writes the same bytes
+    # a rerun in two scoring processes, streaming the selection pool in chunks of 17 records
+    # (fresh cache), writes the same bytes
     second = run_select(_config(tiny_llama, pool, syn, tmp_path / "b", tmp_path / "cache_b",
-                                workers=2))
+                                workers=2, score_chunk_size=17))
     for name in ("selected.jsonl", "scores.jsonl", "probe_pool.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert second.summary["selected_pseudo_domain_counts"] == s["selected_pseudo_domain_counts"]

@@ -84,7 +84,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
     """Entropy and coverage of a select run's global top ratio on a sample of its pool."""
     from daar_ops.algorithms.coverage import facility_location_coverage
     from daar_ops.core import iter_jsonl
-    from daar_ops.pipeline import default_pool, split_by_text
+    from daar_ops.pipeline import default_pool
+    from daar_ops.pool import split_by_text
     from daar_ops.probe_checkpoint import DaarScorer
     from daar_ops.text import TextTemplate
 

@@ -34,6 +34,8 @@ _HELP = {
     "threads": "torch CPU threads per process (results are reproducible for a fixed value)",
     "workers": "processes scoring the selection pool on CPU (the output does not depend on it; "
                "default: min(2, CPU count))",
+    "score_chunk_size": "selection-pool records read and scored per pass (bounds memory: the "
+                        "pool is streamed from disk)",
     "cache_dir": "feature cache directory (default $DAAR_OPS_HOME/feature_cache)",
 }
 

@@ -27,24 +27,23 @@ def _run(args: argparse.Namespace) -> int:
 
     from loguru import logger
 
-    from daar_ops.core import JsonlReport, iter_jsonl, write_jsonl
-    from daar_ops.pipeline import default_pool, split_by_text
+    from daar_ops.core import write_jsonl
+    from daar_ops.pipeline import default_pool
+    from daar_ops.pool import iter_rows, scan_pool, split_by_digest
     from daar_ops.text import TextTemplate
 
     pool = args.pool or default_pool()
-    report = JsonlReport(pool)
-    records = [r for _, r in iter_jsonl(pool, report) if r is not None]
-    if report.message():
-        logger.warning(f"{report.message()}; those lines are skipped")
-    if not records:
+    # streamed: one pass for the digests, one per output file; memory does not hold the pool
+    scan = scan_pool(pool, TextTemplate(args.template), args.seed, source=str(pool))
+    if scan.report.message():
+        logger.warning(f"{scan.report.message()}; those lines are skipped")
+    if not scan.n:
         raise ValueError(f"{pool} holds no JSON object record")
-    tpl = TextTemplate(args.template)
-    texts = tpl.render_all(records, source=str(pool))
-    probe, rest, duplicated = split_by_text(texts, args.probe_size, args.pool_size, args.seed)
+    probe, rest, duplicated = split_by_digest(scan.digests, args.probe_size, args.pool_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "probe.jsonl", (records[i] for i in probe.tolist()))
-    write_jsonl(out / "selection.jsonl", (records[i] for i in rest.tolist()))
+    write_jsonl(out / "probe.jsonl", (r for _, r in iter_rows(scan, probe)))
+    write_jsonl(out / "selection.jsonl", (r for _, r in iter_rows(scan, rest)))
     print(f"probe: {len(probe)} records -> {out / 'probe.jsonl'}")
     print(f"selection: {len(rest)} records -> {out / 'selection.jsonl'} "
           f"({duplicated} texts occur more than once; each on one side)")

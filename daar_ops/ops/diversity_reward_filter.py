@@ -357,8 +357,13 @@ class DiversityRewardSelector(StatsSelector):
 
     def choose(self, dataset):
         stats = dataset[Fields.stats]
-        scores = reward_scores(stats)
-        domains = [as_dict(s).get(DOMAIN_KEY) or "" for s in stats]
+        return {}, self.choose_scores(reward_scores(stats),
+                                      [as_dict(s).get(DOMAIN_KEY) or "" for s in stats])
+
+    def choose_scores(self, scores: np.ndarray, domains: List[str]) -> np.ndarray:
+        """:meth:`choose` on arrays already read from the stats (``reward_scores``' scores and
+        the predicted domains, "" for none): ``daar-ops select`` streams its pool and keeps only
+        these."""
         if not self.scores_itself:  # the domains are known only now, from the stats
             self._check_domain_ratios(self.domain_ratios, self.top_ratio,
                                       sorted({d for d in domains if d}), unknown_is_error=False)
@@ -366,7 +371,7 @@ class DiversityRewardSelector(StatsSelector):
         if n_invalid:
             logger.warning(f"{self._name}: {n_invalid} samples have no valid "
                            f"{REWARD_KEY}; they rank last")
-        return {}, self.select(scores, domains)
+        return self.select(scores, domains)
 
     def select(self, scores: np.ndarray, domains: List[str]) -> np.ndarray:
         """The global rule (and thresholds) as a boolean mask over the dataset order."""
