@@ -22,8 +22,9 @@ Layout::
 Determinism: a text's features do not depend on the other texts it is encoded with (see
 :mod:`daar_ops.features`), so a run gives bit-identical features whether its texts come fresh or
 from the cache, whatever earlier or concurrent runs stored, and two processes writing the same text
-store the same bytes. Before encoding each chunk the index is refreshed, so a text another process
-has stored meanwhile is read, not computed again (first writer wins).
+store the same bytes. The index of the chunk files is kept between calls and, before each chunk is
+encoded, extended by the files written since, so a text another process has stored meanwhile is
+read, not computed again (first writer wins).
 
 No Data-Juicer import.
 """
@@ -108,6 +109,10 @@ class FeatureCache:
         self.namespace = digest.hexdigest()[:20]
         self.dir = Path(root if root is not None else default_cache_dir()) / self.namespace
         self.dir.mkdir(parents=True, exist_ok=True)
+        # the index of the chunk files read so far, kept between encode() calls: a scorer calls
+        # encode() once per batch, and rereading every chunk's hashes each time is quadratic
+        self._known: dict[bytes, tuple[Path, int]] = {}
+        self._seen: set[Path] = set()
         info = self.dir / "namespace.json"
         if not info.exists():
             tmp = self.dir / f".namespace.{os.getpid()}.tmp"
@@ -188,8 +193,8 @@ class FeatureCache:
         keys = [h.tobytes() for h in hashes]
         n_hit = None
         for _attempt in range(3):
-            index, seen = {}, set()
-            self._index(index, seen)
+            index, seen = self._known, self._seen
+            self._index(index, seen)  # adds only the chunk files written since the last call
             if n_hit is None:
                 n_hit = sum(key in index for key in keys)
             self._compute_missing(texts, hashes, keys, index, seen, progress)
@@ -198,6 +203,7 @@ class FeatureCache:
                 break
             for bad in broken:
                 self._drop(bad.path, bad.why)
+            self._known, self._seen = {}, set()  # reread every chunk: others may be gone too
         else:
             raise FeatureCacheError(f"feature cache {self.dir}: chunks keep failing their "
                                     "checksum after being rewritten (failing disk or a concurrent "

@@ -285,3 +285,24 @@ def test_chunks_that_keep_failing_their_checksum_are_a_clear_error(extractor, tm
     monkeypatch.setattr(cache, "_read_chunk", always_corrupt)
     with pytest.raises(FeatureCacheError, match="keep failing their checksum"):
         cache.encode(TEXTS[:10], progress=False)
+
+
+def test_repeated_calls_read_each_chunk_index_once_and_survive_a_removed_chunk(
+        extractor, tmp_path, monkeypatch):
+    import safetensors
+
+    cache = FeatureCache(extractor, tmp_path, template="t", chunk_size=4)
+    first = cache.encode(TEXTS, False)
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, **kw: opened.append(path) or
+                        real(path, **kw))
+    for start in range(0, len(TEXTS), 5):  # a scorer's batches: one call each
+        part = cache.encode(TEXTS[start:start + 5], False)
+        np.testing.assert_array_equal(part.layer, first.layer[start:start + 5])
+    assert opened == []  # the chunk files were indexed by the first call
+    # another process drops a chunk (say it found it broken): the kept index is reread
+    victim = sorted(tmp_path.rglob("chunk-*.safetensors"))[0]
+    victim.unlink()
+    again = cache.encode(TEXTS, False)
+    np.testing.assert_array_equal(again.layer, first.layer)
