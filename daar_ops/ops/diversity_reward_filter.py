@@ -28,6 +28,10 @@ from daar_ops.text import TextTemplate
 OP_NAME = "diversity_reward_filter"
 SELECTOR_NAME = "diversity_reward_selector"
 DOMAIN_KEY = PROBE_DOMAIN_KEY
+# Samples per compute_stats call. Data-Juicer gives a "cuda" op 10; the scorer makes its own
+# forward batches (feature_batch_size), so a larger call only spreads the per-call costs (a
+# feature-cache lookup, one cache chunk file per call): at 10 they cost a tiny model ~5x.
+SCORE_BATCH_SIZE = 256
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
 GLOBAL_PARAMS = ("top_ratio", "top_k", "domain_ratios")
 RANGE_MODIFIERS = ("reversed_range", "min_closed_interval", "max_closed_interval")
@@ -120,8 +124,9 @@ class DiversityRewardFilter(Filter):
             with ``daar-ops select`` and ``train-probe``.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param args: extra args
-        :param kwargs: extra args
+        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
         """
+        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
         super().__init__(*args, **kwargs)
         if any(v is not None for v in (top_ratio, top_k, domain_ratios)):
             raise ValueError(f"{OP_NAME}: global rules belong to {SELECTOR_NAME}")
@@ -290,8 +295,9 @@ class DiversityRewardSelector(StatsSelector):
         :param feature_cache: use the on-disk feature cache when scoring.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param args: extra args
-        :param kwargs: extra args
+        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
         """
+        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
         super().__init__(*args, **kwargs)
         name = self._name or SELECTOR_NAME
         _check_threshold("min_score", min_score)
