@@ -289,3 +289,28 @@ def test_dj_process_recipe_keeps_the_top_20_percent(checkpoint, tmp_path):
     expected = np.flatnonzero(top_mask(op_scores, top_ratio=0.2))
     assert ids == list(expected)
     assert scores == pytest.approx(list(op_scores[expected]), abs=1e-5)
+
+
+def test_stats_are_read_as_arrow_columns_with_the_same_values_as_cells():
+    from data_juicer.core.data import NestedDataset
+
+    from daar_ops.core import REWARD_KEY
+    from daar_ops.ops._selector import stats_values
+    from daar_ops.ops.diversity_reward_filter import DOMAIN_KEY, reward_scores, reward_values
+
+    cells = [{REWARD_KEY: 0.5, DOMAIN_KEY: "coding"}, None, {REWARD_KEY: 0.7, DOMAIN_KEY: ""},
+             {REWARD_KEY: None, DOMAIN_KEY: "mathematics"}, {REWARD_KEY: 1.2, DOMAIN_KEY: None},
+             {REWARD_KEY: 0.1, DOMAIN_KEY: "reasoning"}]
+    ds = NestedDataset.from_dict({"text": list("abcdef"), "__dj__stats__": cells})
+    ds = ds.select([5, 4, 3, 2, 1, 0])  # an indices mapping, as after a filter
+    values = stats_values(ds, (REWARD_KEY, DOMAIN_KEY, "absent_key"))
+    by_cell = [c or {} for c in cells[::-1]]
+    assert values[REWARD_KEY] == [c.get(REWARD_KEY) for c in by_cell]
+    assert values[DOMAIN_KEY] == [c.get(DOMAIN_KEY) for c in by_cell]
+    assert values["absent_key"] == [None] * 6
+    arrow = reward_values(values[REWARD_KEY], values[DOMAIN_KEY])
+    np.testing.assert_array_equal(arrow, reward_scores(cells[::-1]))
+    assert np.isnan(arrow).tolist() == [False, True, True, True, True, False]
+    # a dataset without a struct stats column falls back to the cells
+    plain = NestedDataset.from_dict({"text": ["a"], "__dj__stats__": ["not a dict"]})
+    assert stats_values(plain, (REWARD_KEY,)) == {REWARD_KEY: [None]}

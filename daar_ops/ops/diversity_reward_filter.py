@@ -20,7 +20,7 @@ from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
 from daar_ops.ops._columns import (float_feature, float_list_feature, render_rows,
                                    string_feature, with_fields)
-from daar_ops.ops._selector import StatsSelector
+from daar_ops.ops._selector import StatsSelector, stats_values
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
 from daar_ops.text import TextTemplate
@@ -234,13 +234,14 @@ def score_samples(op: Any, samples: Dict[str, List[Any]], rank: Optional[int] = 
 def reward_scores(stats: List[Any]) -> np.ndarray:
     """Rewards for selection; a sample without a valid score (no prediction) becomes NaN, which
     the selection rules rank last and never pass through a threshold."""
-    out = []
-    for s in stats:
-        s = as_dict(s)
-        value = s.get(REWARD_KEY)
-        out.append(float(value) if isinstance(value, (int, float)) and s.get(DOMAIN_KEY)
-                   else math.nan)
-    return np.array(out, dtype=np.float64)
+    cells = [as_dict(s) for s in stats]
+    return reward_values([c.get(REWARD_KEY) for c in cells], [c.get(DOMAIN_KEY) for c in cells])
+
+
+def reward_values(rewards: List[Any], domains: List[Any]) -> np.ndarray:
+    """:func:`reward_scores` from the two stats values of each sample."""
+    return np.array([float(r) if isinstance(r, (int, float)) and d
+                     else math.nan for r, d in zip(rewards, domains)], dtype=np.float64)
 
 
 @OPERATORS.register_module(SELECTOR_NAME)
@@ -362,9 +363,9 @@ class DiversityRewardSelector(StatsSelector):
                            batch_size=self.batch_size or 1000, desc=f"{self._name}_scores")
 
     def choose(self, dataset):
-        stats = dataset[Fields.stats]
-        return {}, self.choose_scores(reward_scores(stats),
-                                      [as_dict(s).get(DOMAIN_KEY) or "" for s in stats])
+        values = stats_values(dataset, (REWARD_KEY, DOMAIN_KEY))
+        return {}, self.choose_scores(reward_values(values[REWARD_KEY], values[DOMAIN_KEY]),
+                                      [d or "" for d in values[DOMAIN_KEY]])
 
     def choose_scores(self, scores: np.ndarray, domains: List[str]) -> np.ndarray:
         """:meth:`choose` on arrays already read from the stats (``reward_scores``' scores and
