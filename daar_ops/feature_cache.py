@@ -86,6 +86,67 @@ def namespace_key(extractor_description: Mapping[str, Any], dtype: str, template
     return key
 
 
+class _HashIndex:
+    """text hash -> (chunk file, row), looked up a batch of hashes at a time.
+
+    Sorted 16-byte keys with a file number and a row (24 bytes a text), plus a dict of the
+    entries added since the last merge: a plain dict of Python objects costs ~150 bytes a text,
+    ~150 MB per scoring process for a million-text pool. Keys are numpy ``S16`` values made by
+    viewing the hash bytes, which compare as the 16 bytes do (numpy pads with NULs)."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self._file_ids: dict[Path, int] = {}
+        self._keys = np.empty(0, dtype=f"S{HASH_BYTES}")
+        self._file = np.empty(0, dtype=np.int32)
+        self._row = np.empty(0, dtype=np.int32)
+        self._recent: dict[bytes, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+    def find(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found, file number, row) for each row of ``hashes`` ([n, 16] uint8)."""
+        n = len(hashes)
+        found, file, row = np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+        if not n:
+            return found, file, row
+        keys = np.ascontiguousarray(hashes, dtype=np.uint8).view(self._keys.dtype).ravel()
+        if len(self._keys):
+            at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            found = self._keys[at] == keys
+            file[found], row[found] = self._file[at[found]], self._row[at[found]]
+        if self._recent:
+            for i in np.flatnonzero(~found).tolist():
+                hit = self._recent.get(hashes[i].tobytes())
+                if hit is not None:
+                    found[i], (file[i], row[i]) = True, hit
+        return found, file, row
+
+    def add(self, path: Path, hashes: np.ndarray) -> None:
+        """Row r of ``path`` holds the text of ``hashes[r]``, unless the text is already indexed
+        (the first chunk that stored a text wins, as ``dict.setdefault``)."""
+        if path not in self._file_ids:
+            self._file_ids[path] = len(self.files)
+            self.files.append(path)
+        number = self._file_ids[path]
+        found = self.find(hashes)[0]
+        for r in np.flatnonzero(~found).tolist():
+            self._recent.setdefault(hashes[r].tobytes(), (number, r))
+        if len(self._recent) >= max(65536, len(self._keys) // 4):
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.frombuffer(b"".join(self._recent), dtype=self._keys.dtype)
+        file_row = np.array(list(self._recent.values()), dtype=np.int32).reshape(-1, 2)
+        merged = np.concatenate([self._keys, keys])
+        order = np.argsort(merged, kind="stable")
+        self._keys = merged[order]
+        self._file = np.concatenate([self._file, file_row[:, 0]])[order]
+        self._row = np.concatenate([self._row, file_row[:, 1]])[order]
+        self._recent = {}
+
+
 class FeatureCache:
     """Features of texts for one extractor + template, cached in ``root`` and resumable.
 
@@ -111,7 +172,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         # the index of the chunk files read so far, kept between encode() calls: a scorer calls
         # encode() once per batch, and rereading every chunk's hashes each time is quadratic
-        self._known: dict[bytes, tuple[Path, int]] = {}
+        self._known = _HashIndex()
         self._seen: set[Path] = set()
         info = self.dir / "namespace.json"
         if not info.exists():
@@ -123,8 +184,8 @@ class FeatureCache:
     def _chunk_files(self) -> list[Path]:
         return sorted(self.dir.glob("chunk-*.safetensors"))
 
-    def _index(self, index: dict[bytes, tuple[Path, int]] | None = None,
-               seen: set[Path] | None = None) -> dict[bytes, tuple[Path, int]]:
+    def _index(self, index: _HashIndex | None = None, seen: set[Path] | None = None
+               ) -> _HashIndex:
         """text hash -> (chunk file, row), adding chunk files not in ``seen`` to ``index``.
 
         Only headers and text hashes are read here; a chunk that cannot even be parsed is removed.
@@ -132,7 +193,7 @@ class FeatureCache:
         """
         from safetensors import safe_open
 
-        index = {} if index is None else index
+        index = _HashIndex() if index is None else index
         seen = set() if seen is None else seen
         for path in self._chunk_files():
             if path in seen:
@@ -149,8 +210,7 @@ class FeatureCache:
                 if path.exists():  # else removed meanwhile by a run that found it broken
                     self._drop(path, f"unreadable ({err})")
                 continue
-            for row, h in enumerate(hashes):
-                index.setdefault(h.tobytes(), (path, row))
+            index.add(path, hashes)
         return index
 
     def _drop(self, path: Path, why: str) -> None:
@@ -196,14 +256,14 @@ class FeatureCache:
             index, seen = self._known, self._seen
             self._index(index, seen)  # adds only the chunk files written since the last call
             if n_hit is None:
-                n_hit = sum(key in index for key in keys)
+                n_hit = int(index.find(hashes)[0].sum())
             self._compute_missing(texts, hashes, keys, index, seen, progress)
-            out, broken = self._gather(keys, index)
+            out, broken = self._gather(hashes, index)
             if not broken:
                 break
             for bad in broken:
                 self._drop(bad.path, bad.why)
-            self._known, self._seen = {}, set()  # reread every chunk: others may be gone too
+            self._known, self._seen = _HashIndex(), set()  # reread all: others may be gone too
         else:
             raise FeatureCacheError(f"feature cache {self.dir}: chunks keep failing their "
                                     "checksum after being rewritten (failing disk or a concurrent "
@@ -215,14 +275,14 @@ class FeatureCache:
                              out["empty"], meta=meta)
 
     def _compute_missing(self, texts: Sequence[Any], hashes: np.ndarray, keys: list[bytes],
-                         index: dict[bytes, tuple[Path, int]], seen: set[Path],
+                         index: _HashIndex, seen: set[Path],
                          progress: bool) -> None:
         """Encode and store the texts not in ``index``, one chunk at a time; ``index`` grows."""
+        cached = index.find(hashes)[0]
         missing: dict[bytes, int] = {}
-        for i, key in enumerate(keys):
-            if key not in index and key not in missing:
-                missing[key] = i
-        n_hit = sum(key in index for key in keys)
+        for i in np.flatnonzero(~cached).tolist():
+            missing.setdefault(keys[i], i)
+        n_hit = int(cached.sum())
         logger.info(f"feature cache {self.dir}: {n_hit}/{len(keys)} texts cached, "
                     f"{len(missing)} unique texts to encode")
         if not missing:
@@ -233,7 +293,8 @@ class FeatureCache:
             for start in range(0, len(todo), self.chunk_size):
                 block = todo[start:start + self.chunk_size]
                 self._index(index, seen)  # a text a concurrent run stored meanwhile: first wins
-                rows = [i for i in block if keys[i] not in index]
+                stored = index.find(hashes[block])[0]
+                rows = [i for i, done in zip(block, stored.tolist()) if not done]
                 bar.update(len(block) - len(rows))
                 if not rows:
                     continue
@@ -242,27 +303,28 @@ class FeatureCache:
                                               log_counts=False)
                 path = self._write_chunk(hashes[rows], feats)
                 seen.add(path)
-                for r, i in enumerate(rows):
-                    index[keys[i]] = (path, r)
+                index.add(path, hashes[rows])
 
-    def _gather(self, keys: list[bytes], index: dict[bytes, tuple[Path, int]]
+    def _gather(self, hashes: np.ndarray, index: _HashIndex
                 ) -> tuple[dict[str, np.ndarray], list[_BrokenChunk]]:
-        """The rows of ``keys`` from their verified chunks, and the chunks that failed."""
-        n, d = len(keys), self.extractor.hidden_size
+        """The rows of ``hashes`` from their verified chunks, and the chunks that failed."""
+        n, d = len(hashes), self.extractor.hidden_size
         out = {"embedding": np.zeros((n, d), np.float32), "layer": np.zeros((n, d), np.float32),
                "n_tokens": np.zeros(n, np.int64), "truncated": np.zeros(n, bool),
                "empty": np.zeros(n, bool)}
-        by_file: dict[Path, list[tuple[int, int]]] = {}
-        for i, key in enumerate(keys):
-            path, row = index[key]
-            by_file.setdefault(path, []).append((i, row))
+        found, file, row = index.find(hashes)
+        if not found.all():
+            raise FeatureCacheError(f"feature cache {self.dir}: {int((~found).sum())} texts are "
+                                    "neither cached nor computed")  # a bug, never a silent zero
         broken = []
-        for path, pairs in by_file.items():
-            dst = np.array([p[0] for p in pairs])
-            src = np.array([p[1] for p in pairs])
+        order = np.argsort(file, kind="stable")
+        numbers, starts = np.unique(file[order], return_index=True)
+        for number, dst in zip(numbers.tolist(), np.split(order, starts[1:])):
+            path = index.files[number]
+            src = row[dst]
             try:
                 arrays = self._read_chunk(path)
-                expected = np.stack([np.frombuffer(keys[i], np.uint8) for i in dst])
+                expected = hashes[dst]
                 if src.max() >= len(arrays["text_hash"]) or not np.array_equal(
                         arrays["text_hash"][src], expected):
                     raise _BrokenChunk(path, "its rows do not hold the texts the index expects")

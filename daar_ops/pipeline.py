@@ -18,6 +18,12 @@ of their rendered text, so identical records always land on the same side (dupli
 counted in the summary). The ops see a view of each record (the template's fields, as text);
 the records written out are the input records, unchanged, plus ``__dj__stats__``/``__dj__meta__``.
 
+The pool is streamed from disk (:mod:`daar_ops.pool`): one pass keeps a 32-byte digest per record
+for the split, the probe records are read back (``probe_size`` of them), the selection pool is
+scored ``score_chunk_size`` records at a time keeping only its stats as arrays, and the selected
+records are read back once more for ``selected.jsonl``. Memory holds one chunk of records and a
+few dozen bytes per record, so the pool can be larger than memory (``tools/bench_stream.py``).
+
 Outputs are all-or-nothing: everything is written into ``<output_dir>.partial-<pid>`` and moved
 into place at the end; a failed run leaves the previous output directory as it was.
 

@@ -306,3 +306,29 @@ def test_repeated_calls_read_each_chunk_index_once_and_survive_a_removed_chunk(
     victim.unlink()
     again = cache.encode(TEXTS, False)
     np.testing.assert_array_equal(again.layer, first.layer)
+
+
+def test_hash_index_agrees_with_a_dict_across_merges_and_nul_padded_keys():
+    from pathlib import Path
+
+    from daar_ops.feature_cache import _HashIndex
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 256, (70_000, 16), dtype=np.uint8)  # > the merge threshold
+    hashes[:500, 12:] = 0  # keys that end in NUL bytes (numpy S16 pads with NULs)
+    hashes[500:1000] = hashes[:500]  # duplicates: the first file that stored a text wins
+    hashes[1000:1200, 15] = 0
+    index, reference = _HashIndex(), {}
+    for start in range(0, len(hashes), 1024):
+        path = Path(f"chunk-{start}")
+        index.add(path, hashes[start:start + 1024])
+        for row, h in enumerate(hashes[start:start + 1024]):
+            reference.setdefault(h.tobytes(), (path, row))
+    assert len(index) == len(reference)
+    queries = np.concatenate([hashes[::7], rng.integers(0, 256, (300, 16), dtype=np.uint8)])
+    found, file, row = index.find(queries)
+    for q, f, n, r in zip(queries, found, file, row):
+        expected = reference.get(q.tobytes())
+        assert f == (expected is not None)
+        if f:
+            assert (index.files[n], r) == expected
