@@ -91,3 +91,34 @@ def test_softmax_uncertainty_refuses_bad_input():
         softmax_uncertainty(np.zeros((1, 2)), "margin")
     with pytest.raises(ValueError):
         softmax_uncertainty(np.zeros((1, 2)), temperature=0.0)
+
+
+# -- tools/eval_daar.py's rule study on tiny probes ---------------------------------------------
+
+def test_eval_daar_rules_on_tiny_probes():
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from daar_ops.algorithms.probes import DaarProbes, ProbeMLP, entropy_nats
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_daar", Path(__file__).resolve().parents[1] / "tools" / "eval_daar.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    probes = DaarProbes(ProbeMLP(8, 3, [16]), ProbeMLP(8, 1, [16]), ["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    x, x_val = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(20, 8))
+    y_val = rng.integers(0, 3, size=20)
+    rewards, fit = tool.rule_rewards(probes, x, x_val.astype(np.float32), y_val, list(tool.RULES))
+    div, probs = probes.score(x)
+    np.testing.assert_allclose(rewards["div"], div, rtol=1e-6)
+    np.testing.assert_allclose(rewards["dom_entropy"], entropy_nats(probs), atol=1e-5)
+    np.testing.assert_allclose(rewards["one_minus_max"], 1 - probs.max(1), atol=1e-6)
+    assert fit["temperature"] > 0 and fit["val_nll_scaled"] <= fit["val_nll"] + 1e-9
+    assert fit["n_val"] == 20
+    np.testing.assert_array_equal(tool.top_rows(np.array([1.0, 3.0, 3.0, 2.0]), 2), [1, 2])
+    with pytest.raises(ValueError):
+        tool.rule_rewards(probes, x, x_val.astype(np.float32), y_val, ["margin"])
