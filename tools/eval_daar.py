@@ -11,8 +11,9 @@ random subsets of the same size (``--random-seeds``): the true-domain entropy of
 selection pool (:mod:`daar_ops.algorithms.coverage`). ``true-label probes`` (psi_dom trained on the
 TRUE domains) is the reference of a perfect stage 1. Last line, per method:
 
-    RESULT pool=<p> method=<m> entropy=<mean over seeds> entropy_random=<> coverage=<>
-        coverage_random=<> pseudo_agreement=<>
+    RESULT pool=<p> method=<m> [rule=<r>] entropy=<mean over seeds> entropy_std=<>
+        entropy_random=<> entropy_random_std=<> coverage=<> coverage_std=<> coverage_random=<>
+        coverage_random_std=<> pseudo_agreement=<> seeds=<n>
 
 ``--from-run DIR`` evaluates a ``daar-ops select`` run's artifacts instead (its ``checkpoint/``
 and ``probe_pool.jsonl``; a finished run or the copy of an interrupted one): the selection pool
