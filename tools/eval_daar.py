@@ -363,10 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                 counts = Counter(truth_select[i] for i in keep)
                 key = method if args.rules == ["div"] else f"{method}|{rule}"
                 per_method.setdefault(key, []).append((ent, cov, agreement))
+                # rewards tied at exactly 0 (underflow at a small T) are kept in index order
+                ties = int((rewards[rule][keep] == 0).sum())
                 print(f"  {method:20s} seed {seed} rule {rule:14s}: agreement {agreement:.3f}  "
                       f"entropy {ent:.3f}  coverage {cov:.4f}  psi_dom val acc "
                       f"{result.metrics['dom_val_accuracy']:.3f}  T {fit['temperature']:.3f}  "
-                      f"selected {dict(sorted(counts.items()))}", flush=True)
+                      f"kept at reward 0: {ties}  selected {dict(sorted(counts.items()))}",
+                      flush=True)
         report[pool_name]["methods"] = per_method
         for key, vals in per_method.items():
             method, _, rule = key.partition("|")
