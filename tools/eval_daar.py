@@ -11,8 +11,9 @@ random subsets of the same size (``--random-seeds``): the true-domain entropy of
 selection pool (:mod:`daar_ops.algorithms.coverage`). ``true-label probes`` (psi_dom trained on the
 TRUE domains) is the reference of a perfect stage 1. Last line, per method:
 
-    RESULT pool=<p> method=<m> entropy=<mean over seeds> entropy_random=<> coverage=<>
-        coverage_random=<> pseudo_agreement=<>
+    RESULT pool=<p> method=<m> [rule=<r>] entropy=<mean over seeds> entropy_std=<>
+        entropy_random=<> entropy_random_std=<> coverage=<> coverage_std=<> coverage_random=<>
+        coverage_random_std=<> pseudo_agreement=<> seeds=<n>
 
 ``--from-run DIR`` evaluates a ``daar-ops select`` run's artifacts instead (its ``checkpoint/``
 and ``probe_pool.jsonl``; a finished run or the copy of an interrupted one): the selection pool
@@ -20,6 +21,14 @@ is rebuilt with the run's split (``--probe-size``, ``--seeds`` first value, the 
 its first ``--max-pool`` records in split order (a seeded hash order, so a random sample of
 it) are scored through ``--cache-dir``'s feature cache, and the global top ``--ratio`` is compared
 with random subsets of that sample, as above (``RESULT pool=run ...``).
+
+``--rules`` compares reward rules on the same probes (an offline study; the pipeline's rule is
+``div``): ``div`` = psi_div's predicted entropy (the paper), ``dom_entropy`` = the entropy of
+psi_dom's softmax, ``dom_entropy_t`` = the same after temperature scaling, T fitted by NLL on the
+probe training's validation split and its (pseudo-)labels
+(:func:`daar_ops.algorithms.selection.fit_temperature`; no ground truth), ``one_minus_max`` =
+1 - psi_dom's largest probability. Each rule keeps its global top ``--ratio``; the RESULT lines
+then carry ``rule=<r>``.
 
 ``--pipeline`` runs the old end-to-end check instead (``daar_ops.pipeline.run_select`` on the
 shared pool, then the evaluation of its outputs).
@@ -49,6 +58,59 @@ def entropy_nats(labels: list[str]) -> float:
     counts = Counter(labels)
     total = sum(counts.values())
     return -sum(c / total * math.log(c / total) for c in counts.values()) if total else float("nan")
+
+
+RULES = ("div", "dom_entropy", "dom_entropy_t", "one_minus_max")
+
+
+def rule_rewards(probes, x_select: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                 rules: list[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Reward per rule for the selection pool, and the temperature fit's numbers.
+
+    ``x_val`` / ``y_val``: the probe training's validation rows and the labels psi_dom was trained
+    on (pseudo-labels for a real run), where the temperature is fitted.
+    """
+    from daar_ops.algorithms.probes import predict
+    from daar_ops.algorithms.selection import fit_temperature, softmax_uncertainty
+
+    div_reward, _ = probes.score(x_select)
+    logits = predict(probes.dom, x_select)
+    val_logits = predict(probes.dom, x_val)
+    temperature = fit_temperature(val_logits, y_val)
+
+    def val_nll(t: float) -> float:
+        z = val_logits.astype(np.float64) / t
+        z -= z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-log_p[np.arange(len(y_val)), y_val].mean())
+
+    fit = {"temperature": temperature, "val_nll": val_nll(1.0),
+           "val_nll_scaled": val_nll(temperature), "n_val": len(y_val),
+           "val_accuracy": float((val_logits.argmax(1) == y_val).mean())}
+    out = {}
+    for rule in rules:
+        if rule == "div":
+            out[rule] = np.asarray(div_reward, dtype=np.float64)
+        elif rule == "dom_entropy":
+            out[rule] = softmax_uncertainty(logits, "entropy")
+        elif rule == "dom_entropy_t":
+            out[rule] = softmax_uncertainty(logits, "entropy", temperature)
+        elif rule == "one_minus_max":
+            out[rule] = softmax_uncertainty(logits, "one_minus_max")
+        else:
+            raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
+    return out, fit
+
+
+def top_rows(reward: np.ndarray, n_keep: int) -> np.ndarray:
+    """Sorted indices of the global top ``n_keep`` (the earlier row wins ties, as the pipeline)."""
+    from daar_ops.core import rank_order
+
+    return np.sort(rank_order(reward)[:n_keep])
+
+
+def rule_tag(rule: str, rules: list[str]) -> str:
+    return "" if rules == ["div"] else f" rule={rule}"
 
 
 def run_pipeline_check(args: argparse.Namespace) -> None:
@@ -83,6 +145,7 @@ def run_pipeline_check(args: argparse.Namespace) -> None:
 def evaluate_run(args: argparse.Namespace) -> None:
     """Entropy and coverage of a select run's global top ratio on a sample of its pool."""
     from daar_ops.algorithms.coverage import facility_location_coverage
+    from daar_ops.algorithms.probes import split_indices
     from daar_ops.core import iter_jsonl
     from daar_ops.pipeline import default_pool
     from daar_ops.pool import split_by_text
@@ -114,35 +177,57 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
     rand = np.array([evaluate(np.sort(np.random.default_rng(100 + s).permutation(len(sample))
                                       [:n_keep])) for s in range(args.random_seeds)])
-    keep = np.sort(np.argsort(-reward, kind="stable")[:n_keep])
-    ent, cov = evaluate(keep)
+    names = scorer.domains
+    x_sample = scorer.cache.encode(select_texts, progress=False).layer
+    x_probe = scorer.cache.encode([tpl.render(r) for r in probe], progress=False).layer
+    pseudo = np.array([names.index(r["__dj__meta__"]["daar_pseudo_domain"]) for r in probe])
+    training = scorer.manifest.get("training", {})
+    _, val_idx = split_indices(len(probe), float(training.get("val_fraction", 0.03)),
+                               int(training.get("seed", args.seeds[0])))
+    rewards, fit = rule_rewards(scorer.probes, x_sample, x_probe[val_idx], pseudo[val_idx],
+                                args.rules)
     print(f"run {run}: pseudo-label agreement {agreement:.4f}; {len(sample)} of {len(pool_idx)} "
-          f"selection-pool records scored, keep {n_keep}; selected true domains "
-          f"{dict(sorted(Counter(truth[i] for i in keep).items()))}")
+          f"selection-pool records scored, keep {n_keep}; random ({args.random_seeds} seeds): "
+          f"entropy {rand[:, 0].mean():.4f} +- {rand[:, 0].std():.4f}, coverage "
+          f"{rand[:, 1].mean():.4f} +- {rand[:, 1].std():.4f}")
+    print(f"  psi_dom on its {fit['n_val']} validation rows (pseudo-labels): accuracy "
+          f"{fit['val_accuracy']:.4f} (checkpoint says "
+          f"{scorer.manifest.get('metrics', {}).get('dom_val_accuracy', float('nan')):.4f}); "
+          f"temperature {fit['temperature']:.3f}, NLL {fit['val_nll']:.4f} -> "
+          f"{fit['val_nll_scaled']:.4f}", flush=True)
+    results = {}
+    for rule in args.rules:
+        keep = top_rows(rewards[rule], n_keep)
+        results[rule] = evaluate(keep)
+        print(f"  rule {rule:14s}: entropy {results[rule][0]:.4f} coverage {results[rule][1]:.4f}"
+              f" selected {dict(sorted(Counter(truth[i] for i in keep).items()))}", flush=True)
     if args.retrain:
         # the same probe pool and trainer, per seed: probes on the run's pseudo-labels (the seed
         # spread of probe training) and on the TRUE domains (a perfect stage 1; evaluation only)
         from daar_ops.algorithms.probes import DaarProbes, TrainConfig, train_daar_probes
 
-        names = scorer.domains
-        x_probe = scorer.cache.encode([tpl.render(r) for r in probe], progress=False).layer
-        x_sample = scorer.cache.encode(select_texts, progress=False).layer
         targets = {"pseudo": [r["__dj__meta__"]["daar_pseudo_domain"] for r in probe],
                    "true": [r["domain"] for r in probe]}
         for kind, labels in targets.items():
             y = np.array([names.index(d) for d in labels])
             for seed in args.seeds:
                 res = train_daar_probes(x_probe, y, names, TrainConfig(seed=seed), progress=False)
-                r, _ = DaarProbes(res.dom, res.div, names).score(x_sample)
-                top = np.sort(np.argsort(-r, kind="stable")[:n_keep])
-                e, c = evaluate(top)
-                print(f"  retrained on {kind:6s} labels, seed {seed}: entropy {e:.4f} coverage "
-                      f"{c:.4f} selected {dict(sorted(Counter(truth[i] for i in top).items()))}",
-                      flush=True)
-    print(f"RESULT pool=run method=select entropy={ent:.4f} entropy_random={rand[:, 0].mean():.4f} "
-          f"entropy_random_std={rand[:, 0].std():.4f} coverage={cov:.4f} "
-          f"coverage_random={rand[:, 1].mean():.4f} coverage_random_std={rand[:, 1].std():.4f} "
-          f"pseudo_agreement={agreement:.4f} scored={len(sample)}")
+                r_rewards, r_fit = rule_rewards(DaarProbes(res.dom, res.div, names), x_sample,
+                                                x_probe[res.val_idx], y[res.val_idx], args.rules)
+                for rule in args.rules:
+                    top = top_rows(r_rewards[rule], n_keep)
+                    e, c = evaluate(top)
+                    print(f"  retrained on {kind:6s} labels, seed {seed}, rule {rule} (T "
+                          f"{r_fit['temperature']:.3f}): entropy {e:.4f} coverage {c:.4f} "
+                          f"selected {dict(sorted(Counter(truth[i] for i in top).items()))}",
+                          flush=True)
+    for rule in args.rules:
+        ent, cov = results[rule]
+        print(f"RESULT pool=run method=select{rule_tag(rule, args.rules)} entropy={ent:.4f} "
+              f"entropy_random={rand[:, 0].mean():.4f} "
+              f"entropy_random_std={rand[:, 0].std():.4f} coverage={cov:.4f} "
+              f"coverage_random={rand[:, 1].mean():.4f} coverage_random_std={rand[:, 1].std():.4f} "
+              f"pseudo_agreement={agreement:.4f} scored={len(sample)}")
 
 
 def selection_pool(name: str, n_probe: int, n_select: int) -> tuple[list[dict], list[dict]]:
@@ -175,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20,
                     help="probe epochs (20 on ~1,000 samples: the pipeline's --quick setting)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rules", nargs="+", default=["div"], choices=RULES,
+                    help="reward rules to compare on the same probes (default: div, the "
+                         "pipeline's psi_div); see the module docstring")
     ap.add_argument("--no-true-label", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--pipeline", action="store_true",
@@ -268,22 +356,32 @@ def main(argv: list[str] | None = None) -> int:
                                        TrainConfig(seed=seed, epochs=args.epochs),
                                        progress=False)
             probes = DaarProbes(result.dom, result.div, names)
-            reward, _ = probes.score(x_select)
-            keep = np.sort(np.argsort(-reward, kind="stable")[:n_keep])
-            ent, cov = evaluate(keep)
-            counts = Counter(truth_select[i] for i in keep)
-            per_method.setdefault(method, []).append((ent, cov, agreement))
-            print(f"  {method:20s} seed {seed}: agreement {agreement:.3f}  entropy {ent:.3f}  "
-                  f"coverage {cov:.4f}  psi_dom val acc {result.metrics['dom_val_accuracy']:.3f}"
-                  f"  selected {dict(sorted(counts.items()))}", flush=True)
+            rewards, fit = rule_rewards(probes, x_select, x_probe[result.val_idx],
+                                        np.asarray(labels)[result.val_idx], args.rules)
+            for rule in args.rules:
+                keep = top_rows(rewards[rule], n_keep)
+                ent, cov = evaluate(keep)
+                counts = Counter(truth_select[i] for i in keep)
+                key = method if args.rules == ["div"] else f"{method}|{rule}"
+                per_method.setdefault(key, []).append((ent, cov, agreement))
+                # rewards tied at exactly 0 (underflow at a small T) are kept in index order
+                ties = int((rewards[rule][keep] == 0).sum())
+                print(f"  {method:20s} seed {seed} rule {rule:14s}: agreement {agreement:.3f}  "
+                      f"entropy {ent:.3f}  coverage {cov:.4f}  psi_dom val acc "
+                      f"{result.metrics['dom_val_accuracy']:.3f}  T {fit['temperature']:.3f}  "
+                      f"kept at reward 0: {ties}  selected {dict(sorted(counts.items()))}",
+                      flush=True)
         report[pool_name]["methods"] = per_method
-        for method, vals in per_method.items():
+        for key, vals in per_method.items():
+            method, _, rule = key.partition("|")
             ent, cov, agr = np.array(vals).T
             lines.append(
-                f"RESULT pool={pool_name} method={method.replace(' ', '_')} "
+                f"RESULT pool={pool_name} method={method.replace(' ', '_')}"
+                f"{rule_tag(rule, args.rules)} "
                 f"entropy={ent.mean():.4f} entropy_std={ent.std():.4f} "
-                f"entropy_random={r_ent.mean():.4f} coverage={cov.mean():.4f} "
-                f"coverage_std={cov.std():.4f} coverage_random={r_cov.mean():.4f} "
+                f"entropy_random={r_ent.mean():.4f} entropy_random_std={r_ent.std():.4f} "
+                f"coverage={cov.mean():.4f} coverage_std={cov.std():.4f} "
+                f"coverage_random={r_cov.mean():.4f} coverage_random_std={r_cov.std():.4f} "
                 f"pseudo_agreement={agr.mean():.4f} seeds={len(vals)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,10 @@ Conventions shared by every function here:
   ``floor(top_ratio * n)`` samples (as Data-Juicer's ``topk_specified_field_selector`` does);
   ``top_k`` larger than ``n`` keeps all ``n``.
 * Results are boolean masks over the input order; selection never reorders data.
+
+Uncertainty scores from a classifier's logits (:func:`softmax_uncertainty`, with the temperature
+of :func:`fit_temperature`) are alternative rewards to DaaR's psi_div for studying the selection
+rule (``tools/eval_daar.py --rules``); the pipeline's default stays psi_div.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import numpy as np
 
 from daar_ops.core import budget, rank_order
 
-__all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask"]
+__all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask", "fit_temperature",
+           "softmax_uncertainty", "UNCERTAINTY_KINDS"]
+
+UNCERTAINTY_KINDS = ("entropy", "one_minus_max")
 
 
 def top_mask(scores: Sequence[float] | np.ndarray, top_ratio: float | None = None,
@@ -79,3 +86,56 @@ def range_mask(scores: Sequence[float] | np.ndarray, min_score: float | None = N
     if min_score is not None or max_score is not None:
         mask &= np.isfinite(s)
     return mask
+
+
+def _scaled_log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int] | np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature scaling (Guo et al. 2017): the T in ``bounds`` that minimises the mean negative
+    log-likelihood of ``softmax(logits / T)`` for ``labels``.
+
+    Fit it on held-out rows (a classifier is over-confident on its own training rows, which would
+    push T below 1). The NLL is convex in 1/T, so a bounded scalar search on log T finds the
+    optimum; the result is deterministic.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(z) == 0:
+        raise ValueError(f"need [N, K] logits with one label per row, got {z.shape} and {y.shape}")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+
+    def nll(log_t: float) -> float:
+        return float(-_scaled_log_softmax(z, np.exp(log_t))[np.arange(len(y)), y].mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(lo), np.log(hi)), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def softmax_uncertainty(logits: np.ndarray, kind: str = "entropy", temperature: float = 1.0
+                        ) -> np.ndarray:
+    """[N] uncertainty of ``softmax(logits / temperature)`` per row, higher = less sure.
+
+    ``entropy``: Shannon entropy in nats (at most ln K; DaaR's reward target).
+    ``one_minus_max``: 1 - the largest probability (at most 1 - 1/K).
+    """
+    if kind not in UNCERTAINTY_KINDS:
+        raise ValueError(f"kind must be one of {UNCERTAINTY_KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = _scaled_log_softmax(logits, temperature)
+    p = np.exp(log_p)
+    if kind == "entropy":
+        return -(p * log_p).sum(axis=1)
+    return 1.0 - p.max(axis=1)
