@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
-                           iter_jsonl, read_jsonl, write_jsonl)
+                           iter_jsonl, write_jsonl)
 from daar_ops.models import SMOLLM2
 from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
 from daar_ops.ops.domain_pseudo_label_mapper import PSEUDO_LABEL_DEFAULTS

@@ -28,7 +28,6 @@ Usage: ``.venv/bin/python tools/build_pools.py [--out DIR] [--n 2000] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os

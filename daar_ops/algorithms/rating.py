@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-from loguru import logger
 
 DS2_RATING_PROMPT = """We would like your feedback on the quality of an instruction-tuning \
 sample: an instruction, possibly an input, and the response of an AI assistant.

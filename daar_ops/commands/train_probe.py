@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 DEFAULT_LABEL_KEY = "__dj__meta__.daar_pseudo_domain"
 

@@ -12,7 +12,7 @@ from loguru import logger
 from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_centroids,
                                            embed_texts, parse_domains, save_centroids,
                                            synthesize)
-from daar_ops.core import META_FIELD, SYNTHESIS_META_KEY, as_dict
+from daar_ops.core import SYNTHESIS_META_KEY, as_dict
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
