@@ -155,7 +155,10 @@ class JsonlReport:
         return f"{self.path}: " + "; ".join(parts) if parts else ""
 
 
-def _files(path: Path) -> list[Path]:
+def jsonl_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`iter_jsonl` reads: ``path`` itself, or a directory's JSONL(.gz) shards in
+    name order."""
+    path = Path(path)
     if path.is_dir():
         return sorted(q for q in path.iterdir()
                       if q.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
@@ -172,7 +175,7 @@ def iter_jsonl(path: str | os.PathLike, report: JsonlReport | None = None
     A truncated or corrupt ``.gz`` is a ValueError naming the file (not a bare EOFError)."""
     path = Path(path)
     report = report if report is not None else JsonlReport(str(path))
-    for file in _files(path):
+    for file in jsonl_files(path):
         opener = gzip.open if file.name.endswith(".gz") else open
         try:
             with opener(file, "rb") as handle:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from daar_ops.core import JsonlReport, iter_jsonl
+from daar_ops.core import JsonlReport, iter_jsonl, jsonl_files
 from daar_ops.text import TemplateCheck, TextTemplate
 
 DIGEST_BYTES = 32  # SHA-256
@@ -34,10 +33,8 @@ def text_digest(text: str, seed: int) -> bytes:
 
 
 def _stamp(path: str | os.PathLike) -> list[tuple[str, int, int]]:
-    """(file, size, mtime_ns) of the pool's files (one file or a directory of shards)."""
-    root = Path(path)
-    files = sorted(root.iterdir()) if root.is_dir() else [root]
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    """(file, size, mtime_ns) of the files the pool is read from (one file or its shards)."""
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in jsonl_files(path)]
 
 
 @dataclass
