@@ -339,3 +339,5 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
     labels = [r["__dj__meta__"]["daar_pseudo_domain"] for r in out]
     assert labels[:12].count("mathematics") >= 10 and labels[12:].count("coding") >= 10
     assert all(len(r["__dj__stats__"]["daar_domain_similarity"]) == 2 for r in out)
+    # the default clusters in the joint space: the LM's embedding-layer features were passed
+    assert op.stage1_info["cluster_space"] == "joint" and "consensus" in op.stage1_info

@@ -147,3 +147,72 @@ def test_half_split_health_separates_good_and_broken_anchors():
     junk = rng.standard_normal(anchors.shape)  # anchors unrelated to the pool
     bad = half_split_health(pool, junk, labels, 4, None, method="fixed")
     assert bad.cross_seed_agreement < good.cross_seed_agreement
+
+
+def test_single_cluster_preset_is_a_consensus_of_one():
+    pool, _, anchors, labels, is_desc = _world(7)
+    old = Stage1Config.single_cluster()
+    assert (old.consensus_clusters_per_domain, old.consensus_seeds, old.cluster_space) == \
+        ((), 1, "label")
+    single, _, info = pseudo_label(pool, anchors, labels, 4, is_desc, old, seed=3)
+    one, _, one_info = pseudo_label(pool, anchors, labels, 4, is_desc, old, seed=3,
+                                    consensus_clusters_per_domain=(8,))
+    assert np.array_equal(single, one)
+    assert info["n_clusters"] == 32 and one_info["consensus"] == [{"n_clusters": 32, "seed": 3}]
+
+
+def test_consensus_runs_every_size_and_seed():
+    pool, truth, anchors, labels, is_desc = _world(8)
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, seed=2,
+                                       cluster_space="label")
+    assert [r["n_clusters"] for r in info["consensus"]] == [16] * 3 + [32] * 3 + [64] * 3
+    assert [r["seed"] for r in info["consensus"][:3]] == [2, 2001, 2002]
+    assert (pred == truth).mean() > 0.95 and ((margins >= 0) & (margins <= 1)).all()
+
+
+def _overlapping_world(seed=0, n=150):
+    """Domains 0 and 1 overlap in the labelling space (their prototypes are still on the right
+    sides); a second space separates all four domains, under a large common offset and one
+    high-variance nuisance direction (the LM-feature case: whitening is what exposes them)."""
+    rng = np.random.default_rng(seed)
+    k, d = 4, 12
+    centers = rng.standard_normal((k, d)) * 3
+    centers[1] = centers[0] + 0.6 * rng.standard_normal(d)
+    truth = np.repeat(np.arange(k), n)
+    pool = centers[truth] + 1.0 * rng.standard_normal((len(truth), d))
+    other_centers = rng.standard_normal((k, 24)) * 2
+    other = other_centers[truth] + 0.5 * rng.standard_normal((len(truth), 24)) + 50.0
+    other[:, 0] += 20.0 * rng.standard_normal(len(truth))
+    anchors = centers + 0.2 * rng.standard_normal((k, d))
+    return pool, other, truth, anchors, np.arange(k), np.ones(k, bool)
+
+
+def test_joint_space_clusters_what_the_labelling_space_merges():
+    pool, other, truth, anchors, labels, is_desc = _overlapping_world()
+    cfg = Stage1Config(consensus_clusters_per_domain=(2,), consensus_seeds=1)
+    alone, _, info_alone = pseudo_label(pool, anchors, labels, 4, is_desc, cfg)
+    joint, _, info = pseudo_label(pool, anchors, labels, 4, is_desc, cfg, cluster_features=other)
+    assert info_alone["cluster_space"] == "label" and info["cluster_space"] == "joint"
+    acc_alone, acc_joint = (alone == truth).mean(), (joint == truth).mean()
+    assert acc_joint > 0.95 and acc_joint > acc_alone + 0.1
+
+
+def test_joint_space_rows_and_weights():
+    from daar_ops.algorithms.pseudo_labels import joint_space
+
+    pool, other, *_ = _overlapping_world(1, n=20)
+    x = joint_space(pool, other, 0.7, 8)
+    assert x.shape == (len(pool), pool.shape[1] + 8)
+    assert np.allclose(np.linalg.norm(x[:, :pool.shape[1]], axis=1) ** 2, 0.3)
+    assert np.allclose(np.linalg.norm(x[:, pool.shape[1]:], axis=1) ** 2, 0.7)
+    with pytest.raises(ValueError, match="one row per pool record"):
+        joint_space(pool, other[:-1], 0.7, 8)
+
+
+@pytest.mark.parametrize("bad", [dict(cluster_space="lm"), dict(joint_weight=1.5),
+                                 dict(joint_whiten_dim=0), dict(consensus_seeds=0),
+                                 dict(consensus_clusters_per_domain=(8, 0))])
+def test_bad_consensus_and_joint_settings_are_refused(bad):
+    pool, _, anchors, labels, is_desc = _world(9)
+    with pytest.raises(ValueError):
+        pseudo_label(pool, anchors, labels, 4, is_desc, **bad)

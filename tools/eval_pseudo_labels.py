@@ -51,6 +51,17 @@ POOLS = ("shared", "shared_lso", "shared_lso2", "bigbench")
 # Named stage-1 methods compared by the harness ("default" = Stage1Config()).
 METHODS: dict[str, Stage1Config] = {
     "default": Stage1Config(),
+    # the default before issue 11: one 32-cluster k-means of the MiniLM features
+    "single_cluster": Stage1Config.single_cluster(),
+    # issue 11 research: consensus alone (sentence space), joint space alone, variants
+    "consensus_sentence": Stage1Config(cluster_space="label"),
+    "joint_single": Stage1Config(consensus_clusters_per_domain=(), consensus_seeds=1,
+                                 joint_weight=0.7),
+    "joint_w70": Stage1Config(joint_weight=0.7),
+    "joint_w65": Stage1Config(joint_weight=0.65),
+    "joint_w50": Stage1Config(joint_weight=0.5),
+    "joint_dim32": Stage1Config(joint_weight=0.7, joint_whiten_dim=32),
+    "joint_seeds5": Stage1Config(joint_weight=0.7, consensus_seeds=5),
     "paper": Stage1Config.paper(),
     "paper+kmeans3": Stage1Config.paper(method="kmeans", refine_iters=3),
     "sent_fixed_syn": Stage1Config(method="fixed", use_descriptions=False, purity=False),
@@ -62,20 +73,20 @@ METHODS: dict[str, Stage1Config] = {
     "sent_kmeans10_both25": Stage1Config(method="kmeans", refine_iters=10,
                                          description_weight=0.25),
     "sent_kmeans10_both_nopurity": Stage1Config(method="kmeans", refine_iters=10, purity=False),
-    "sent_cluster_both": Stage1Config(method="cluster"),
+    "sent_cluster_both": Stage1Config.single_cluster(method="cluster"),
     "sent_fixed_both": Stage1Config(method="fixed"),
     "emb_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10, space="embedding"),
     "sent_kmeans10s3_desc": Stage1Config(method="kmeans", refine_iters=10, anchor_strength=0.3,
                                          description_weight=1.0),
     "sent_kmeans10s3_both75": Stage1Config(method="kmeans", refine_iters=10,
                                            anchor_strength=0.3, description_weight=0.75),
-    "sent_cluster_desc": Stage1Config(method="cluster", description_weight=1.0),
-    "sent_cluster16_desc": Stage1Config(method="cluster", description_weight=1.0,
+    "sent_cluster_desc": Stage1Config.single_cluster(method="cluster", description_weight=1.0),
+    "sent_cluster16_desc": Stage1Config.single_cluster(method="cluster", description_weight=1.0,
                                         clusters_per_domain=16),
-    "sent_cluster16_both75": Stage1Config(method="cluster", clusters_per_domain=16),
-    "sent_cluster4_both75": Stage1Config(method="cluster", clusters_per_domain=4),
-    "sent_cluster_both90": Stage1Config(method="cluster", description_weight=0.9),
-    "sent_cluster_both75": Stage1Config(method="cluster", description_weight=0.75),
+    "sent_cluster16_both75": Stage1Config.single_cluster(method="cluster", clusters_per_domain=16),
+    "sent_cluster4_both75": Stage1Config.single_cluster(method="cluster", clusters_per_domain=4),
+    "sent_cluster_both90": Stage1Config.single_cluster(method="cluster", description_weight=0.9),
+    "sent_cluster_both75": Stage1Config.single_cluster(method="cluster", description_weight=0.75),
     "sent_kmeans10_both75_st": Stage1Config(method="kmeans", refine_iters=10,
                                             description_weight=0.75, self_train_rounds=1),
 }
@@ -171,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pools", nargs="+", default=list(POOLS))
     ap.add_argument("--n", type=int, default=1000, help="records per pool (its first n)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["default", "paper", "paper+kmeans3"],
+    ap.add_argument("--methods", nargs="+",
+                    default=["default", "single_cluster", "paper", "paper+kmeans3"],
                     help=f"names of {sorted(METHODS)}, or 'all'")
     ap.add_argument("--default-method", default="default", help="method of the RESULT line")
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -212,12 +224,17 @@ def main(argv: list[str] | None = None) -> int:
             feats = spaces.get(cfg.space, texts)
             if cfg.space not in oracle:
                 oracle[cfg.space] = oracle_agreement(feats, truth, k)
+            # the joint clustering space needs the pool's LM features too (embedding layer: no
+            # transformer forward)
+            joint_feats = (spaces.get(cfg.joint_feature, texts)
+                           if cfg.method == "cluster" and cfg.cluster_space == "joint" else None)
             per_seed, labelings = [], []
             for seed in args.seeds:
                 anchor_texts, labels, is_desc = anchor_set(synth[seed], domains, tpl)
                 anchors = spaces.get(cfg.space, anchor_texts)
                 pred, margins, info = pseudo_label(feats, anchors, labels, k, is_desc,
-                                                   replace(cfg, seed=seed))
+                                                   replace(cfg, seed=seed),
+                                                   cluster_features=joint_feats)
                 labelings.append(pred)
                 recall = [float((pred[truth == j] == j).mean()) for j in range(k)]
                 per_seed.append({"agreement": float((pred == truth).mean()), "recall": recall,

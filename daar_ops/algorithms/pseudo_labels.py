@@ -17,7 +17,15 @@ the model's synthetic samples and, optionally, the embedded domain descriptions.
   prototype that is close to everything cannot take every cluster). Clusters of a k-means with
   many centres are nearly pure, and a cluster's mean is far less noisy than one record, so labels
   do not flip between basins the way 4-cluster k-means does (seed std 0.01-0.03 against up to
-  0.16 on the evaluation pools). The default.
+  0.16 on the evaluation pools). The default. Two options of it (defaults since issue 11):
+  a **consensus** over several clusterings (``consensus_clusters_per_domain`` sizes x
+  ``consensus_seeds`` k-means seeds, each labelled as above, a record takes its majority label),
+  and a **joint clustering space** (``cluster_space="joint"``): the clusters come from the
+  labelling features concatenated with the PCA-whitened features the caller passes as
+  ``cluster_features`` (the LM's embedding layer), while clusters are still *labelled* in the
+  labelling space. The LM space separates the domains well but its synthetic prototypes are bad;
+  the sentence space has good prototypes: clustering in both and labelling in one uses each for
+  what it does well.
 * ``spread``: label spreading over a kNN graph of pool + anchor rows (not adopted: unbalanced).
 
 Every method returns labels, a margin per record (best minus second-best score: a label-free
@@ -81,6 +89,7 @@ def domain_anchor_texts(domains: Sequence[Any], extra: bool = True
                 labels.append(k)
     return texts, labels
 SPACES = ("sentence", "embedding", "layer")
+CLUSTER_SPACES = ("label", "joint")
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,24 @@ class Stage1Config:
     :param spread_neighbors, spread_alpha: ``spread`` method: kNN graph size, propagation weight.
     :param sentence_model, sentence_max_tokens: the encoder of the ``sentence`` space (read by the
         caller that embeds the texts; this module never loads a model).
+    :param consensus_clusters_per_domain: ``cluster`` method: clusters per domain of each
+        clustering of the consensus (e.g. (4, 8, 16) = 16, 32 and 64 clusters for 4 domains); a
+        record takes the label most of the clusterings give it (ties: the lower domain index).
+        Empty: one clustering with ``clusters_per_domain`` (the default before issue 11).
+    :param consensus_seeds: ``cluster`` method with a consensus: k-means seeds per size
+        (``seed``, then ``seed * 1000 + r``).
+    :param cluster_space: ``cluster`` method: ``label`` clusters the labelling features;
+        ``joint`` clusters [sqrt(1 - w) * unit(labelling features), sqrt(w) *
+        unit(whitened cluster_features)] (w = ``joint_weight``; the whitening is a PCA to
+        ``joint_whiten_dim`` dimensions fitted on the pool, label-free). Needs the caller to pass
+        ``cluster_features`` (the pool's ``joint_feature`` LM features); without them it clusters
+        the labelling features and says so in ``info["cluster_space"]``.
+    :param joint_weight, joint_whiten_dim: the whitened LM part's share of the joint space and
+        its dimensions (0.6 and 64: the best worst pool with seed std <= 0.03 among weights
+        0.5-0.7 on the evaluation pools; differences within one seed std, docs/daar_stage1.md).
+    :param joint_feature: which LM features the caller passes as ``cluster_features``
+        (``embedding``: masked mean of the token embeddings, no transformer forward; or
+        ``layer``). Read by the caller only.
     :param seed: seed of the clustering (pass the synthesis seed).
     """
 
@@ -128,6 +155,12 @@ class Stage1Config:
     confident_fraction: float = 0.5
     sentence_model: str = "all-minilm-l6-v2"
     sentence_max_tokens: int = 128
+    consensus_clusters_per_domain: tuple[int, ...] = (4, 8, 16)
+    consensus_seeds: int = 3
+    cluster_space: str = "joint"
+    joint_feature: str = "embedding"
+    joint_weight: float = 0.6
+    joint_whiten_dim: int = 64
     seed: int = 0
 
     @classmethod
@@ -136,6 +169,13 @@ class Stage1Config:
         base = cls(method="fixed", space="embedding", use_descriptions=False, purity=False,
                    hubness_correction=False)
         return replace(base, **overrides)
+
+    @classmethod
+    def single_cluster(cls, **overrides: Any) -> "Stage1Config":
+        """The default before issue 11: one k-means clustering (``clusters_per_domain`` x K) of
+        the sentence features, no consensus, no joint space."""
+        return replace(cls(consensus_clusters_per_domain=(), consensus_seeds=1,
+                           cluster_space="label"), **overrides)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -147,6 +187,15 @@ class Stage1Config:
                              f"{self.description_weight}")
         if self.clusters_per_domain < 1 or self.refine_iters < 0:
             raise ValueError("clusters_per_domain must be >= 1 and refine_iters >= 0")
+        if any(int(c) < 1 for c in self.consensus_clusters_per_domain) or \
+                self.consensus_seeds < 1:
+            raise ValueError("consensus_clusters_per_domain entries and consensus_seeds must "
+                             "be >= 1")
+        if self.cluster_space not in CLUSTER_SPACES:
+            raise ValueError(f"cluster_space must be one of {CLUSTER_SPACES}, got "
+                             f"{self.cluster_space!r}")
+        if not 0.0 <= self.joint_weight <= 1.0 or self.joint_whiten_dim < 1:
+            raise ValueError("joint_weight must be in [0, 1] and joint_whiten_dim >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,18 +338,26 @@ def label_spreading(pool: np.ndarray, anchors: np.ndarray, anchor_labels: np.nda
 
 
 def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: int,
-                   hubness_correction: bool = True, restarts: int = 4
+                   hubness_correction: bool = True, restarts: int = 4,
+                   cluster_x: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Cluster the pool (spherical k-means via sklearn on unit rows), label each cluster by the
-    prototype nearest to its mean; a record's scores are its cluster's scores."""
+    """Cluster the pool (k-means via sklearn on unit rows of ``cluster_x``, default the pool
+    itself), label each cluster by the prototype nearest to the mean of its members' pool
+    features; a record's scores are its cluster's scores."""
     from sklearn.cluster import KMeans
 
     x = unit_rows(pool)
+    xc = x if cluster_x is None else np.asarray(cluster_x, dtype=np.float64)
+    if len(xc) != len(x):
+        raise ValueError(f"cluster features have {len(xc)} rows, the pool {len(x)}")
     n_clusters = int(min(n_clusters, len(x)))
-    km = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed, max_iter=100).fit(x)
+    km = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed, max_iter=100).fit(xc)
     assign = km.labels_
+    # an empty cluster (possible only in degenerate data) gets the nearest record's features
     means = unit_rows(np.stack([x[assign == c].mean(0) if (assign == c).any()
-                                else km.cluster_centers_[c] for c in range(n_clusters)]))
+                                else x[int(np.argmin(((xc - km.cluster_centers_[c]) ** 2)
+                                                     .sum(1)))]
+                                for c in range(n_clusters)]))
     cluster_scores = means @ protos.T
     if hubness_correction:
         # Centre each domain's column over the clusters: a prototype close to everything (a hub)
@@ -311,6 +368,48 @@ def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: 
     return (cluster_label[assign].astype(np.int64), cluster_scores[assign],
             {"n_clusters": n_clusters, "cluster_sizes": sizes.tolist(),
              "cluster_labels": cluster_label.tolist()})
+
+
+def label_cluster_consensus(pool: np.ndarray, protos: np.ndarray, cluster_counts: Sequence[int],
+                            seeds: Sequence[int], hubness_correction: bool = True,
+                            restarts: int = 4, cluster_x: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`label_clusters` for every (cluster count, seed) pair; a record takes the label most
+    clusterings give it (ties: the lower domain index). Scores = the share of votes per domain.
+    Why: one clustering puts a few mixed clusters on the wrong side of a domain boundary, and
+    which ones depends on the count and seed; the majority over clusterings averages that out."""
+    n_domains = protos.shape[0]
+    votes = np.zeros((len(pool), n_domains))
+    rows = np.arange(len(pool))
+    runs = []
+    for count in cluster_counts:
+        for seed in seeds:
+            pred, _, extra = label_clusters(pool, protos, int(count), int(seed),
+                                            hubness_correction, restarts, cluster_x)
+            votes[rows, pred] += 1
+            runs.append({"n_clusters": extra["n_clusters"], "seed": int(seed)})
+    votes /= max(len(runs), 1)
+    return np.argmax(votes, 1).astype(np.int64), votes, {"consensus": runs}
+
+
+def joint_space(label_features: np.ndarray, other_features: np.ndarray, weight: float,
+                whiten_dim: int) -> np.ndarray:
+    """[N, d1 + min(whiten_dim, ...)] rows: sqrt(1 - weight) * unit(label_features) beside
+    sqrt(weight) * unit(PCA-whitened other_features), so each part's share of a squared distance
+    is its weight. Whitening (label-free, fitted on these rows) because the LM's raw features
+    share one large common direction that hides the domain structure (true-label centroids:
+    0.71-0.87 agreement raw, 0.89-0.97 whitened to 64 dimensions, on the evaluation pools)."""
+    from sklearn.decomposition import PCA
+
+    a = unit_rows(label_features)
+    b = np.asarray(other_features, dtype=np.float64)
+    if b.ndim != 2 or len(b) != len(a):
+        raise ValueError(f"cluster features {b.shape} need one row per pool record ({len(a)})")
+    b = np.where(np.isfinite(b), b, 0.0)
+    dim = int(min(whiten_dim, b.shape[1], max(len(b) - 1, 1)))
+    if dim >= 1 and len(b) > 2:
+        b = PCA(n_components=dim, whiten=True, svd_solver="full").fit_transform(b)
+    return np.hstack([np.sqrt(1.0 - weight) * a, np.sqrt(weight) * unit_rows(b)])
 
 
 def build_prototypes(anchor_features: np.ndarray, anchor_labels: Sequence[int] | np.ndarray,
@@ -349,7 +448,8 @@ def build_prototypes(anchor_features: np.ndarray, anchor_labels: Sequence[int] |
 def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
                  anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
                  is_description: Sequence[bool] | np.ndarray | None = None,
-                 config: Stage1Config | None = None, **overrides: Any
+                 config: Stage1Config | None = None,
+                 cluster_features: np.ndarray | None = None, **overrides: Any
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Pseudo-label ``pool_features`` [N, d] from anchors [M, d] (domain index each).
 
@@ -357,6 +457,10 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
         synthetic sample (they get ``description_weight`` of the prototype and are never filtered).
         Ignored rows: with ``use_descriptions=False`` description rows are dropped.
     :param config: :class:`Stage1Config` (default: its defaults); ``overrides`` replace fields.
+    :param cluster_features: [N, d2] second features of the same pool records (the LM's
+        ``config.joint_feature`` features) for ``cluster_space="joint"``; ignored otherwise.
+        Without them a joint config clusters the labelling features (``info["cluster_space"]``
+        then says ``label``).
     :returns: (labels [N] int64, margins [N] float64 (best minus second-best score),
         info: kept anchors per domain, the prototypes' pairwise cosine, method details).
     """
@@ -378,9 +482,20 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
         pred, scores = label_spreading(pool, anchors, labels, weights, n_domains,
                                        cfg.spread_neighbors, cfg.spread_alpha)
     else:
-        pred, scores, extra = label_clusters(pool, protos, cfg.clusters_per_domain * n_domains,
-                                             cfg.seed, cfg.hubness_correction,
-                                             cfg.cluster_restarts)
+        joint = cfg.cluster_space == "joint" and cluster_features is not None
+        cluster_x = (joint_space(pool, cluster_features, cfg.joint_weight, cfg.joint_whiten_dim)
+                     if joint else None)
+        info["cluster_space"] = "joint" if joint else "label"
+        if cfg.consensus_clusters_per_domain:
+            seeds = [cfg.seed] + [cfg.seed * 1000 + r for r in range(1, cfg.consensus_seeds)]
+            pred, scores, extra = label_cluster_consensus(
+                pool, protos, [c * n_domains for c in cfg.consensus_clusters_per_domain], seeds,
+                cfg.hubness_correction, cfg.cluster_restarts, cluster_x)
+        else:
+            pred, scores, extra = label_clusters(pool, protos,
+                                                 cfg.clusters_per_domain * n_domains, cfg.seed,
+                                                 cfg.hubness_correction, cfg.cluster_restarts,
+                                                 cluster_x)
         info.update(extra)
     margins = _margins(scores)
     for _ in range(cfg.self_train_rounds):
@@ -468,7 +583,9 @@ def half_split_health(pool_features: np.ndarray, anchor_features: np.ndarray,
                       anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
                       is_description: Sequence[bool] | np.ndarray | None = None,
                       config: Stage1Config | None = None,
-                      threshold: float = HEALTH_THRESHOLD, **overrides: Any) -> Stage1Health:
+                      threshold: float = HEALTH_THRESHOLD,
+                      cluster_features: np.ndarray | None = None,
+                      **overrides: Any) -> Stage1Health:
     """Health without a second synthesis run: label the pool twice, once from the even- and once
     from the odd-numbered synthetic samples of each domain (descriptions in both; a domain with
     one sample keeps it in both halves), and report how often the two labelings agree.
@@ -491,6 +608,6 @@ def half_split_health(pool_features: np.ndarray, anchor_features: np.ndarray,
     for mask in halves:
         keep = mask | desc
         pred, _, _ = pseudo_label(pool_features, anchors[keep], labels[keep], n_domains,
-                                  desc[keep], config, **overrides)
+                                  desc[keep], config, cluster_features, **overrides)
         labelings.append(pred)
     return health(labelings, n_domains, threshold, signal="half_split")

@@ -301,16 +301,27 @@ class DomainPseudoLabelMapper(Mapper):
                                      range(len(rows)), OP_NAME))
         distinct = list(dict.fromkeys(texts))
         feats = self._embed(distinct, progress=True)
+        joint = None
+        if self.stage1.method == "cluster" and self.stage1.cluster_space == "joint":
+            # the joint clustering space puts the LM's own features beside the labelling space
+            # (docs/daar_stage1.md); the embedding layer needs no transformer forward
+            layer = 0 if self.stage1.joint_feature == "embedding" else self.stage1.layer
+            key = model_key("layer_features", model=self.model, layer=layer,
+                            max_length=self.max_length, batch_size=self.model_batch_size,
+                            dtype=self.dtype)
+            joint = embed_texts(load(key, None, self.use_cuda()), distinct,
+                                self.stage1.joint_feature, progress=True)
         labels, _, info = pseudo_label(feats, self.anchor_features, self.anchor_labels,
                                        len(self.domains), self.anchor_is_description,
-                                       self.stage1)
+                                       self.stage1, cluster_features=joint)
         _, sims = assign_nearest(feats, self.centroids, self.metric)
         # labels and similarities kept per text, so process_batched need not embed them again
         self._fitted = {t: (int(lab), row) for t, lab, row in zip(distinct, labels.tolist(),
                                                                  sims.tolist())}
         # label-free health: agreement of two labelings from halves of the synthetic samples
         check = half_split_health(feats, self.anchor_features, self.anchor_labels,
-                                  len(self.domains), self.anchor_is_description, self.stage1)
+                                  len(self.domains), self.anchor_is_description, self.stage1,
+                                  cluster_features=joint)
         self.stage1_info = {**self.stage1_info, **{k: v for k, v in info.items()
                                                    if k not in ("cluster_labels",)},
                             "half_split_agreement": round(check.cross_seed_agreement, 4),
