@@ -350,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 feats = spaces.get(cfg.space, probe_texts)
                 anchor_texts, a_labels, is_desc = E.anchor_set(synth[seed], domains, tpl)
                 anchors = spaces.get(cfg.space, anchor_texts)
-                labels, _, _ = pseudo_label(feats, anchors, a_labels, k, is_desc, cfg)
+                # the joint clustering space also needs the probe pool's LM features
+                joint = (spaces.get(cfg.joint_feature, probe_texts)
+                         if cfg.method == "cluster" and cfg.cluster_space == "joint" else None)
+                labels, _, _ = pseudo_label(feats, anchors, a_labels, k, is_desc, cfg,
+                                            cluster_features=joint)
                 agreement = float((labels == truth_probe).mean())
             result = train_daar_probes(x_probe, labels, names,
                                        TrainConfig(seed=seed, epochs=args.epochs),
