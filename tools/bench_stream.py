@@ -6,8 +6,8 @@ Pools are synthetic: N Alpaca-style records (four kinds of templated text with r
 
 * ``stream`` (``--full-n``): :func:`daar_ops.pipeline.run_select` end to end with a tiny random LM
   built on the fly (so the model's cost does not hide the pipeline's), synthetic samples given,
-  stage 1 in the LM's embedding space, ``--probe-size`` probe records, one scoring process,
-  ``--chunk`` records per scoring pass. Beyond the chunk size its peak should not grow with N.
+  stage 1 in the LM's embedding space, ``--probe-size`` probe records, ``--workers`` scoring
+  processes (default 1), ``--chunk`` records per scoring pass. Beyond the chunk size its peak should not grow with N.
 * the load stage alone (``--load-n``), side by side: ``inmemory`` the way the pipeline read a pool
   before it streamed (every record parsed into a list, every text rendered, the split from the
   texts, the selection pool's view built as one Data-Juicer dataset) against ``scan`` the
@@ -90,8 +90,8 @@ def child_stream(args: argparse.Namespace) -> dict:
     cfg = SelectConfig(pool=args.pool, output_dir=str(work / f"out_{args.tag}"), model=str(model),
                        synthetic=str(synthetic), probe_size=args.probe_size, epochs=2,
                        max_length=96, cache_dir=str(work / f"cache_{args.tag}"), progress=False,
-                       pseudo_label_space="embedding", pseudo_label_method="fixed", workers=1,
-                       score_chunk_size=args.chunk)
+                       pseudo_label_space="embedding", pseudo_label_method="fixed",
+                       workers=args.workers, score_chunk_size=args.chunk)
     start = time.perf_counter()
     result = run_select(cfg)
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
@@ -136,7 +136,7 @@ def child_inmemory(args: argparse.Namespace) -> dict:
 def run_child(mode: str, pool: Path, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--pool", str(pool), "--tag", str(n),
            "--work", str(args.work), "--probe-size", str(args.probe_size), "--chunk",
-           str(args.chunk)]
+           str(args.chunk), "--workers", str(args.workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("CHILD ")]
     if proc.returncode or not line:
@@ -154,6 +154,9 @@ def main() -> None:
     ap.add_argument("--load-n", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--probe-size", type=int, default=2000)
     ap.add_argument("--chunk", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="scoring processes (peak RSS is the main process's, which holds the "
+                         "pool's arrays; each worker holds the model and one batch)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "daar_ops" / "bench" /
                                           "stream"))
     ap.add_argument("--child", choices=["stream", "scan", "inmemory"], help=argparse.SUPPRESS)
