@@ -80,13 +80,12 @@ def child_stream(args: argparse.Namespace) -> dict:
     if not (model / "config.json").exists():
         build_tiny_causal_lm(model)
     synthetic = work / "synthetic.jsonl"
-    synthetic.write_text("".join(json.dumps({"instruction": q.format(a=1, b=2, c=3, d=5, w="x",
-                                                                     v="y"),
-                                             "input": "", "output": a.format(a=1, b=2, c=3, d=5,
-                                                                             w="x", v="y"),
-                                             "domain": d}) + "\n"
-                                 for (q, a), d in zip(KINDS, ("common_sense", "reasoning",
-                                                              "mathematics", "coding"))))
+    example = dict(a=1, b=2, c=3, d=5, w="x", v="y")  # one filled-in record of each kind
+    domains = ("common_sense", "reasoning", "mathematics", "coding")
+    synthetic.write_text("".join(
+        json.dumps({"instruction": q.format(**example), "input": "",
+                    "output": a.format(**example), "domain": d}) + "\n"
+        for (q, a), d in zip(KINDS, domains)))
     cfg = SelectConfig(pool=args.pool, output_dir=str(work / f"out_{args.tag}"), model=str(model),
                        synthetic=str(synthetic), probe_size=args.probe_size, epochs=2,
                        max_length=96, cache_dir=str(work / f"cache_{args.tag}"), progress=False,
