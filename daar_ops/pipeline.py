@@ -24,8 +24,10 @@ scored ``score_chunk_size`` records at a time keeping only its stats as arrays, 
 records are read back once more for ``selected.jsonl``. Memory holds one chunk of records and a
 few dozen bytes per record, so the pool can be larger than memory (``tools/bench_stream.py``).
 
-Outputs are all-or-nothing: everything is written into ``<output_dir>.partial-<pid>`` and moved
-into place at the end; a failed run leaves the previous output directory as it was.
+Outputs are all-or-nothing (:mod:`daar_ops.outdir`): everything is written into
+``<output_dir>.partial-<pid>-<tag>`` and swapped into place at the end; a failed run leaves the
+previous output folder as it was, and a folder holding files this package did not write is never
+replaced.
 
 The ground-truth ``domain`` field is never read here.
 """
@@ -35,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -199,32 +200,26 @@ class SelectResult:
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
-    """Run the method; outputs appear in ``cfg.output_dir`` as one consistent set or not at all."""
+    """Run the method; outputs appear in ``cfg.output_dir`` as one consistent set or not at all
+    (:mod:`daar_ops.outdir`: a folder holding files this package did not write is refused before
+    any work, staging folders of killed runs are cleaned, the swap is atomic)."""
+    from daar_ops import outdir
+
     cfg.validate()
+    final = outdir.resolve_target(cfg.output_dir)
+    outdir.check_target(final, "daar-ops select")
+    outdir.clean_stale(final)
     torch.set_num_threads(cfg.threads)
-    final = Path(cfg.output_dir)
-    staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = outdir.new_staging(final, "daar-ops select")
     try:
         summary = _run(cfg, staging)
-        _publish(staging, final)
+        outdir.publish(staging, final, "daar-ops select")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        outdir.discard(staging)
         raise
     logger.info(f"[daar select] {summary['selected']} of {summary['selection_pool']} selected; "
                 f"outputs in {final}")
     return SelectResult(final, summary)
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Swap the finished staging directory into place (the old one goes only once the new one
-    is complete)."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _synthetic_records(cfg: SelectConfig, names: list[str], domains) -> tuple[list[dict], dict]:

