@@ -130,71 +130,106 @@ def rank_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
 @dataclass
 class JsonlReport:
     """What :func:`read_jsonl` met besides records: malformed lines and lines whose bytes were
-    not valid UTF-8 (read with ``surrogateescape``, so nothing is replaced)."""
+    not valid UTF-8 (read with ``surrogateescape``, so nothing is replaced; those lines are kept).
+
+    A location is the line number when one file is read, ``"<shard>:<line>"`` when a folder of
+    shards is read, so every report names the file it is about."""
 
     path: str
-    malformed: list[int] = field(default_factory=list)
-    non_dict: list[int] = field(default_factory=list)
-    invalid_utf8: list[int] = field(default_factory=list)
+    malformed: list[int | str] = field(default_factory=list)
+    non_dict: list[int | str] = field(default_factory=list)
+    invalid_utf8: list[int | str] = field(default_factory=list)
 
     @property
-    def skipped(self) -> list[int]:
-        return sorted(self.malformed + self.non_dict)
+    def skipped(self) -> list[int | str]:
+        return sorted(self.malformed + self.non_dict, key=_location_key)
 
     def message(self) -> str:
         parts = []
         if self.malformed:
-            parts.append(f"{len(self.malformed)} lines that are not JSON (first: line "
-                         f"{self.malformed[0]})")
+            parts.append(f"{len(self.malformed)} lines skipped that are not JSON or nest too "
+                         f"deeply (first: {_where(self.malformed[0])})")
         if self.non_dict:
-            parts.append(f"{len(self.non_dict)} JSON lines that are not objects (first: line "
-                         f"{self.non_dict[0]})")
+            parts.append(f"{len(self.non_dict)} JSON lines skipped that are not objects (first: "
+                         f"{_where(self.non_dict[0])})")
         if self.invalid_utf8:
-            parts.append(f"{len(self.invalid_utf8)} lines with bytes that are not UTF-8 (first: "
-                         f"line {self.invalid_utf8[0]}; kept as \\udcXX escapes)")
+            parts.append(f"{len(self.invalid_utf8)} lines with bytes that are not UTF-8 kept as "
+                         f"\\udcXX escapes (first: {_where(self.invalid_utf8[0])})")
         return f"{self.path}: " + "; ".join(parts) if parts else ""
 
 
-def jsonl_files(path: str | os.PathLike) -> list[Path]:
-    """The files :func:`iter_jsonl` reads: ``path`` itself, or a directory's JSONL(.gz) shards in
-    name order."""
+def _where(location: int | str) -> str:
+    return f"line {location}" if isinstance(location, int) else location
+
+
+def _location_key(location: int | str) -> tuple[str, int]:
+    if isinstance(location, int):
+        return "", location
+    name, _, line = location.rpartition(":")
+    return name, int(line)
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+def jsonl_files(path: str | os.PathLike, strict: bool = True) -> list[Path]:
+    """The files :func:`iter_jsonl` reads: ``path`` itself, or a folder's JSONL(.gz) shards in name
+    order (suffixes in any case). A folder holding any other entry (hidden ones aside) is refused
+    naming it, instead of leaving its records out silently; ``strict=False`` ignores them (a
+    second pass over a folder that was already read strictly)."""
     path = Path(path)
     if path.is_dir():
-        return sorted(q for q in path.iterdir()
-                      if q.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
+        entries = sorted(q for q in path.iterdir() if not q.name.startswith("."))
+        shards = [q for q in entries if q.is_file() and q.name.lower().endswith(JSONL_SUFFIXES)]
+        others = [q.name + ("/" if q.is_dir() else "") for q in entries if q not in shards]
+        if others and strict:
+            raise ValueError(
+                f"{path}: a folder of shards may hold only JSONL files ({', '.join(JSONL_SUFFIXES)}"
+                f"), but it also holds {', '.join(others[:5])}"
+                + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                + "; rename them to .jsonl to read them or move them out of the folder")
+        return shards
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     return [path]
 
 
-def iter_jsonl(path: str | os.PathLike, report: JsonlReport | None = None
+def iter_jsonl(path: str | os.PathLike, report: JsonlReport | None = None, strict: bool = True
                ) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number, record) for every non-blank line of a JSONL(.gz) file or a directory of
-    shards; a line that is not a JSON object yields ``(line, None)`` and is noted in ``report``.
+    shards (``strict``: see :func:`jsonl_files`); a line that is not a JSON object yields
+    ``(line, None)`` and is noted in ``report``.
 
-    A truncated or corrupt ``.gz`` is a ValueError naming the file (not a bare EOFError)."""
+    A UTF-8 byte-order mark at the start of a file is dropped; a line nested too deeply for the
+    JSON parser is malformed (skipped and reported), not a crash. A truncated or corrupt ``.gz``
+    is a ValueError naming the file (not a bare EOFError)."""
     path = Path(path)
     report = report if report is not None else JsonlReport(str(path))
-    for file in jsonl_files(path):
-        opener = gzip.open if file.name.endswith(".gz") else open
+    files = jsonl_files(path, strict)
+    sharded = path.is_dir()
+    for file in files:
+        opener = gzip.open if file.name.lower().endswith(".gz") else open
         try:
             with opener(file, "rb") as handle:
                 for number, raw in enumerate(handle, 1):
+                    where = f"{file.name}:{number}" if sharded else number
+                    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError:
                         line = raw.decode("utf-8", errors="surrogateescape")
-                        report.invalid_utf8.append(number)
+                        report.invalid_utf8.append(where)
                     if not line.strip():
                         continue
                     try:
                         record = json.loads(line)
-                    except json.JSONDecodeError:
-                        report.malformed.append(number)
+                    except (json.JSONDecodeError, RecursionError):
+                        report.malformed.append(where)
                         yield number, None
                         continue
                     if not isinstance(record, dict):
-                        report.non_dict.append(number)
+                        report.non_dict.append(where)
                         yield number, None
                         continue
                     yield number, record
@@ -216,7 +251,9 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None, strict: bool =
     for number, record in iter_jsonl(path, report):
         if record is None:
             if strict:
-                raise ValueError(f"{path}:{number}: not a JSON object")
+                where = report.skipped[-1] if report.skipped else number
+                raise ValueError(f"{path}:{number}: not a JSON object" if isinstance(where, int)
+                                 else f"{path}/{where}: not a JSON object")
             continue
         records.append(record)
         if limit is not None and len(records) >= limit:

@@ -285,8 +285,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
                          progress=cfg.progress)
         report = scan.report
         if report.message():
-            logger.warning(f"{report.message()}; those lines are skipped and listed in "
-                           f"summary.json")
+            logger.warning(f"{report.message()}; the lines are listed in summary.json")
         if not scan.n:
             raise ValueError(f"{cfg.pool} holds no JSON object record "
                              f"({len(report.skipped)} malformed lines)")

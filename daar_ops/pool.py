@@ -32,9 +32,9 @@ def text_digest(text: str, seed: int) -> bytes:
     return hashlib.sha256(f"daar-split:{seed}:".encode() + text.encode("utf-8", "replace")).digest()
 
 
-def _stamp(path: str | os.PathLike) -> list[tuple[str, int, int]]:
+def _stamp(path: str | os.PathLike, strict: bool = True) -> list[tuple[str, int, int]]:
     """(file, size, mtime_ns) of the files the pool is read from (one file or its shards)."""
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in jsonl_files(path)]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in jsonl_files(path, strict)]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class PoolScan:
         return len(self.digests)
 
     def check_unchanged(self) -> None:
-        if _stamp(self.path) != self.stamp:
+        if _stamp(self.path, strict=False) != self.stamp:
             raise RuntimeError(f"{self.path} changed while it was being read (size or "
                                f"modification time differ from the first pass); rerun on a "
                                f"pool that is not being written to")
@@ -117,7 +117,7 @@ def iter_rows(scan: PoolScan, rows: np.ndarray) -> Iterator[tuple[int, dict[str,
     wanted[np.asarray(rows, dtype=np.int64)] = True
     scan.check_unchanged()
     row = -1
-    for _, record in iter_jsonl(scan.path):
+    for _, record in iter_jsonl(scan.path, strict=False):
         if record is None:
             continue
         row += 1

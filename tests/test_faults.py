@@ -185,3 +185,30 @@ def test_contrastive_selector_refuses_a_centroid_file_with_too_few_rows(tiny_art
                   kind="daar_centroids")
     with pytest.raises(ValueError, match="K domain names"):
         DomainContrastiveSelector(centroids_path=str(bad), hf_model=str(tiny_artifacts["model"]))
+
+
+# -- reading a pool (issue 22 item 3) --------------------------------------------------------------
+
+def test_shard_folder_refuses_other_files_and_reads_any_suffix_case(tmp_path):
+    shards = tmp_path / "pool"
+    shards.mkdir()
+    _write(shards / "a.jsonl", [{"i": 1}])
+    _write(shards / "b.JSONL", [{"i": 2}], ("{broken",))
+    with gzip.open(shards / "c.Json.GZ", "wt") as handle:
+        handle.write('{"i": 3}\n')
+    (shards / ".hidden").write_text("ignored")
+    records, report = read_jsonl(shards)
+    assert [r["i"] for r in records] == [1, 2, 3]
+    assert report.malformed == ["b.JSONL:2"] and "b.JSONL:2" in report.message()
+    (shards / "d.txt").write_text('{"i": 4}\n')
+    with pytest.raises(ValueError, match=r"d\.txt.*rename them to \.jsonl"):
+        read_jsonl(shards)
+
+
+def test_bom_and_deep_nesting_lose_nothing_silently(tmp_path):
+    path = tmp_path / "p.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"i": 1}\n' + deep.encode() + b'\n{"i": 2}\n')
+    records, report = read_jsonl(path)
+    assert [r["i"] for r in records] == [1, 2]
+    assert report.malformed == [2] and "nest too deeply" in report.message()

@@ -92,12 +92,13 @@ def test_scan_checks_the_template_like_render_all(tmp_path):
         TextTemplate("{instrution}").render_all([{"text": "x"}] * 3)
 
 
-def test_a_directory_of_shards_is_read_in_name_order_and_other_files_do_not_count(tmp_path):
+def test_a_directory_of_shards_is_read_in_name_order_and_files_added_later_do_not_count(tmp_path):
     shards = tmp_path / "pool"
     shards.mkdir()
     _write(shards / "b.jsonl", [json.dumps({"text": "second"})])
     _write(shards / "a.jsonl", [json.dumps({"text": "first"})])
     scan = scan_pool(shards, TextTemplate("{text}"), seed=0, progress=False)
+    (shards / "out").mkdir()  # e.g. an output folder inside the pool folder
     (shards / "notes.txt").write_text("a file beside the shards, written during the run")
     assert [r["text"] for _, r in iter_rows(scan, np.array([0, 1]))] == ["first", "second"]
     _write(shards / "c.jsonl", [json.dumps({"text": "third"})])  # a new shard is a change

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     # streamed: one pass for the digests, one per output file; memory does not hold the pool
     scan = scan_pool(pool, TextTemplate(args.template), args.seed, source=str(pool))
     if scan.report.message():
-        logger.warning(f"{scan.report.message()}; those lines are skipped")
+        logger.warning(scan.report.message())
     if not scan.n:
         raise ValueError(f"{pool} holds no JSON object record")
     probe, rest, duplicated = split_by_digest(scan.digests, args.probe_size, args.pool_size)
