@@ -5,6 +5,15 @@ records the SHA-256 of the tensor file, and ``manifest_sha256``, the SHA-256 of 
 content (canonical JSON without that key); both are verified on every load, so a truncated or
 edited tensor file, or a manifest whose ``layer`` or order of ``domains`` was edited by hand, is a
 clear error instead of silently wrong numbers. Nothing here unpickles anything.
+
+The checksums detect corruption and hand edits, not tampering: whoever can rewrite the tensor file
+can rewrite the manifest and its checksum too. So an artifact from elsewhere is read as untrusted
+input whatever its checksums say: every file it names must be a plain file inside its folder (no
+path, no ``..``, no symlink), the manifest is size-checked before it is parsed, loaders check the
+shapes a manifest claims against the tensors before allocating anything from them
+(:func:`daar_ops.probe_checkpoint.load_probe_checkpoint`), and a model the manifest names is used
+only when it is a prepared short name or an existing local folder (:func:`recorded_model`), never
+resolved to a model hub.
 No Data-Juicer import.
 """
 
@@ -21,6 +30,7 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class ArtifactError(ValueError):
@@ -87,11 +97,32 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
+def member(directory: str | os.PathLike, name: Any, what: str) -> Path:
+    """The file ``name`` inside an artifact folder, refused unless it is a plain file name (no
+    folder part, no ``..``, not absolute) of a regular file that is not a symlink."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+            or "\\" in name or "\0" in name or Path(name).name != name:
+        raise ArtifactError(f"{directory}: the {what} must be a file name inside the artifact "
+                            f"folder, got {name!r}")
+    path = Path(directory) / name
+    if path.is_symlink():
+        raise ArtifactError(f"{directory}: the {what} {name} is a symlink; an artifact holds "
+                            f"plain files only")
+    if not path.exists():
+        raise ArtifactError(f"{directory}: {what} {name} is missing")
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: the {what} {name} is not a regular file")
+    return path
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The verified manifest of an artifact directory (its own checksum must match)."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
+    if not (Path(directory) / MANIFEST).exists() and not (Path(directory) / MANIFEST).is_symlink():
         raise ArtifactError(f"{directory}: no {MANIFEST} (not a daar-ops artifact directory)")
+    path = member(directory, MANIFEST, "manifest")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be "
+                            f"({MAX_MANIFEST_BYTES})")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -126,9 +157,8 @@ def load_artifact(directory: str | os.PathLike, kind: str | None = None
     manifest = read_manifest(directory)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a '{manifest.get('kind')}' artifact, not '{kind}'")
-    tensor_path = directory / manifest.get("tensor_file", "tensors.safetensors")
-    if not tensor_path.exists():
-        raise ArtifactError(f"{directory}: tensor file {tensor_path.name} is missing")
+    tensor_path = member(directory, manifest.get("tensor_file", "tensors.safetensors"),
+                         "tensor file")
     actual = sha256_file(tensor_path)
     if actual != manifest.get("sha256"):
         raise ArtifactError(f"{tensor_path}: checksum mismatch (manifest {manifest.get('sha256')}, "
@@ -160,6 +190,26 @@ def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().contiguous().numpy()
     return np.ascontiguousarray(value)
+
+
+def recorded_model(manifest: Mapping[str, Any], source: str) -> str:
+    """The model an artifact was built on, as something that loads without a network: its
+    recorded folder if that exists, else its name if that is a prepared short name
+    (:data:`daar_ops.models.KNOWN_MODELS`). A hub id or a missing folder is refused (pass the
+    model yourself to use it): a manifest from elsewhere must not make this package download."""
+    from daar_ops.models import KNOWN_MODELS
+
+    path, name = manifest.get("model_path"), manifest.get("model")
+    if isinstance(path, str) and path and Path(path).is_dir():
+        return path
+    if isinstance(name, str) and name in KNOWN_MODELS:
+        return name
+    if isinstance(name, str) and name and Path(name).expanduser().is_dir():
+        return name
+    raise ArtifactError(
+        f"the {source} was built on model {name!r} (folder {path!r}), which is neither a prepared "
+        f"model ({', '.join(sorted(KNOWN_MODELS))}) nor a folder on this machine; pass the model "
+        f"(a local folder) explicitly: nothing is downloaded for a model an artifact names")
 
 
 def artifact_digest(directory: str | os.PathLike) -> str:

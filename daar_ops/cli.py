@@ -35,17 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from daar_ops.artifacts import ArtifactError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ArtifactError) as err:
-        # A user error (bad argument, file, artifact): one line, no traceback, exit code 2.
-        # DAAR_OPS_DEBUG=1 shows the traceback.
+    except (ValueError, OSError) as err:
+        # A user error (bad argument, file, artifact, a full or read-only disk): one line, no
+        # traceback, exit code 2. DAAR_OPS_DEBUG=1 shows the traceback.
         if os.environ.get("DAAR_OPS_DEBUG"):
             raise
-        print(f"daar-ops {args.command}: error: {err}", file=sys.stderr)
+        print(f"daar-ops {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a user error; an OS error names its file and what the system said."""
+    if isinstance(err, OSError) and err.strerror and not isinstance(err, FileNotFoundError):
+        where = f" {err.filename}" if err.filename else ""
+        hint = {28: " (the disk is full)", 30: " (a read-only file system)",
+                13: " (permission denied)"}.get(err.errno or 0, "")
+        return f"cannot write or read{where}: {err.strerror}{hint}"
+    text = str(err)
+    if isinstance(err, FileNotFoundError) and err.filename and err.strerror:
+        text = f"{err.filename} does not exist"
+    return text
 
 
 if __name__ == "__main__":

@@ -422,7 +422,7 @@ class _PoolScores:
     def stats(self, position: int, names: Sequence[str]) -> dict[str, Any]:
         code = int(self.domain[position])
         return {REWARD_KEY: float(self.reward[position]),
-                PROBS_KEY: [float(p) for p in self.probs[position]],
+                PROBS_KEY: {n: float(p) for n, p in zip(names, self.probs[position])},
                 PROBE_DOMAIN_KEY: names[code] if code >= 0 else ""}
 
     def rows(self, pool_idx: np.ndarray, keep: np.ndarray, names: Sequence[str]):
@@ -484,8 +484,7 @@ def _write_summary_md(out: Path, s: Mapping[str, Any]) -> None:
              f"selection pool {s['selection_pool']} (disjoint by text)",
              f"- selected: **{s['selected']}** (top {s['config']['select_ratio']:.0%} by "
              f"predicted entropy{' within each predicted domain' if s['config']['per_domain'] else ''})",
-             f"- probe validation accuracy on pseudo-labels: "
-             f"{s['probe_metrics'].get('dom_val_accuracy', float('nan')):.3f}", "",
+             *_probe_lines(s["probe_metrics"]), "",
              "| pseudo-domain | probe pool | selection pool | selected |", "|---|---|---|---|"]
     for n in s["domains"]:
         lines.append(f"| {n} | {s['probe_pseudo_domain_counts'][n]} | "
@@ -496,6 +495,28 @@ def _write_summary_md(out: Path, s: Mapping[str, Any]) -> None:
     lines += ["", "![reward histogram](score_histogram.png)",
               "![pseudo-domains](pseudo_domains.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
+
+
+MIN_REWARD_R2 = 0.1  # below: psi_div explains little of the held-out entropy
+
+
+def _probe_lines(m: Mapping[str, Any]) -> list[str]:
+    """summary.md's lines on how far the probes can be trusted, with a warning when the
+    diversity reward explains little on held-out probe records."""
+    nan = float("nan")
+    acc, base = m.get("dom_val_accuracy", nan), m.get("dom_val_majority_baseline", nan)
+    r2 = m.get("div_val_r2", nan)
+    r2 = nan if r2 is None else r2
+    lines = [f"- psi_dom (domain probe) validation accuracy on pseudo-labels: {acc:.3f} "
+             f"(majority baseline {base:.3f}, {m.get('n_val', '?')} validation records)",
+             f"- psi_div (diversity reward) validation R^2: {r2:.3f} (1: the reward predicts the "
+             f"entropy target exactly; 0: no better than its mean)"]
+    if not r2 >= MIN_REWARD_R2:
+        lines.append(f"- **warning**: the diversity reward explains little of the held-out "
+                     f"entropy (R^2 {r2:.3f} < {MIN_REWARD_R2}), so the ranking is close to noise; "
+                     f"train the probes on more records or epochs (a --quick run is a smoke test)")
+        logger.warning(lines[-1][2:].replace("**", ""))
+    return lines
 
 
 def _plot(out: Path, reward: np.ndarray, keep: np.ndarray, predicted: Mapping[str, int],

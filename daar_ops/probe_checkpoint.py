@@ -8,7 +8,8 @@ max_length, pooling, layer_definition), ``feature`` ("layer"), ``template``, ``d
 :func:`daar_ops.artifacts.save_artifact`). The manifest carries its own checksum
 (``manifest_sha256``): a checkpoint whose ``layer``, ``template`` or order of ``domains`` was edited
 by hand refuses to load instead of silently changing every reward. Training curves go next to it as
-``curves.json`` and ``curves.png``. No Data-Juicer import.
+``curves.json`` and ``curves.png``, the run's timings and feature-cache hits as ``run.json`` (outside
+the manifest, so identical trainings give identical checkpoint digests). No Data-Juicer import.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 
 from daar_ops.algorithms.probes import DaarProbes, ProbeMLP, ProbeTrainingResult
-from daar_ops.artifacts import ArtifactError, check_compatible, load_artifact, save_artifact
+from daar_ops.artifacts import (ArtifactError, check_compatible, load_artifact, recorded_model,
+                                save_artifact)
 
 KIND = "daar_probe"
+RUN_INFO = "run.json"  # timings and cache hits of the training run: not part of the digest
 COMPAT_KEYS = ("model_fingerprint", "layer", "feature_dim")
 
 
@@ -51,23 +54,42 @@ def save_probe_checkpoint(directory: str | os.PathLike, result: ProbeTrainingRes
 
 
 def load_probe_checkpoint(directory: str | os.PathLike) -> tuple[DaarProbes, dict[str, Any]]:
-    """Load and verify (checksum, kind, shapes) a checkpoint: (probes on CPU, manifest)."""
+    """Load and verify (checksum, kind, shapes) a checkpoint: (probes on CPU, manifest).
+
+    The shapes the manifest claims (``feature_dim``, ``hidden``, the domains) are checked against
+    the tensors before the probes are built, so a manifest cannot make the loader allocate more
+    than the tensor file holds."""
     tensors, manifest = load_artifact(directory, kind=KIND)
     for key in ("domains", "feature_dim", "hidden", "layer", "model_fingerprint", "template"):
         if key not in manifest:
             raise ArtifactError(f"{directory}: probe manifest lacks '{key}'")
-    domains = list(manifest["domains"])
-    d, hidden = int(manifest["feature_dim"]), [int(h) for h in manifest["hidden"]]
+    domains, d, hidden = manifest["domains"], manifest["feature_dim"], manifest["hidden"]
+    if not (isinstance(domains, list) and all(isinstance(x, str) for x in domains)
+            and isinstance(d, int) and d >= 1 and isinstance(hidden, list)
+            and all(isinstance(h, int) and h >= 1 for h in hidden)):
+        raise ArtifactError(f"{directory}: probe manifest has malformed domains / feature_dim / "
+                            f"hidden ({domains!r}, {d!r}, {hidden!r})")
+    models = {"dom.": len(domains), "div.": 1}
+    for prefix, n_out in models.items():
+        expected = _probe_shapes(d, n_out, hidden)
+        actual = {k[len(prefix):]: list(v.shape) for k, v in tensors.items()
+                  if k.startswith(prefix)}
+        if actual != expected:
+            raise ArtifactError(f"{directory}: probe tensors do not match the manifest "
+                                f"(feature_dim={d}, hidden={hidden}, {len(domains)} domains)")
     dom, div = ProbeMLP(d, len(domains), hidden), ProbeMLP(d, 1, hidden)
     for prefix, model in (("dom.", dom), ("div.", div)):
         state = {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in tensors.items()
                  if k.startswith(prefix)}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ArtifactError(f"{directory}: probe tensors do not match the manifest "
-                                f"(feature_dim={d}, hidden={hidden}): {err}") from err
-    return DaarProbes(dom, div, domains), manifest
+        model.load_state_dict(state, strict=True)
+    return DaarProbes(dom, div, list(domains)), manifest
+
+
+def _probe_shapes(d: int, n_out: int, hidden: list[int]) -> dict[str, list[int]]:
+    """The state-dict shapes of ``ProbeMLP(d, n_out, hidden)``, computed without allocating."""
+    with torch.device("meta"):
+        model = ProbeMLP(d, n_out, hidden)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_checkpoint_compatible(manifest: Mapping[str, Any], features: Mapping[str, Any]) -> None:
@@ -177,11 +199,9 @@ class DaarScorer:
 
 
 def checkpoint_model(manifest: Mapping[str, Any]) -> str:
-    """The model a checkpoint was trained on: its recorded path if it exists, else its name."""
-    path = manifest.get("model_path")
-    if path and Path(path).exists():
-        return str(path)
-    return str(manifest.get("model") or path)
+    """The model a checkpoint was trained on (:func:`daar_ops.artifacts.recorded_model`: a local
+    folder or a prepared short name, never a hub id)."""
+    return recorded_model(manifest, "probe checkpoint")
 
 
 def read_label(record: Mapping[str, Any], label_key: str) -> str | None:
@@ -260,14 +280,17 @@ def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.Pa
     start = time.perf_counter()
     result = train_daar_probes(feats.layer, y, domains, cfg, progress=progress)
     timings["training_s"] = time.perf_counter() - start
+    # The manifest holds only what determines the probes, so two identical trainings have the
+    # same digest (stats keyed by it stay valid); how this run went goes to run.json beside it.
     info = {
-        "label_key": label_key, "training": cfg.to_dict(), "timings": timings,
+        "label_key": label_key, "training": cfg.to_dict(),
         "data": {"n_records": len(records), "n_used": len(keep), "n_unlabelled": n_unlabelled,
                  "n_label_not_in_domains": n_unknown, "n_truncated": feats.n_truncated,
-                 "n_empty_text": feats.n_empty,
-                 "feature_cache_hits": feats.meta.get("cache_hits", 0)},
+                 "n_empty_text": feats.n_empty},
     }
     info.update(extra or {})
     directory = save_probe_checkpoint(output, result, extractor.describe(), tpl.template, info)
+    (directory / RUN_INFO).write_text(json.dumps(
+        {"timings": timings, "feature_cache_hits": feats.meta.get("cache_hits", 0)}, indent=2))
     _, manifest = load_probe_checkpoint(directory)  # round-trip check of what was written
     return directory, manifest

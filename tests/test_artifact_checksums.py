@@ -91,3 +91,73 @@ def test_non_json_safe_values_are_checksummed_as_written(tmp_path):
     _, manifest = load_artifact(directory, kind="k")
     assert manifest["path"] == str(tmp_path)
     assert manifest["manifest_sha256"] == manifest_digest(manifest)
+
+
+# -- issue 22 item 4: a manifest from elsewhere is untrusted whatever its checksums say ------------
+
+def rewrite_manifest(directory, change) -> None:
+    """What an attacker does: edit the manifest and recompute its own checksum."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/etc/passwd", "sub/probes.safetensors", "..",
+                                  "", 7])
+def test_tensor_file_outside_the_folder_is_refused(probe_dir, tmp_path, name):
+    (tmp_path / "x").write_bytes(b"secret outside")
+    rewrite_manifest(probe_dir, lambda m: m.update(tensor_file=name))
+    with pytest.raises(ArtifactError, match="file name inside the artifact folder") as err:
+        load_probe_checkpoint(probe_dir)
+    assert "secret" not in str(err.value)
+
+
+def test_symlinked_artifact_files_are_refused(probe_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    (probe_dir / "probes.safetensors").rename(outside)
+    (probe_dir / "probes.safetensors").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symlink"):
+        load_probe_checkpoint(probe_dir)
+    (probe_dir / "probes.safetensors").unlink()
+    outside.rename(probe_dir / "probes.safetensors")
+    load_probe_checkpoint(probe_dir)
+    real = tmp_path / "manifest_elsewhere.json"
+    (probe_dir / "manifest.json").rename(real)
+    (probe_dir / "manifest.json").symlink_to(real)
+    with pytest.raises(ArtifactError, match="symlink"):
+        load_probe_checkpoint(probe_dir)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(feature_dim=200_000),
+    lambda m: m.update(hidden=[200_000, 200_000]),
+    lambda m: m.update(hidden="big"),
+    lambda m: m.update(domains=["a", "b"]),
+], ids=["feature_dim", "hidden", "hidden type", "domains"])
+def test_manifest_shapes_are_checked_against_the_tensors_before_allocating(probe_dir, change,
+                                                                           monkeypatch):
+    import torch
+
+    import daar_ops.probe_checkpoint as pc
+
+    built = []  # probes built with real memory (not on the meta device)
+    real = pc.ProbeMLP
+    monkeypatch.setattr(pc, "ProbeMLP", lambda *a: (
+        torch.empty(0).device.type != "meta" and built.append(a)) or real(*a))
+    rewrite_manifest(probe_dir, change)
+    with pytest.raises(ArtifactError, match="do not match the manifest|malformed"):
+        load_probe_checkpoint(probe_dir)
+    assert not built  # nothing was allocated from the manifest's claims
+
+
+def test_a_model_named_by_a_manifest_is_never_resolved_to_a_hub(probe_dir, tmp_path):
+    from daar_ops.probe_checkpoint import checkpoint_model
+
+    _, manifest = load_probe_checkpoint(probe_dir)
+    with pytest.raises(ArtifactError, match="nothing is downloaded"):
+        checkpoint_model(dict(manifest, model="org/name", model_path="/nowhere/m"))
+    assert checkpoint_model(dict(manifest, model="smollm2-135m-instruct")) == \
+        "smollm2-135m-instruct"
+    assert checkpoint_model(dict(manifest, model_path=str(tmp_path))) == str(tmp_path)

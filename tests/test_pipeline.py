@@ -82,6 +82,12 @@ def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_pat
     for name in ("summary.json", "summary.md", "score_histogram.png", "pseudo_domains.png",
                  "probe_pool.jsonl", "centroids/manifest.json", "checkpoint/manifest.json"):
         assert (tmp_path / "a" / name).exists(), name
+    # the domain probabilities are named; the summary says how far the probes can be trusted
+    assert set(selected[0]["__dj__stats__"]["daar_domain_probs"]) == set(s["domains"])
+    summary_md = (tmp_path / "a" / "summary.md").read_text()
+    r2 = s["probe_metrics"]["div_val_r2"]
+    assert f"psi_div (diversity reward) validation R^2: {r2:.3f}" in summary_md
+    assert ("**warning**: the diversity reward explains little" in summary_md) == (r2 < 0.1)
 
     # a rerun in two scoring processes, streaming the selection pool in chunks of 17 records
     # (fresh cache), writes the same bytes

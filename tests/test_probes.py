@@ -13,7 +13,7 @@ import torch
 from daar_ops.algorithms.probes import (DaarProbes, ProbeMLP, TrainConfig, default_hidden,
                                         entropy_nats, predict, softmax, split_indices,
                                         train_daar_probes)
-from daar_ops.artifacts import ArtifactError
+from daar_ops.artifacts import ArtifactError, artifact_digest
 from daar_ops.cli import main
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, load_probe_checkpoint,
                                        save_probe_checkpoint)
@@ -229,14 +229,16 @@ def test_train_probe_cli_end_to_end_and_cache_reuse(tmp_path, tiny_llama, capsys
     _, m1 = load_probe_checkpoint(tmp_path / "ck1")
     assert m1["domains"] == DOMAINS and m1["layer"] == 2 and m1["max_length"] == 64
     assert m1["data"]["n_used"] == 120 and m1["data"]["n_unlabelled"] == 1
-    assert m1["data"]["feature_cache_hits"] == 0
+    assert json.loads((tmp_path / "ck1" / "run.json").read_text())["feature_cache_hits"] == 0
     assert m1["label_key"] == "__dj__meta__.daar_pseudo_domain"
     assert m1["metrics"]["dom_val_accuracy"] > 0.6  # the three vocabularies are separable
     # second run: every feature comes from the cache, and the result is identical
     assert main([*args, "--output", str(tmp_path / "ck2")]) == 0
     _, m2 = load_probe_checkpoint(tmp_path / "ck2")
-    assert m2["data"]["feature_cache_hits"] == 120
+    assert json.loads((tmp_path / "ck2" / "run.json").read_text())["feature_cache_hits"] == 120
     assert m2["sha256"] == m1["sha256"]
+    # identical trainings, identical checkpoints: timings and cache hits are not in the manifest
+    assert artifact_digest(tmp_path / "ck2") == artifact_digest(tmp_path / "ck1")
 
 
 def test_train_probe_cli_explains_missing_labels(tmp_path, tiny_llama, capsys):

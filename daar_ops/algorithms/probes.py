@@ -374,6 +374,10 @@ def train_daar_probes(features: np.ndarray, labels: Sequence[int] | np.ndarray,
         "dom_val_loss": dom_hist["val_loss"][-1],
         "div_train_mse": mse(train_idx), "div_val_mse": mse(val_idx),
         "div_val_mse_predict_mean_baseline": baseline,
+        # R^2 against predicting the training mean: how much of the held-out entropy the
+        # reward explains (near 0 or below: the reward is close to noise)
+        "div_val_r2": 1.0 - mse(val_idx) / baseline if len(val_idx) and baseline > 0
+        else float("nan"),
         "div_val_spearman": _rank_corr(pred_h[val_idx], targets[val_idx]),
         "dom_best_epoch": dom_hist["best_epoch"], "div_best_epoch": div_hist["best_epoch"],
         "entropy_target_mean": float(targets.mean()), "entropy_target_std": float(targets.std()),
@@ -386,7 +390,7 @@ def train_daar_probes(features: np.ndarray, labels: Sequence[int] | np.ndarray,
     logger.info(f"psi_dom validation accuracy {metrics['dom_val_accuracy']:.4f} "
                 f"(majority baseline {metrics['dom_val_majority_baseline']:.4f}); psi_div "
                 f"validation MSE {metrics['div_val_mse']:.5f} (predict-mean baseline "
-                f"{baseline:.5f})")
+                f"{baseline:.5f}, R^2 {metrics['div_val_r2']:.3f})")
     return ProbeTrainingResult(dom=dom, div=div, domains=list(domains), train_idx=train_idx,
                                val_idx=val_idx, entropy_targets=targets, metrics=metrics,
                                history={"dom": dom_hist, "div": div_hist})

@@ -70,31 +70,24 @@ def training_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
+    import json
 
     import torch
-    from loguru import logger
 
-    from daar_ops.artifacts import ArtifactError
     from daar_ops.core import read_jsonl
-    from daar_ops.probe_checkpoint import train_probe_checkpoint
+    from daar_ops.probe_checkpoint import RUN_INFO, train_probe_checkpoint
 
     torch.set_num_threads(max(1, args.threads))
-    try:
-        cfg = training_config(args)
-        records, _ = read_jsonl(args.input, args.limit, strict=True)
-        if not records:
-            raise ValueError(f"{args.input} holds no records")
-        directory, manifest = train_probe_checkpoint(
-            records, args.output, model=args.model, layer=args.layer, max_length=args.max_length,
-            template=args.template, label_key=args.label_key, domains=args.domains, config=cfg,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache,
-            feature_batch_size=args.feature_batch_size, dtype=args.dtype, device=args.device,
-            progress=not args.quiet, extra={"input": str(args.input)})
-    except (ValueError, ArtifactError, FileNotFoundError) as err:
-        logger.error(str(err))
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = training_config(args)
+    records, _ = read_jsonl(args.input, args.limit, strict=True)
+    if not records:
+        raise ValueError(f"{args.input} holds no records")
+    directory, manifest = train_probe_checkpoint(
+        records, args.output, model=args.model, layer=args.layer, max_length=args.max_length,
+        template=args.template, label_key=args.label_key, domains=args.domains, config=cfg,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        feature_batch_size=args.feature_batch_size, dtype=args.dtype, device=args.device,
+        progress=not args.quiet, extra={"input": str(args.input)})
     m = manifest["metrics"]
     print(f"checkpoint: {directory}")
     print(f"domains: {manifest['domains']}  train/val: {m['n_train']}/{m['n_val']}")
@@ -103,6 +96,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"psi_div val_mse={m['div_val_mse']} "
           f"(predict-mean baseline {m['div_val_mse_predict_mean_baseline']}, "
           f"spearman {m['div_val_spearman']})")
-    t = manifest["timings"]
+    t = json.loads((directory / RUN_INFO).read_text())["timings"]
     print(f"time: features {t['features_s']:.1f}s, training {t['training_s']:.1f}s")
     return 0

@@ -21,7 +21,7 @@ from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec,
                                            check_feature, parse_domains,
                                            compatibility_keys, embed_texts, feature_description,
                                            load_centroids)
-from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
+from daar_ops.artifacts import artifact_digest, check_compatible, recorded_model, sha256_file
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
@@ -176,7 +176,7 @@ class DomainPseudoLabelMapper(Mapper):
         if centroids_path is not None:
             centroids, manifest = load_centroids(centroids_path)
             self.feature = feature or manifest.get("feature", "embedding")
-            self.model = model or manifest.get("model") or "smollm2-135m-instruct"
+            self.model = model or recorded_model(manifest, f"centroid file {centroids_path}")
             self.template = TextTemplate(template or manifest.get("template") or ALPACA_TEMPLATE)
             self._feature_layer = check_feature(self.feature, layer)
             live = feature_description(_static_description(self.model, self._feature_layer),
