@@ -170,6 +170,7 @@ class FeatureCache:
         self.namespace = digest.hexdigest()[:20]
         self.dir = Path(root if root is not None else default_cache_dir()) / self.namespace
         self.dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.dir)  # a read-only or full cache fails now, not after the encoding
         # the index of the chunk files read so far, kept between encode() calls: a scorer calls
         # encode() once per batch, and rereading every chunk's hashes each time is quadratic
         self._known = _HashIndex()
@@ -357,9 +358,24 @@ class FeatureCache:
         name = hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX]
         path = self.dir / f"chunk-{name}.safetensors"
         tmp = self.dir / f".chunk-{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written chunk
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: a reader never sees a half-written chunk
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial chunk behind
         return path
+
+
+def check_writable(folder: Path) -> None:
+    """Raise an OSError naming ``folder`` unless a file can be created and written in it."""
+    probe = folder / f".write-check.{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"\0" * 4096)
+    except OSError as err:
+        raise OSError(err.errno, f"the cache folder cannot be written ({err.strerror}); pass "
+                      f"another cache folder or free space", str(folder)) from err
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 class FeatureCacheError(RuntimeError):

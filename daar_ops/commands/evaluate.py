@@ -84,7 +84,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not (sep and name and path):
-            raise SystemExit(f"{what} expects NAME=PATH, got {item!r}")
+            raise ValueError(f"{what} expects NAME=PATH, got {item!r}")
         out[name] = path
     return out
 
@@ -103,7 +103,7 @@ def run_from_args(args: argparse.Namespace):
     else:
         methods = [] if files else list(ev.DEFAULT_METHODS)
     if not methods and not files:
-        raise SystemExit("nothing to evaluate: give --methods or --selection")
+        raise ValueError("nothing to evaluate: give --methods or --selection")
     start = time.perf_counter()
     comparison = ev.prepare_comparison(
         args.out, pool=args.pool, n=args.n, ratio=args.ratio, methods=methods, seeds=seeds,

@@ -142,11 +142,13 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"sandbox config {args.config} does not exist (an example is "
+                                f"recipes/sandbox/sandbox.yaml; docs/sandbox.md)")
     try:
         outputs = run_sandbox(args.config, args.overrides, args.sandbox_path)
     except ImportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise ValueError(str(err)) from err
     for pipeline, jobs in outputs.items():
         for job, values in jobs.items():
             print(f"{pipeline}.{job}: {values}")

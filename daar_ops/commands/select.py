@@ -76,12 +76,17 @@ def _domains(value: str | None):
     if value is None:
         return None
     if value.endswith((".json", ".jsonl")):
-        with open(value) as handle:
+        with open(value, encoding="utf-8") as handle:
             text = handle.read()
         try:
             return json.loads(text)
         except json.JSONDecodeError:
+            pass
+        try:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--domains {value}: neither a JSON document nor JSON lines "
+                             f"(line {err.lineno}: {err.msg})") from err
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
