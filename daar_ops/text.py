@@ -65,11 +65,9 @@ class TextTemplate:
 
         A field that no record has (missing or null in all of them) is either a typo such as
         ``{instrution}`` or a field this dataset lacks (``{input}`` in the default template):
-
-        * if it leaves every text empty, :class:`TemplateFieldError` names the field(s) and the
-          fields the records do have (with ``on_missing="warn"``, for a batch that may
-          legitimately lack them, a warning instead);
-        * otherwise a warning names it with the record count, and it renders as "".
+        :class:`TemplateFieldError` names the field(s) and the fields the records do have, so a
+        typo never runs to a quietly wrong result (with ``on_missing="warn"``, for a batch that may
+        legitimately lack them, a warning instead, and the field renders as "").
 
         Fields missing from only some records render as "" (logged at INFO with record counts).
         A pool too large for memory renders one record at a time through :class:`TemplateCheck`,
@@ -114,13 +112,13 @@ class TemplateCheck:
         nowhere = [f for f, k in self.absent.items() if k == n]
         if nowhere:
             message = (f"text template {self.template.template!r}: field(s) {', '.join(nowhere)} "
-                       f"missing or null in all {n} of {source}")
-            if not self.any_text:
-                message += (f", so every text is empty; fields present: "
-                            f"{', '.join(present_fields(self.sample)) or 'none'}")
-                if self.on_missing == "raise":
-                    raise TemplateFieldError(message)
-            logger.warning(message + ("" if not self.any_text else " (rendered as '')"))
+                       f"missing or null in all {n} of {source}"
+                       + (", so every text is empty" if not self.any_text else "")
+                       + f"; fields present: {', '.join(present_fields(self.sample)) or 'none'} "
+                       f"(a typo, or a field this data lacks: remove it from the template)")
+            if self.on_missing == "raise":
+                raise TemplateFieldError(message)
+            logger.warning(message + " (rendered as '')")
         partial = {f: k for f, k in self.absent.items() if 0 < k < n}
         if partial:
             logger.info("text template: " + ", ".join(

@@ -178,7 +178,9 @@ def _prepare(name: str, rows: list[dict]) -> list[dict]:
 
 LONG = "word " * 20000  # 100k characters: truncated to max_length tokens
 TEXT_CASES = {
-    "missing_fields": [{"instruction": "Solve 12 * 7"}, {"output": "def f(): pass"},
+    # (the first record names every column: Dataset.from_list takes its keys as the columns)
+    "missing_fields": [{"instruction": "Solve 12 * 7", "input": None, "output": None},
+                       {"output": "def f(): pass"},
                        {"instruction": "what capital", "input": "France", "output": "Paris"},
                        {"instruction": "sum 12 7"}],
     "empty_and_whitespace": [{"instruction": "", "input": "", "output": ""},

@@ -16,6 +16,7 @@ import pytest
 from daar_ops.algorithms.probes import TrainConfig
 from daar_ops.algorithms.selection import quota_mask, range_mask, rank_order, top_mask
 from daar_ops.probe_checkpoint import train_probe_checkpoint
+from daar_ops.text import TemplateFieldError
 
 DOMAINS = ["coding", "math", "qa"]
 REWARD, PROBS, DOMAIN = "daar_diversity_reward", "daar_domain_probs", "daar_probe_domain"
@@ -182,8 +183,13 @@ def test_non_finite_probe_outputs_get_the_documented_value(checkpoint, monkeypat
     assert 0 not in make_op(checkpoint, min_score=-10.0).run(ds)["id"]  # and passes no threshold
 
 
-def test_missing_template_fields_render_as_empty(checkpoint):
+def test_template_fields_the_dataset_lacks_are_an_error_naming_them(checkpoint):
     ds = dataset([{"text": "no alpaca fields at all"}, {"text": "another"}])
+    with pytest.raises(TemplateFieldError, match=r"instruction, input, output.*columns: text"):
+        make_op(checkpoint).run(ds)
+    # a column that is null or missing in some samples renders as "" for them
+    ds = dataset([{"instruction": "a", "input": None, "output": "b"},
+                  {"instruction": None, "input": None, "output": None}])
     out = make_op(checkpoint).run(ds)
     assert len(out) == 2 and all(isinstance(s[REWARD], float) for s in stats_of(out))
 

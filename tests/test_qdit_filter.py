@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from daar_ops.algorithms.qdit import qdit_select
+from daar_ops.text import TemplateFieldError
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +113,10 @@ def test_bad_and_missing_text_fields_do_not_raise(fake_encoder):
     records[0]["instruction"] = ""
     records[1]["instruction"] = "   "
     records[2]["instruction"] = "x" * 200_000
-    out = _run(_op(select_num=6, text_template="{instruction} {nonexistent}"), records)
+    out = _run(_op(select_num=6, text_template="{instruction}"), records)
     assert len(out) == 6
+    with pytest.raises(TemplateFieldError, match="nonexistent"):  # a typo is an error
+        _run(_op(select_num=6, text_template="{instruction} {nonexistent}"), records)
 
 
 def test_small_and_empty_datasets(fake_encoder):

@@ -39,8 +39,9 @@ def _centroid_file(path: Path, model: Path, names=("mathematics", "coding")) -> 
     texts = [t for n in names for t in TOPIC_TEXTS[n]]
     feats = embed_texts(ext, texts, "embedding")
     cents = np.stack([feats[i * 3:(i + 1) * 3].mean(0) for i in range(len(names))])
+    # the template names only 'instruction': the raw batches below have no other column
     save_centroids(path, cents, [DomainSpec(n) for n in names], ext.describe(), "embedding",
-                   "{instruction} {input} {output}", [3] * len(names))
+                   "{instruction}", [3] * len(names))
     return path
 
 
@@ -136,6 +137,7 @@ def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
     op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                 template="{instruction}",
                                  feature="embedding", method="fixed", use_descriptions=False,
                                  purity=False)  # the paper's: plain mean per domain
     assert op.domains == ["mathematics", "coding"] and op.centroids.shape == (2, 32)

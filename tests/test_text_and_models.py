@@ -36,14 +36,28 @@ def test_render_all_refuses_a_field_that_leaves_every_text_empty(warnings_log):
     assert not warnings_log
 
 
-def test_render_all_warns_about_a_field_no_record_has_when_texts_remain(warnings_log):
-    # The default template on a dataset without 'input': a warning counting records, no error.
-    records = [{"instruction": "Hi", "output": "!"}, {"instruction": "Yo", "input": None}]
-    assert TextTemplate().render_all(records) == ["Hi  !", "Yo"]
-    assert len(warnings_log) == 1 and "input missing or null in all 2 of the records" in \
-        warnings_log[0]
+def test_a_field_no_record_has_is_an_error_even_when_texts_remain(warnings_log):
+    # A typo in one field ({instrction}) used to warn and run to a quietly wrong selection.
+    records = [{"instruction": "Hi", "input": "", "output": "!"},
+               {"instruction": "Yo", "input": None, "output": "?"}]
+    with pytest.raises(TemplateFieldError, match=r"instrction missing or null in all 2 .*"
+                                                 r"fields present: input, instruction, output"):
+        TextTemplate("{instrction} {input} {output}").render_all(records)
+    assert TextTemplate().render_all(records) == ["Hi  !", "Yo  ?"]  # '' and null: present
+    records[1].pop("output")
     assert TextTemplate("{instruction} {output}").render_all(records) == ["Hi !", "Yo"]
-    assert len(warnings_log) == 1  # 'output' missing from one record only: not a warning
+    assert not warnings_log  # 'output' missing from one record only: not a warning
+
+
+def test_a_template_field_that_is_not_a_column_fails_the_op_batch():
+    from daar_ops.ops._columns import render_rows
+
+    batch = {"instruction": ["a", "b"], "output": ["x", "y"], "__dj__stats__": [{}, {}]}
+    assert render_rows(TextTemplate("{instruction} {output}"), batch, [0, 1], "op") == \
+        ["a x", "b y"]
+    with pytest.raises(TemplateFieldError, match=r"qdit_filter: .*instrution.*columns: "
+                                                 r"instruction, output"):
+        render_rows(TextTemplate("{instrution} {output}"), batch, [0, 1], "qdit_filter")
 
 
 def test_render_all_on_missing_warn_never_raises(warnings_log):

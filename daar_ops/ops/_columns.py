@@ -34,6 +34,21 @@ def with_fields(dataset: Any, column: str, fields: Mapping[str, Any]) -> Any:
     return dataset.cast_column(column, merged)
 
 
+def check_template_columns(template: Any, columns: Any, op_name: str) -> None:
+    """Raise :class:`~daar_ops.text.TemplateFieldError` when the template names a field that is not
+    a column of the dataset (a typo such as ``{instrution}``): every sample's text would lack it.
+    A batch's columns are the dataset's, so this holds for the default and the Ray executor."""
+    from daar_ops.text import TemplateFieldError
+
+    columns = set(columns)
+    missing = [f for f in template.fields if f.split(".")[0] not in columns]
+    if missing:
+        raise TemplateFieldError(
+            f"{op_name}: text template {template.template!r} names field(s) "
+            f"{', '.join(missing)} that the dataset does not have (columns: "
+            f"{', '.join(sorted(c for c in columns if not c.startswith('__dj__'))) or 'none'})")
+
+
 def render_rows(template: Any, samples: Mapping[str, Any], rows: Any, op_name: str) -> list:
     """The texts of the batch rows ``rows`` (indices into ``samples``, a Data-Juicer batch).
 
@@ -44,6 +59,7 @@ def render_rows(template: Any, samples: Mapping[str, Any], rows: Any, op_name: s
     from daar_ops.core import STATS_FIELD
 
     fields = [f for f in samples.keys() if f != STATS_FIELD]
+    check_template_columns(template, fields, op_name)
     texts = []
     for i in rows:
         try:
