@@ -169,7 +169,6 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode())
         self.namespace = digest.hexdigest()[:20]
         self.dir = Path(root if root is not None else default_cache_dir()) / self.namespace
-        self.dir.mkdir(parents=True, exist_ok=True)
         check_writable(self.dir)  # a read-only or full cache fails now, not after the encoding
         # the index of the chunk files read so far, kept between encode() calls: a scorer calls
         # encode() once per batch, and rereading every chunk's hashes each time is quadratic
@@ -367,9 +366,10 @@ class FeatureCache:
 
 
 def check_writable(folder: Path) -> None:
-    """Raise an OSError naming ``folder`` unless a file can be created and written in it."""
+    """Create ``folder`` if needed; raise an OSError naming it unless a file can be written in it."""
     probe = folder / f".write-check.{os.getpid()}.tmp"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"\0" * 4096)
     except OSError as err:
         raise OSError(err.errno, f"the cache folder cannot be written ({err.strerror}); pass "

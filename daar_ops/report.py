@@ -40,7 +40,7 @@ from daar_ops.algorithms.coverage import (entropy_from_counts, facility_location
                                           label_distribution, mean_nearest_selected_cosine,
                                           mean_pairwise_similarity)
 from daar_ops.core import STATS_FIELD, read_jsonl
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup, present_fields
 
 DEFAULT_LABEL_KEYS = ("domain", "__dj__meta__.daar_pseudo_domain")
 PROJECTIONS = ("pca", "tsne")
@@ -397,12 +397,16 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
                  batch_size: int = 64,
                  device: str = "cpu",
                  progress: bool = True,
-                 max_seq_length: int | None = 128) -> dict[str, Any]:
+                 max_seq_length: int | None = 128,
+                 require_labels: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``metrics.json`` and PNGs into ``out_dir``; return the metrics.
+
+    Every input is read and checked before anything is embedded.
 
     :param pool: pool file (JSONL/JSONL.gz/JSON list) or records.
     :param subsets: name -> selected subset file (a Data-Juicer export works) or records.
-    :param label_keys: label fields to tabulate (dotted for nested); absent ones are skipped.
+    :param label_keys: label fields to tabulate (dotted for nested); absent ones are skipped,
+        unless ``require_labels`` (keys the user named): then a key no record has is an error.
     :param template: fields rendered into the embedded text (same for pool and subsets).
     :param model: sentence encoder (short name or local folder) giving the embedding space.
     :param projection: ``pca`` (default) or ``tsne``.
@@ -427,6 +431,17 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
     if not pool_records:
         raise ValueError("the pool is empty")
     pool_texts = tpl.render_all(pool_records, source="the pool records")
+    subset_records = {name: read_records(src) if isinstance(src, (str, os.PathLike))
+                      else list(src) for name, src in subsets.items()}
+    if require_labels:
+        absent = [k for k in label_keys
+                  if not any(lookup(r, k) is not None for r in pool_records)
+                  and not any(lookup(r, k) is not None for rs in subset_records.values()
+                              for r in rs)]
+        if absent:
+            raise ValueError(f"label key(s) {', '.join(absent)} found in no pool or subset "
+                             f"record; fields present: "
+                             f"{', '.join(present_fields(pool_records)) or 'none'}")
     n_empty = sum(1 for t in pool_texts if not t)
     if n_empty:
         logger.warning(f"report: {n_empty} pool records render to empty text under {template!r}")
@@ -437,8 +452,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
         row_of.setdefault(t, i)
 
     subs: list[SubsetData] = []
-    for name, src in subsets.items():
-        records = read_records(src) if isinstance(src, (str, os.PathLike)) else list(src)
+    for name, records in subset_records.items():
         texts = tpl.render_all(records, source=f"the records of subset {name}")
         rows = np.array([row_of.get(t, -1) for t in texts], dtype=np.int64)
         emb = np.zeros((len(records), pool_emb.shape[1]), dtype=np.float32)

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_seeded_fuzz_loses_nothing_and_never_crashes():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz.py"), "--seconds", "30",
-                           "--max-cases", "2", "--seed", "1"],
+                           "--max-cases", "3", "--seed", "1"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -68,7 +68,7 @@ def test_report_numbers_files_and_domain_joined_from_pool(tmp_path, fake_encoder
         "score": float(i), "bad": float("nan"), "flag": True, "name": "x"}}
         for i, r in enumerate(pool) if r["domain"] == "mathematics"]
     balanced = pool[:20]
-    outside = [{"instruction": "not in the pool at all", "output": "?"}]
+    outside = [{"instruction": "not in the pool at all", "input": "", "output": "?"}]
     metrics = build_report(pool, {"math_only": math_only, "balanced": balanced,
                                   "everything": pool, "outside": outside},
                            tmp_path / "rep", max_points=10)
@@ -156,3 +156,22 @@ def test_real_encoder_embeddings_are_cached(tmp_path, minilm_path):
     assert len(list(tmp_path.glob("emb-*"))) == 1
     b = report.embed_texts(texts, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(a, b)
+
+
+def test_inputs_are_checked_before_any_embedding(tmp_path, monkeypatch):
+    import daar_ops.report as report
+
+    def no_embedding(*a, **k):
+        raise AssertionError("embedded before the inputs were checked")
+
+    monkeypatch.setattr(report, "embed_texts", no_embedding)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": "a",
+                                        "domain": "x"}) + "\n" for i in range(20)))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        report.build_report(pool, {"s": tmp_path / "missing.jsonl"}, tmp_path / "out")
+    sub = tmp_path / "sub.jsonl"
+    sub.write_text(pool.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match=r"label key\(s\) domian found in no.*domain"):
+        report.build_report(pool, {"s": sub}, tmp_path / "out", label_keys=("domian",),
+                             require_labels=True)

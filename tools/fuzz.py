@@ -9,7 +9,14 @@ For each case it checks what the package promises:
 * every selection keeps exactly ``budget(n, ratio)`` records (``diversity_reward_filter`` with
   ``top_ratio``, ``qdit_filter``, ``ds2_filter``): records in = records out + records dropped;
 * ``daar-ops select`` (every few cases) either finishes with probe + selection = records read,
-  or stops with a one-line user error (ValueError / FileNotFoundError naming the problem).
+  or stops with a one-line user error (ValueError / OSError naming the problem);
+* untrusted input and faults (every few cases, issue 22): probe manifests rewritten with their
+  checksum recomputed (a tensor file outside the folder, a symlink, shapes larger than the
+  tensors, a hub model id) are refused; a pool folder with a non-JSONL file is refused, one with
+  a BOM or a deeply nested line loses nothing silently; ``select`` into a folder holding a user's
+  file refuses and leaves it intact; a cache on a full or read-only file system (a small tmpfs,
+  where the machine lets this process mount one) fails naming the folder and leaves no partial
+  chunk.
 
 A crash is any other exception; an unclear error is a user error whose message names nothing
 (shorter than 20 characters) or a bare ``KeyError``/``IndexError``/``EOFError``/
@@ -108,7 +115,7 @@ class Fuzz:
         self.model = build_tiny_causal_lm(workdir / "tiny_model")
         words = {"coding": "def return sort list code", "math": "7 84 sum solve",
                  "qa": "Paris capital why because"}
-        train = [{"instruction": f"{w} {i}", "output": w, "__dj__meta__": {
+        train = [{"instruction": f"{w} {i}", "input": "", "output": w, "__dj__meta__": {
             "daar_pseudo_domain": d}} for i in range(20) for d, w in words.items()]
         cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, val_fraction=0.2, hidden=[16])
         train_probe_checkpoint(train, workdir / "probe", model=str(self.model), layer=2,
@@ -119,14 +126,15 @@ class Fuzz:
                        ext.describe(), "embedding", "{instruction} {input} {output}",
                        [1] * len(words))
         self.synthetic = workdir / "synthetic.jsonl"
-        self.synthetic.write_text("".join(json.dumps({"instruction": w, "output": w,
+        self.synthetic.write_text("".join(json.dumps({"instruction": w, "input": "", "output": w,
                                                       "domain": d}) + "\n"
                                           for d, w in words.items()))
         self.cases = self.records_in = self.accounted = self.crashes = self.unclear = 0
+        self.fs_skipped = False
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _fail(self, where: str, err: BaseException) -> None:
-        user = isinstance(err, (ValueError, FileNotFoundError)) and not isinstance(err, UNCLEAR)
+        user = isinstance(err, (ValueError, OSError)) and not isinstance(err, UNCLEAR)
         if user and len(str(err)) >= 20:
             return  # a clear user error is a defined outcome
         if user or isinstance(err, UNCLEAR):
@@ -234,6 +242,122 @@ class Fuzz:
                 self._fail(name, err)
         if index % 5 == 0:
             self._select(pool, records, rng)
+        if index % 5 == 2:
+            self._untrusted_and_faults(index, rng)
+
+    # -- untrusted artifacts, user folders, file-system faults -----------------------------------
+    def _expect_refusal(self, where: str, action, *clues: str) -> None:
+        """``action`` must raise a clear user error mentioning every clue; anything else counts."""
+        try:
+            action()
+        except (ValueError, OSError) as err:
+            if all(c in str(err) for c in clues) and len(str(err)) >= 20:
+                return
+            print(f"[{where}] unclear refusal {type(err).__name__}: {err}", file=sys.stderr)
+            self.unclear += 1
+            return
+        except Exception as err:  # noqa: BLE001
+            self._fail(where, err)
+            return
+        print(f"[{where}] was not refused", file=sys.stderr)
+        self.crashes += 1
+
+    def _untrusted_and_faults(self, index: int, rng: random.Random) -> None:
+        import shutil
+
+        from daar_ops.artifacts import manifest_digest
+        from daar_ops.core import read_jsonl
+        from daar_ops.probe_checkpoint import checkpoint_model, load_probe_checkpoint
+
+        case = self.workdir / f"hostile_{index}"
+        case.mkdir()
+        probe = case / "probe"
+        shutil.copytree(self.workdir / "probe", probe)
+        secret = case / "secret.txt"
+        secret.write_text("outside the artifact")
+
+        def rewrite(**changes):
+            path = probe / "manifest.json"
+            manifest = json.loads((self.workdir / "probe" / "manifest.json").read_text())
+            manifest.update(changes)
+            manifest["manifest_sha256"] = manifest_digest(manifest)
+            path.write_text(json.dumps(manifest))
+
+        hostile = [({"tensor_file": rng.choice(["../secret.txt", str(secret), "../../x", ".."])},
+                    "inside the artifact folder"),
+                   ({"feature_dim": rng.choice([200_000, 10**9])}, "do not match the manifest"),
+                   ({"hidden": [rng.choice([200_000, 10**7])]}, "do not match the manifest"),
+                   ({"domains": ["only"]}, "do not match the manifest")]
+        for changes, clue in hostile:
+            rewrite(**changes)
+            self._expect_refusal(f"hostile manifest {changes}",
+                                 lambda: load_probe_checkpoint(probe), clue)
+        rewrite()
+        tensors = probe / "probes.safetensors"
+        tensors.rename(case / "elsewhere.safetensors")
+        tensors.symlink_to(case / "elsewhere.safetensors")
+        self._expect_refusal("symlinked tensor file", lambda: load_probe_checkpoint(probe),
+                             "symlink")
+        _, manifest = load_probe_checkpoint(self.workdir / "probe")
+        self._expect_refusal("hub model id", lambda: checkpoint_model(
+            dict(manifest, model="org/name", model_path="/nowhere")), "nothing is downloaded")
+
+        # a pool folder: a stray file is refused; a BOM and a 100,000-deep line lose nothing
+        shards = case / "shards"
+        shards.mkdir()
+        good = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(7)]
+        (shards / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(
+            json.dumps(r).encode() + b"\n" for r in good[:4]))
+        (shards / "b.JSONL").write_text("[" * 100_000 + "]" * 100_000 + "\n" + "".join(
+            json.dumps(r) + "\n" for r in good[4:]))
+        try:
+            records, report = read_jsonl(shards)
+            self._count(8, len(records), len(report.skipped), "pool folder")
+        except Exception as err:  # noqa: BLE001
+            self._fail("pool folder", err)
+        (shards / "c.txt").write_text(json.dumps(good[0]) + "\n")
+        self._expect_refusal("pool folder with a stray file", lambda: read_jsonl(shards), "c.txt")
+
+        # select into a folder with a user's file: refused before any work, the file intact
+        from daar_ops.pipeline import SelectConfig, run_select
+
+        user_dir = case / "user_out"
+        user_dir.mkdir()
+        (user_dir / "notes.txt").write_text("mine")
+        cfg = SelectConfig(pool=str(shards / "a.jsonl"), output_dir=str(user_dir),
+                           model=str(self.model), synthetic=str(self.synthetic), progress=False)
+        self._expect_refusal("select into a user folder", lambda: run_select(cfg), "notes.txt")
+        if (user_dir / "notes.txt").read_text() != "mine" or len(list(user_dir.iterdir())) != 1:
+            print("[select into a user folder] the user's folder changed", file=sys.stderr)
+            self.crashes += 1
+        self._fs_faults(case)
+
+    def _fs_faults(self, case: Path) -> None:
+        """A feature cache on a full and on a read-only tmpfs (skipped where mounting fails)."""
+        import subprocess
+
+        from daar_ops.feature_cache import FeatureCache
+        from daar_ops.features import LayerFeatureExtractor
+
+        extractor = LayerFeatureExtractor(str(self.model), layer=1, max_length=16)
+        texts = [f"text {i} " + "word " * (i % 7) for i in range(400)]
+        for mode, options, clue in (("full", "size=24k", "No space left"),
+                                    ("read-only", "ro,size=24k", "cannot be written")):
+            mount = case / f"fs_{mode}"
+            mount.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                              capture_output=True).returncode != 0:
+                self.fs_skipped = True
+                continue
+            try:
+                self._expect_refusal(f"cache on a {mode} file system", lambda: FeatureCache(
+                    extractor, mount, template=None, chunk_size=200).encode(texts, False), clue)
+                left = [p.name for p in mount.rglob("*.tmp")]
+                if left:
+                    print(f"[cache on a {mode} file system] left {left}", file=sys.stderr)
+                    self.crashes += 1
+            finally:
+                subprocess.run(["umount", str(mount)], capture_output=True)
 
     def _select(self, pool: Path, records: list[dict], rng: random.Random) -> None:
         from daar_ops.core import read_jsonl
@@ -276,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_cases is None or index < args.max_cases):
             fuzz.case(index)
             index += 1
+    if fuzz.fs_skipped:
+        print("note: file-system fault cases skipped (this process cannot mount a tmpfs)")
     print(f"RESULT cases={fuzz.cases} records_in={fuzz.records_in} "
           f"records_out_plus_dropped={fuzz.accounted} crashes={fuzz.crashes} "
           f"unclear_errors={fuzz.unclear}")

@@ -46,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
                            template=args.template, model=args.model, projection=args.projection,
                            max_points=args.max_points, seed=args.seed, cache_dir=args.cache_dir,
                            pool_limit=args.pool_limit, device=args.device,
-                           max_seq_length=args.max_seq_length or None)
+                           max_seq_length=args.max_seq_length or None,
+                           require_labels=bool(args.label_key))
     for name, m in metrics["subsets"].items():
         print(f"{name}: n={m['n']} coverage={m['facility_location_coverage']:.4f} "
               f"pairwise={m['mean_pairwise_similarity']:.4f}")

@@ -16,6 +16,7 @@ from daar_ops.core import SYNTHESIS_META_KEY, as_dict
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
+from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
 
 OP_NAME = "centroid_synthesis_mapper"
 OUTPUT_FIELDS = ("instruction", "input", "output")
@@ -75,26 +76,26 @@ class CentroidSynthesisMapper(Mapper):
         domains: Optional[Union[List[Dict[str, str]], List[str], Dict[str, str]]] = None,
         domain_key: str = "domain",
         description_key: str = "description",
-        samples_per_domain: int = SYNTHESIS_DEFAULTS["samples_per_domain"],
-        max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"],
+        samples_per_domain: PositiveInt = SYNTHESIS_DEFAULTS["samples_per_domain"],
+        max_attempts: PositiveInt = SYNTHESIS_DEFAULTS["max_attempts"],
         tau: Union[float, Dict[str, float]] = SYNTHESIS_DEFAULTS["tau"],
         n_seed_pairs: int = 5,
         n_counterexamples: int = 3,
-        candidates_per_round: int = 4,
+        candidates_per_round: PositiveInt = 4,
         backend: str = "hf",
         model: str = "smollm2-135m-instruct",
         backend_kwargs: Optional[Dict[str, Any]] = None,
-        generation_batch_size: int = SYNTHESIS_DEFAULTS["generation_batch_size"],
-        max_new_tokens: int = SYNTHESIS_DEFAULTS["max_new_tokens"],
-        temperature: float = SYNTHESIS_DEFAULTS["temperature"],
-        top_p: float = SYNTHESIS_DEFAULTS["top_p"],
+        generation_batch_size: PositiveInt = SYNTHESIS_DEFAULTS["generation_batch_size"],
+        max_new_tokens: PositiveInt = SYNTHESIS_DEFAULTS["max_new_tokens"],
+        temperature: NonNegativeFloat = SYNTHESIS_DEFAULTS["temperature"],
+        top_p: OpenRatio = SYNTHESIS_DEFAULTS["top_p"],
         response_prefix: Optional[str] = "Instruction:",
         dtype: str = SYNTHESIS_DEFAULTS["dtype"],
         seed: int = 0,
         feature_model: Optional[str] = None,
         feature: str = "embedding",
         layer: int = 3,
-        max_length: int = 512,
+        max_length: PositiveInt = 512,
         feature_dtype: str = "float32",
         centroids_path: Optional[str] = None,
         *args,

@@ -24,6 +24,7 @@ from daar_ops.ops._selector import StatsSelector, stats_values
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
 from daar_ops.text import TextTemplate
+from daar_ops.ops._types import NonNegativeInt, PositiveInt, Ratio
 
 OP_NAME = "diversity_reward_filter"
 SELECTOR_NAME = "diversity_reward_selector"
@@ -91,12 +92,12 @@ class DiversityRewardFilter(Filter):
         model: Optional[str] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        top_ratio: Optional[float] = None,
-        top_k: Optional[int] = None,
+        top_ratio: Ratio = None,
+        top_k: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
         dtype: str = "float32",
-        feature_batch_size: int = 32,
-        max_batch_tokens: int = 2048,
+        feature_batch_size: PositiveInt = 32,
+        max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
         *args,
@@ -264,14 +265,14 @@ class DiversityRewardSelector(StatsSelector):
         self,
         checkpoint: Optional[str] = None,
         model: Optional[str] = None,
-        top_ratio: Optional[float] = None,
-        top_k: Optional[int] = None,
+        top_ratio: Ratio = None,
+        top_k: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
         dtype: str = "float32",
-        feature_batch_size: int = 32,
-        max_batch_tokens: int = 2048,
+        feature_batch_size: PositiveInt = 32,
+        max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
         *args,

@@ -16,6 +16,7 @@ from daar_ops.core import PHI_INTRA_KEY as STAT_INTRA
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
+from daar_ops.ops._types import Percentile, PositiveInt
 
 OP_NAME = "domain_contrastive_selector"
 
@@ -43,14 +44,14 @@ class DomainContrastiveSelector(StatsSelector):
         self,
         label_key: str = "__dj__meta__.daar_pseudo_domain",
         metric: str = "inter",
-        lower_percentile: float = 80.0,
-        upper_percentile: float = 100.0,
+        lower_percentile: Percentile = 80.0,
+        upper_percentile: Percentile = 100.0,
         hf_model: str = "smollm2-135m-instruct",
         text_template: str = ALPACA_TEMPLATE,
         centroids_path: Optional[str] = None,
         keep_unlabeled: bool = False,
-        max_length: int = 512,
-        feature_batch_size: int = 64,
+        max_length: PositiveInt = 512,
+        feature_batch_size: PositiveInt = 64,
         dtype: str = "float32",
         device: str = "cpu",
         *args,

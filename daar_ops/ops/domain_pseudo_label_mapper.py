@@ -29,6 +29,7 @@ from daar_ops.ops._columns import (float_list_feature, render_rows, string_featu
                                    with_fields)
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+from daar_ops.ops._types import NonNegativeInt, PositiveInt
 
 OP_NAME = "domain_pseudo_label_mapper"
 STAGE1 = Stage1Config()
@@ -97,9 +98,9 @@ class DomainPseudoLabelMapper(Mapper):
         sentence_model: str = STAGE1.sentence_model,
         seed: int = 0,
         metric: str = PSEUDO_LABEL_DEFAULTS["metric"],
-        refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"],
-        max_length: int = 512,
-        model_batch_size: int = 64,
+        refine_iters: NonNegativeInt = PSEUDO_LABEL_DEFAULTS["refine_iters"],
+        max_length: PositiveInt = 512,
+        model_batch_size: PositiveInt = 64,
         dtype: str = "float32",
         label_key: str = PSEUDO_DOMAIN_KEY,
         similarity_key: str = DOMAIN_SIMILARITY_KEY,

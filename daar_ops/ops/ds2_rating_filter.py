@@ -17,6 +17,7 @@ from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_M
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._columns import float_feature, render_rows, with_fields
 from daar_ops.text import TextTemplate
+from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
 
 OP_NAME = "ds2_rating_filter"
 RATING_KEY = DS2_RATING_KEY
@@ -69,15 +70,15 @@ class DS2RatingFilter(Filter):
         text_template: Optional[str] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        try_num: int = 3,
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
+        try_num: PositiveInt = 3,
+        max_new_tokens: PositiveInt = 128,
+        temperature: NonNegativeFloat = 0.7,
+        top_p: OpenRatio = 0.95,
         seed: int = 0,
         dtype: str = "float32",
-        model_batch_size: int = 8,
-        max_length: int = 2048,
-        max_sample_chars: int = 6000,
+        model_batch_size: PositiveInt = 8,
+        max_length: PositiveInt = 2048,
+        max_sample_chars: PositiveInt = 6000,
         api_endpoint: Optional[str] = None,
         api_params: Optional[Dict] = None,
         *args,

@@ -25,6 +25,7 @@ from daar_ops.core import as_dict, budget
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
+from daar_ops.ops._types import NonNegativeInt, PositiveInt, Ratio
 
 OP_NAME = "ds2_selector"
 ALIAS = "ds2_filter"  # the design card's name; same op
@@ -72,19 +73,19 @@ class DS2Selector(StatsSelector):
         score_high: float = 5.0,
         num_classes: int = 6,
         missing_score: Optional[float] = None,
-        select_ratio: Optional[float] = None,
-        select_num: Optional[int] = None,
+        select_ratio: Ratio = None,
+        select_num: NonNegativeInt = None,
         text_template: Optional[str] = None,
         embedding_model: str = "all-minilm-l6-v2",
         embedding_key: Optional[str] = None,
-        embed_batch_size: int = 64,
-        k: int = 10,
+        embed_batch_size: PositiveInt = 64,
+        k: PositiveInt = 10,
         k_pool: Optional[int] = None,
-        hoc_steps: int = 1500,
+        hoc_steps: PositiveInt = 1500,
         hoc_lr: float = 0.1,
-        detection_rounds: int = 20,
-        subset_fraction: float = 0.8,
-        confidence_threshold: float = 0.5,
+        detection_rounds: PositiveInt = 20,
+        subset_fraction: Ratio = 0.8,
+        confidence_threshold: Ratio = 0.5,
         seed: int = 0,
         knn_index: str = "exact",
         knn_params: Optional[Dict[str, Any]] = None,

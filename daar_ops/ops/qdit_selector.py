@@ -19,6 +19,7 @@ from daar_ops.core import budget
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.text import TextTemplate, lookup
+from daar_ops.ops._types import NonNegativeFloat, NonNegativeInt, PositiveInt, Ratio
 
 OP_NAME = "qdit_selector"
 ALIAS = "qdit_filter"  # the design card's name; same op
@@ -46,8 +47,8 @@ class QditSelector(StatsSelector):
     """
 
     def __init__(self,
-                 select_ratio: Optional[float] = None,
-                 select_num: Optional[int] = None,
+                 select_ratio: Ratio = None,
+                 select_num: NonNegativeInt = None,
                  text_template: Optional[str] = None,
                  quality_key: Optional[str] = None,
                  alpha: float = 0.0,
@@ -59,16 +60,16 @@ class QditSelector(StatsSelector):
                  epsilon: float = 0.01,
                  seed: int = 0,
                  similarity: str = "blocked",
-                 knn_k: int = 50,
-                 max_memory_mb: float = 2048.0,
+                 knn_k: PositiveInt = 50,
+                 max_memory_mb: NonNegativeFloat = 2048.0,
                  compute_dtype: str = "float32",
                  partition_size: Optional[int] = None,
                  embedder: str = "sentence_transformers",
                  embedding_model: Optional[str] = None,
                  feature: str = "layer",
                  feature_layer: int = 3,
-                 max_length: int = 512,
-                 embed_batch_size: int = 64,
+                 max_length: PositiveInt = 512,
+                 embed_batch_size: PositiveInt = 64,
                  *args, **kwargs):
         """
         Initialization method.
