@@ -864,12 +864,19 @@ PAPER_BENCHMARKS = ("nq_open", "triviaqa", "hellaswag", "gsm8k", "minerva_math",
 CODE_TASKS = ("mbpp", "humaneval")
 
 
-def parse_tasks(value: str | None) -> list[str]:
+def parse_tasks(value: str | None, allow_code_execution: bool = False) -> list[str]:
+    """The lm-eval task names of ``--lm-eval-tasks``; code tasks (they execute model-written
+    code on this machine) are refused unless ``allow_code_execution``."""
     if not value:
         return []
-    if value.strip() == "paper":
-        return list(PAPER_BENCHMARKS)
-    return [t.strip() for t in value.split(",") if t.strip()]
+    tasks = list(PAPER_BENCHMARKS) if value.strip() == "paper" else \
+        [t.strip() for t in value.split(",") if t.strip()]
+    code = [t for t in tasks if t in CODE_TASKS]
+    if code and not allow_code_execution:
+        raise ValueError(f"benchmark(s) {', '.join(code)} run code the model wrote on this "
+                         f"machine; pass --allow-code-execution to run them (ideally in a "
+                         f"sandbox), or leave them out of --lm-eval-tasks")
+    return tasks
 
 
 def lm_eval_model_args(model_path: str, adapter_dir: str | Path | None, dtype: str) -> str:
@@ -882,8 +889,15 @@ def lm_eval_model_args(model_path: str, adapter_dir: str | Path | None, dtype: s
 
 def run_lm_eval(model: str, adapter_dir: str | Path | None, tasks: Sequence[str],
                 device: str = "cuda", limit: int | None = None,
-                batch_size: str | int = "auto") -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from ``lm_eval.simple_evaluate`` (needs ``pip install lm-eval``)."""
+                batch_size: str | int = "auto", allow_code_execution: bool = False
+                ) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from ``lm_eval.simple_evaluate`` (needs ``pip install lm-eval``).
+
+    Code tasks execute model-written code: refused unless ``allow_code_execution``."""
+    code = [t for t in tasks if t in CODE_TASKS]
+    if code and not allow_code_execution:
+        raise ValueError(f"benchmark(s) {', '.join(code)} execute model-written code; pass "
+                         f"allow_code_execution=True (--allow-code-execution) to run them")
     try:
         import lm_eval
     except ImportError as err:  # an optional extra, not installed by make setup
@@ -892,19 +906,20 @@ def run_lm_eval(model: str, adapter_dir: str | Path | None, tasks: Sequence[str]
 
     device = resolve_eval_device(device)
     dtype = "bfloat16" if bf16_supported(device) else "float32"
-    if any(t in CODE_TASKS for t in tasks):
+    if code:
         os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     out = lm_eval.simple_evaluate(
         model="hf", model_args=lm_eval_model_args(resolve_model_path(model), adapter_dir, dtype),
         tasks=list(tasks), device=device, limit=limit, batch_size=batch_size,
-        confirm_run_unsafe_code=any(t in CODE_TASKS for t in tasks))
+        confirm_run_unsafe_code=bool(code))
     return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in out["results"].items()}
 
 
 def evaluate_benchmarks(results: Sequence[dict[str, Any]], out_dir: str | Path, model: str,
                         tasks: Sequence[str], device: str = "cuda", limit: int | None = None,
-                        batch_size: str | int = "auto") -> list[dict[str, Any]]:
+                        batch_size: str | int = "auto", allow_code_execution: bool = False
+                        ) -> list[dict[str, Any]]:
     """Adds ``benchmarks`` to every run (from its saved adapter); resumable like the training."""
     out_dir = Path(out_dir)
     for r in results:
@@ -919,7 +934,7 @@ def evaluate_benchmarks(results: Sequence[dict[str, Any]], out_dir: str | Path, 
             raise FileNotFoundError(f"{adapter} is missing: rerun with --no-resume so the "
                                     "adapter is saved")
         done.update(run_lm_eval(model, adapter if r["method"] != BASE else None, todo, device,
-                                limit, batch_size))
+                                limit, batch_size, allow_code_execution))
         r["benchmarks"] = done
         write_json_atomic(run_dir / "result.json", r)
     return list(results)

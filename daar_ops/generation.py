@@ -10,7 +10,9 @@ conversation, in order. Backends:
   ``batch_size`` with left padding.
 * ``"api"``: Data-Juicer's OpenAI-compatible API model
   (:func:`data_juicer.utils.model_utils.prepare_api_model`); ``backend_kwargs`` such as
-  ``base_url``, ``api_key``, ``endpoint`` are passed to it. One request per conversation; the
+  ``base_url`` and ``endpoint`` are passed to it. The key comes from ``OPENAI_API_KEY`` (and the
+  server from ``OPENAI_BASE_URL``) in the environment: an ``api_key`` written in a recipe is
+  echoed in Data-Juicer's config table and its recipe backup (a warning says so). One request per conversation; the
   ``seed`` is sent with each request (servers that honour it are reproducible).
 * ``"vllm"`` (optional, GPU): :class:`vllm.LLM` with ``llm.chat``; needs the ``vllm`` package.
 
@@ -296,6 +298,10 @@ def load_generator(backend: str = "hf", model: str = "smollm2-135m-instruct",
         return HFGenerator(model=model, device=device, dtype=dtype, batch_size=batch_size,
                            **backend_kwargs)
     if backend == "api":
+        if "api_key" in backend_kwargs:
+            logger.warning("an api_key given as a parameter is echoed in Data-Juicer's config "
+                           "table and in the recipe backup of its work folder; leave it out and "
+                           "export OPENAI_API_KEY (and OPENAI_BASE_URL) instead")
         return APIGenerator(model=model, **backend_kwargs)
     if backend == "vllm":
         return VLLMGenerator(model=model, dtype=dtype, **backend_kwargs)

@@ -115,3 +115,26 @@ def test_a_full_disk_leaves_no_partial_chunk(tmp_path, tiny_llama, monkeypatch):
 def test_invalid_utf8_lines_are_reported_as_kept():
     report = JsonlReport("p.jsonl", invalid_utf8=[3])
     assert "kept" in report.message() and "skipped" not in report.message()
+
+
+def test_code_benchmarks_need_an_explicit_flag(tmp_path, capsys):
+    from daar_ops.evaluation import parse_tasks
+
+    assert parse_tasks("gsm8k,mbpp", allow_code_execution=True) == ["gsm8k", "mbpp"]
+    with pytest.raises(ValueError, match="--allow-code-execution"):
+        parse_tasks("paper")
+    code, err = _run(capsys, ["evaluate", "--methods", "random", "--lm-eval-tasks", "humaneval",
+                              "--out", str(tmp_path / "ev")])
+    assert code == 2 and "--allow-code-execution" in _one_error(err, "evaluate")
+    assert not (tmp_path / "ev").exists()  # refused before any work
+
+
+def test_an_api_key_parameter_is_warned_about(warnings_log):
+    from daar_ops.generation import load_generator
+
+    try:
+        load_generator("api", model="some-model", api_key="sk-secret", client=lambda m, **k: "")
+    except ImportError:
+        pass  # the openai package is an optional extra
+    assert any("OPENAI_API_KEY" in line for line in warnings_log)
+    assert not any("sk-secret" in line for line in warnings_log)  # never echoed

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{','.join(ev.PAPER_BENCHMARKS)}")
     b.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task")
     b.add_argument("--lm-eval-batch-size", default="auto")
+    b.add_argument("--allow-code-execution", action="store_true",
+                   help="let the code benchmarks (mbpp, humaneval) execute model-written code "
+                        "on this machine; without it they are refused")
     p.add_argument("--out", type=Path, default=Path("outputs") / "evaluate")
     p.add_argument("--no-base", action="store_true", help="skip the untuned base model row")
     p.add_argument("--no-resume", action="store_true", help="retrain even finished runs")
@@ -98,6 +101,8 @@ def run_from_args(args: argparse.Namespace):
     torch.set_num_threads(max(1, args.threads))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     files = _pairs(args.selection, "--selection")
+    # checked before any work: code benchmarks need --allow-code-execution
+    tasks = ev.parse_tasks(args.lm_eval_tasks, args.allow_code_execution)
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
@@ -119,7 +124,6 @@ def run_from_args(args: argparse.Namespace):
             max_length=args.max_length, epochs=args.epochs, max_steps=args.max_steps,
             batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r, lora_top_layers=args.lora_top_layers, bf16=args.bf16)
-    tasks = ev.parse_tasks(args.lm_eval_tasks)
     results = ev.evaluate_selections(
         comparison.selections, comparison.eval_sets, args.out, model=args.model, seeds=seeds,
         settings=settings, device=args.device, held_hashes=comparison.held_hashes,
@@ -128,7 +132,8 @@ def run_from_args(args: argparse.Namespace):
     if tasks:
         results = ev.evaluate_benchmarks(results, args.out, args.model, tasks,
                                          device=args.device, limit=args.lm_eval_limit,
-                                         batch_size=args.lm_eval_batch_size)
+                                         batch_size=args.lm_eval_batch_size,
+                                         allow_code_execution=args.allow_code_execution)
     context = {**comparison.context, "seeds": seeds, "settings": settings.to_dict(),
                "selection_seconds": round(select_s, 1),
                "seconds": round(time.perf_counter() - start, 1)}

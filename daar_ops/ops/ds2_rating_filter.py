@@ -110,7 +110,9 @@ class DS2RatingFilter(Filter):
         :param max_length: prompt tokens kept in ``probability`` mode.
         :param max_sample_chars: a sample longer than this is cut before prompting (logged).
         :param api_endpoint: endpoint of the API model (``api`` backend).
-        :param api_params: extra parameters of the API model (e.g. ``base_url``, ``api_key``).
+        :param api_params: extra parameters of the API model (e.g. ``base_url``); the key comes
+            from ``OPENAI_API_KEY`` in the environment (an ``api_key`` here is echoed in
+            Data-Juicer's config table and recipe backup).
         :param args: extra args
         :param kwargs: extra args
         """
