@@ -69,10 +69,24 @@ def test_analyzer_loses_no_row_with_every_op(tiny_artifacts, tmp_path):
 
     cfg = _config(tmp_path, _process_list(tiny_artifacts), _rows())
     analyzed = Analyzer(cfg).run(skip_export=True)
-    assert len(analyzed) == N  # the selections are Selectors: the Analyzer does not run them
+    assert len(analyzed) == N  # selectors write their stats in an analysis but drop nothing
     stats = analyzed.to_list()
     assert all(isinstance(r["__dj__stats__"]["daar_diversity_reward"], float) for r in stats)
     assert all(r["__dj__meta__"]["daar_pseudo_domain"] for r in stats)
+    for key in ("qdit_rank", "ds2_curated_score"):  # a selector stat, for every row
+        assert all(r["__dj__stats__"].get(key) is not None for r in stats), key
+
+
+def test_analyzer_on_the_documented_one_liner_exports_its_stats(tiny_artifacts, tmp_path):
+    from data_juicer.core import Analyzer
+
+    one_liner = [{"diversity_reward_filter": {"checkpoint": str(tiny_artifacts["probe"]),
+                                              "top_ratio": 0.2}}]
+    cfg = _config(tmp_path, one_liner, _rows())
+    analyzed = Analyzer(cfg).run(skip_export=True)
+    assert len(analyzed) == N
+    assert all(isinstance(r["__dj__stats__"]["daar_diversity_reward"], float)
+               for r in analyzed.to_list())
 
 
 def test_pipeline_of_every_op_and_the_tracer_records_what_selections_drop(tiny_artifacts,

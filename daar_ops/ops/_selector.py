@@ -4,7 +4,10 @@ keeps a subset.
 
 Being a Selector (not a Filter with a replaced ``run()``) is what makes the ops behave natively:
 
-* ``dj-analyze`` only runs Filters and tagging ops, so an analysis never loses rows to a selection;
+* ``dj-analyze`` runs only Filters and tagging ops; a selector declares ``_contains_tagging_ops``
+  so the Analyzer runs it, and when called by the Analyzer it writes its stats for every sample
+  and drops none (:func:`called_by_analyzer`), so an analysis gets every selector's stats and
+  never loses rows to a selection;
 * ``op_fusion`` only fuses and reorders consecutive Filters, and a Selector ends such a group, so a
   Filter placed before a selection still runs before it;
 * ``_supported_exec_modes = ("default",)`` (the base class's) makes Data-Juicer's Ray preflight
@@ -15,6 +18,7 @@ Being a Selector (not a Filter with a replaced ``run()``) is what makes the ops 
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +33,9 @@ from daar_ops.ops._columns import feature_of, with_fields
 
 class StatsSelector(Selector):
     """Base class: subclasses implement :meth:`choose` (stats columns + keep mask)."""
+
+    # Data-Juicer's Analyzer runs an op only if it is a Filter or declares tagging ops
+    _contains_tagging_ops = True
 
     def prepare(self, dataset: Any) -> Any:
         """Per-sample work the choice needs (e.g. scores a Filter would write); default none."""
@@ -45,6 +52,11 @@ class StatsSelector(Selector):
     def run(self, dataset, *, exporter=None, tracer=None):
         dataset = OP.run(self, dataset)
         dataset, keep = self._scored(dataset)
+        if called_by_analyzer():
+            logger.info(f"{self._name}: analysis: stats written for all {len(keep)} samples, "
+                        f"none dropped (the selection keeps {int(keep.sum())})")
+            free_models()
+            return dataset
         if tracer is not None:
             self._trace_dropped(tracer, dataset, keep)
         selected = dataset.select(np.flatnonzero(keep).tolist())
@@ -77,6 +89,20 @@ class StatsSelector(Selector):
             if check_tracer_collect_complete(tracer, self._name):
                 break
             collect_for_filter(tracer, self._name, dataset[int(i)], False)
+
+
+def called_by_analyzer() -> bool:
+    """Whether Data-Juicer's Analyzer (``dj-analyze``) is running this op. Data-Juicer 1.6.1 calls
+    ``op.run`` the same way from its executor and its Analyzer (it only sets ``process = None``
+    on Filters), so the caller's frame is the one thing that tells them apart."""
+    from data_juicer.core.analyzer import Analyzer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), Analyzer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def write_stats(dataset: Any, columns: Mapping[str, Sequence[Any]], desc: str = "stats") -> Any:
