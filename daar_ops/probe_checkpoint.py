@@ -17,13 +17,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 
-from daar_ops.algorithms.probes import DaarProbes, ProbeMLP, ProbeTrainingResult
 from daar_ops.artifacts import ArtifactError, check_compatible, load_artifact, save_artifact
+
+if TYPE_CHECKING:  # torch and the probes are imported where used (the ops import this module)
+    import torch
+
+    from daar_ops.algorithms.probes import DaarProbes, ProbeTrainingResult
 
 KIND = "daar_probe"
 COMPAT_KEYS = ("model_fingerprint", "layer", "feature_dim")
@@ -52,6 +55,10 @@ def save_probe_checkpoint(directory: str | os.PathLike, result: ProbeTrainingRes
 
 def load_probe_checkpoint(directory: str | os.PathLike) -> tuple[DaarProbes, dict[str, Any]]:
     """Load and verify (checksum, kind, shapes) a checkpoint: (probes on CPU, manifest)."""
+    import torch
+
+    from daar_ops.algorithms.probes import DaarProbes, ProbeMLP
+
     tensors, manifest = load_artifact(directory, kind=KIND)
     for key in ("domains", "feature_dim", "hidden", "layer", "model_fingerprint", "template"):
         if key not in manifest:

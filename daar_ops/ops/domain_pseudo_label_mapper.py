@@ -22,6 +22,7 @@ from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec,
                                            compatibility_keys, embed_texts, feature_description,
                                            load_centroids)
 from daar_ops.artifacts import artifact_digest, check_compatible, sha256_file
+from daar_ops.defaults import PSEUDO_LABEL_DEFAULTS, STAGE1
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
@@ -31,21 +32,6 @@ from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
-STAGE1 = Stage1Config()
-
-# The one set of pseudo-labelling defaults: this op's, `daar-ops select`'s and the recipes'.
-# Chosen on the worst of four evaluation pools over three synthesis seeds (docs/daar_stage1.md):
-# cluster-then-label in the all-MiniLM-L6-v2 space, anchors = the synthetic samples plus
-# paraphrased domain descriptions. The paper's procedure is Stage1Config.paper().
-PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
-    feature=STAGE1.space,      # "sentence": MiniLM; "embedding"/"layer": the LM (the paper)
-    method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
-    use_descriptions=STAGE1.use_descriptions,
-    metric="cosine",
-    # k-means refinement of the centroids (the reference code): it helped on the shared pool
-    # (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); 0 keeps it off.
-    refine_iters=0,
-)
 SENTENCE = "sentence"
 
 
