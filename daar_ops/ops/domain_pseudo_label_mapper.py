@@ -89,6 +89,8 @@ class DomainPseudoLabelMapper(Mapper):
         dtype: str = "float32",
         label_key: str = PSEUDO_DOMAIN_KEY,
         similarity_key: str = DOMAIN_SIMILARITY_KEY,
+        feature_cache: bool = True,
+        cache_dir: Optional[str] = None,
         *args,
         **kwargs,
     ):
@@ -129,6 +131,10 @@ class DomainPseudoLabelMapper(Mapper):
         :param dtype: ``float32``, ``bfloat16`` or ``float16`` for the feature model.
         :param label_key: meta key of the pseudo-domain name.
         :param similarity_key: stats key of the per-domain similarities.
+        :param feature_cache: read/write ``feature: sentence`` embeddings through the on-disk
+            feature cache (keyed by the sentence model's identity, its truncation and the text's
+            SHA-256), so a rerun or another recipe over the same texts does not embed them again.
+        :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param args: extra args
         :param kwargs: extra args
         """
@@ -155,6 +161,8 @@ class DomainPseudoLabelMapper(Mapper):
         self.similarity_key = similarity_key
         self.layer = layer
         self.sentence_model = sentence_model
+        self.feature_cache = bool(feature_cache)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         # whole-dataset methods: text -> (label, similarities to the prototypes), from _fit
         self._fitted: Optional[Dict[str, Tuple[int, List[float]]]] = None
         self.stage1_info: Dict[str, Any] = {}
@@ -225,12 +233,15 @@ class DomainPseudoLabelMapper(Mapper):
                progress: bool = False) -> np.ndarray:
         """Features of ``texts`` in this op's space."""
         if self.feature == SENTENCE:
-            from daar_ops.encoders import encode_sentences
+            from daar_ops.encoders import cached_sentence_embeddings
 
             key = model_key("sentence_encoder", model=self.sentence_model,
                             max_seq_length=STAGE1.sentence_max_tokens)
-            return encode_sentences(texts, encoder=load(key, rank, self.use_cuda()),
-                                    batch_size=self.model_batch_size, progress=progress)
+            return cached_sentence_embeddings(texts, load(key, rank, self.use_cuda()),
+                                              self.sentence_model,
+                                              batch_size=self.model_batch_size,
+                                              cache=self.feature_cache, cache_dir=self.cache_dir,
+                                              progress=progress)
         return embed_texts(self._extractor(rank), texts, self.feature, progress=progress)
 
     def _load_anchors(self, path: str, domains: Optional[List[Dict[str, str]]]) -> None:
