@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 METHOD_RECIPES = ("random", "instruction_length", "qdit", "ds2", "daar", "daar_per_domain")
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "sandbox"
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "sandbox"  # package data
 
 
 def build_sandbox_config(work_dir: str | os.PathLike = "outputs/sandbox",
