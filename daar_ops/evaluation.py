@@ -658,15 +658,17 @@ def write_outputs(results: Sequence[Mapping[str, Any]], out_dir: str | Path,
 # --------------------------------------------------------------------------------------------
 # One comparison from a pool: held-out sets, one slice, every method's selection at one budget
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_POOL = REPO.parent / "shared" / "data" / "daar_pool" / "daar_pool.jsonl.gz"
-# name -> recipe (relative to the repository); "random" is sampled here, seeded per seed.
+DEFAULT_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" / \
+    "daar_pool.jsonl.gz"  # beside a source checkout; elsewhere pass --pool
+# name -> recipe, relative to the recipes shipped in the package (daar_ops/recipes, package data);
+# "random" is sampled here, seeded per seed.
+RECIPES = Path(__file__).resolve().parent / "recipes"
 RECIPE_METHODS = {
-    "instruction_length": "recipes/baselines/instruction_length.yaml",
-    "qdit": "recipes/baselines/qdit.yaml",
-    "ds2": "recipes/baselines/ds2.yaml",
-    "daar": "recipes/sandbox/process_daar.yaml",
-    "daar_per_domain": "recipes/sandbox/process_daar_per_domain.yaml",
+    "instruction_length": "baselines/instruction_length.yaml",
+    "qdit": "baselines/qdit.yaml",
+    "ds2": "baselines/ds2.yaml",
+    "daar": "sandbox/process_daar.yaml",
+    "daar_per_domain": "sandbox/process_daar_per_domain.yaml",
 }
 DEFAULT_METHODS = (RANDOM, *RECIPE_METHODS)
 FULL = "full"  # the whole slice: the upper reference (budget 100%)
@@ -697,17 +699,10 @@ def held_out_eval_sets(records: Sequence[Mapping[str, Any]], held: Sequence[int]
 
 
 def _compare_methods_module():
-    """tools/compare_methods.py (the repository's recipe runner), loaded by path."""
-    import importlib.util
+    """The recipe runner (:mod:`daar_ops.compare_methods`, also ``tools/compare_methods.py``)."""
+    from daar_ops import compare_methods
 
-    path = REPO / "tools" / "compare_methods.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: method names need the repository's "
-                                "recipes and tools; pass selections as JSONL files instead")
-    spec = importlib.util.spec_from_file_location("daar_ops_compare_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compare_methods
 
 
 @dataclass
@@ -767,13 +762,13 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
        ``eval_files``); per domain the first ``eval_per_domain`` of them in hash order, unless
        ``eval_files`` ({domain: JSONL}) are given;
     2. the rest, without ``domain``/``source``, is the selection pool; the slice is ``n`` of it
-       drawn with ``slice_seed`` (``tools/compare_methods.write_slice``);
+       drawn with ``slice_seed`` (``daar_ops.compare_methods.write_slice``);
     3. each method in ``methods`` selects ``ratio`` of the slice: ``random`` is sampled with each
        seed; the others run their recipe through ``dj-process`` (:data:`RECIPE_METHODS`; DaaR's
        probe checkpoint comes from ``daar_checkpoint`` or ``daar-ops select --quick`` on the
        selection pool); ``full`` is the whole slice. ``selection_files`` add given JSONL files.
     """
-    out_dir = Path(out_dir).resolve()  # dj-process runs from the repository root
+    out_dir = Path(out_dir).resolve()  # absolute: the recipes' paths must not depend on the cwd
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(pool)
     keep, held = split_held_out(records, held_out_fraction)
@@ -821,7 +816,7 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
                     domains = json.loads((Path(ckpt) / "manifest.json").read_text())["domains"]
                     overrides["diversity_reward_filter"]["domain_ratios"] = {
                         d: ratio for d in domains}
-            res = cm.run_method(name, REPO / RECIPE_METHODS[name], input_path, select_dir, ratio,
+            res = cm.run_method(name, RECIPES / RECIPE_METHODS[name], input_path, select_dir, ratio,
                                 size, timeout, overrides, reuse=True)
             statuses[name] = res["status"]
             if res["status"] == "ok":

@@ -309,7 +309,9 @@ class FeatureCache:
                 ) -> tuple[dict[str, np.ndarray], list[_BrokenChunk]]:
         """The rows of ``hashes`` from their verified chunks, and the chunks that failed."""
         n, d = len(hashes), self.extractor.hidden_size
-        out = {"embedding": np.zeros((n, d), np.float32), "layer": np.zeros((n, d), np.float32),
+        layer_d = getattr(self.extractor, "layer_size", d)  # 0: a source with embeddings only
+        out = {"embedding": np.zeros((n, d), np.float32),
+               "layer": np.zeros((n, layer_d), np.float32),
                "n_tokens": np.zeros(n, np.int64), "truncated": np.zeros(n, bool),
                "empty": np.zeros(n, bool)}
         found, file, row = index.find(hashes)

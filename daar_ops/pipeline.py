@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
@@ -51,8 +50,7 @@ from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, 
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
                            iter_jsonl, write_jsonl)
 from daar_ops.models import SMOLLM2
-from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
-from daar_ops.ops.domain_pseudo_label_mapper import PSEUDO_LABEL_DEFAULTS
+from daar_ops.defaults import PSEUDO_LABEL_DEFAULTS, SYNTHESIS_DEFAULTS
 from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split_by_digest
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -203,6 +201,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     """Run the method; outputs appear in ``cfg.output_dir`` as one consistent set or not at all
     (:mod:`daar_ops.outdir`: a folder holding files this package did not write is refused before
     any work, staging folders of killed runs are cleaned, the swap is atomic)."""
+    import torch
+
     from daar_ops import outdir
 
     cfg.validate()

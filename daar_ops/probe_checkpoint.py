@@ -18,14 +18,17 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 
-from daar_ops.algorithms.probes import DaarProbes, ProbeMLP, ProbeTrainingResult
 from daar_ops.artifacts import (ArtifactError, check_compatible, load_artifact, recorded_model,
                                 save_artifact)
+
+if TYPE_CHECKING:  # torch and the probes are imported where used (the ops import this module)
+    import torch
+
+    from daar_ops.algorithms.probes import DaarProbes, ProbeTrainingResult
 
 KIND = "daar_probe"
 RUN_INFO = "run.json"  # timings and cache hits of the training run: not part of the digest
@@ -59,6 +62,10 @@ def load_probe_checkpoint(directory: str | os.PathLike) -> tuple[DaarProbes, dic
     The shapes the manifest claims (``feature_dim``, ``hidden``, the domains) are checked against
     the tensors before the probes are built, so a manifest cannot make the loader allocate more
     than the tensor file holds."""
+    import torch
+
+    from daar_ops.algorithms.probes import DaarProbes, ProbeMLP
+
     tensors, manifest = load_artifact(directory, kind=KIND)
     for key in ("domains", "feature_dim", "hidden", "layer", "model_fingerprint", "template"):
         if key not in manifest:
@@ -87,6 +94,10 @@ def load_probe_checkpoint(directory: str | os.PathLike) -> tuple[DaarProbes, dic
 
 def _probe_shapes(d: int, n_out: int, hidden: list[int]) -> dict[str, list[int]]:
     """The state-dict shapes of ``ProbeMLP(d, n_out, hidden)``, computed without allocating."""
+    import torch
+
+    from daar_ops.algorithms.probes import ProbeMLP
+
     with torch.device("meta"):
         model = ProbeMLP(d, n_out, hidden)
     return {k: list(v.shape) for k, v in model.state_dict().items()}

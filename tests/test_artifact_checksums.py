@@ -140,11 +140,11 @@ def test_manifest_shapes_are_checked_against_the_tensors_before_allocating(probe
                                                                            monkeypatch):
     import torch
 
-    import daar_ops.probe_checkpoint as pc
+    import daar_ops.algorithms.probes as probes
 
     built = []  # probes built with real memory (not on the meta device)
-    real = pc.ProbeMLP
-    monkeypatch.setattr(pc, "ProbeMLP", lambda *a: (
+    real = probes.ProbeMLP
+    monkeypatch.setattr(probes, "ProbeMLP", lambda *a: (
         torch.empty(0).device.type != "meta" and built.append(a)) or real(*a))
     rewrite_manifest(probe_dir, change)
     with pytest.raises(ArtifactError, match="do not match the manifest|malformed"):

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import os
@@ -17,11 +16,9 @@ POOL_SIZE = 37993
 
 
 def _compare_module():
-    spec = importlib.util.spec_from_file_location("compare_methods",
-                                                  REPO / "tools" / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import daar_ops.compare_methods  # the runner ships in the package (tools/ only wraps it)
+
+    return daar_ops.compare_methods
 
 
 def _recipe(name):

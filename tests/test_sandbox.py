@@ -68,3 +68,49 @@ def test_sandbox_experiment_runs_hooks_end_to_end(sandbox, tiny_llama, tmp_path,
     assert not eval_hashes & {ev.text_hash(r) for r in slice_recs}
     assert all("domain" not in r for r in slice_recs)
     assert (work / "summary" / "losses.png").stat().st_size > 0
+
+
+def test_small_run_from_the_command_line_builds_its_config(tmp_path, monkeypatch):
+    """`daar-ops sandbox --methods ... --seeds ... --n ...` without a YAML: the experiment is
+    built (recipes written under --work-dir) and handed to the sandbox."""
+    from daar_ops import cli
+    from daar_ops.commands import sandbox as cmd
+
+    seen = {}
+
+    def fake_run(config, overrides=None, sandbox_path=None):
+        seen["config"] = yaml.safe_load(open(config).read())
+        seen["overrides"] = overrides
+        return {"summary": {"summary": {"best_method": "random"}}}
+
+    monkeypatch.setattr(cmd, "run_sandbox", fake_run)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    work = tmp_path / "sb"
+    assert cli.main(["sandbox", "--methods", "random,instruction_length", "--seeds", "0",
+                     "--n", "40", "--eval-per-domain", "2", "--work-dir", str(work)]) == 0
+    cfg = seen["config"]
+    assert cfg["work_dir"] == str(work)
+    names = [next(iter(p)) for p in cfg["pipelines"]]
+    assert names == ["prepare", "random", "instruction_length", "summary"]
+    prepare = cfg["pipelines"][0]["prepare"]["probe_job_configs"][0]["extra_configs"]
+    assert prepare["n"] == 40 and prepare["eval_per_domain"] == 2 and not prepare["daar_probe"]
+    train = cfg["pipelines"][1]["random"]["execution_job_configs"][1]["extra_configs"]
+    assert train["seeds"] == [0]
+    recipe = cfg["pipelines"][2]["instruction_length"]["execution_job_configs"][0]["dj_configs"]
+    assert recipe.startswith(str(work)) and yaml.safe_load(open(recipe).read())[
+        "export_path"].startswith(str(work))
+    assert cli.main(["sandbox", "--methods", "random,nope", "--work-dir", str(work)]) == 2
+
+
+def test_small_run_end_to_end_from_the_command_line(sandbox, tiny_llama, tmp_path, monkeypatch,
+                                                    capsys):
+    from daar_ops import cli
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    pool = write_tiny_pool(tmp_path / "pool.jsonl", per_domain=30)
+    work = tmp_path / "sb"
+    assert cli.main(["sandbox", "--methods", "random", "--seeds", "0", "--n", "40",
+                     "--eval-per-domain", "2", "--model", str(tiny_llama), "--pool", str(pool),
+                     "--work-dir", str(work)]) == 0
+    assert "summary.summary: " in capsys.readouterr().out
+    assert (work / "summary" / "results.json").exists()

@@ -330,7 +330,7 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
         for name, texts in TOPIC_TEXTS.items():
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
-    op = DomainPseudoLabelMapper(samples_path=str(path))
+    op = DomainPseudoLabelMapper(samples_path=str(path), template="{instruction}")
     assert op.feature == "sentence" and op.method == "cluster"
     assert op._supported_exec_modes == ("default",)
     rows = ([{"instruction": f"Compute {i} * {i + 3} and give the sum of the digits."}

@@ -49,15 +49,17 @@ def test_a_field_no_record_has_is_an_error_even_when_texts_remain(warnings_log):
     assert not warnings_log  # 'output' missing from one record only: not a warning
 
 
-def test_a_template_field_that_is_not_a_column_fails_the_op_batch():
-    from daar_ops.ops._columns import render_rows
+def test_a_template_field_that_is_not_a_column_is_named_before_any_batch():
+    from daar_ops.ops._columns import check_template_columns, render_rows
 
-    batch = {"instruction": ["a", "b"], "output": ["x", "y"], "__dj__stats__": [{}, {}]}
-    assert render_rows(TextTemplate("{instruction} {output}"), batch, [0, 1], "op") == \
-        ["a x", "b y"]
+    check_template_columns(TextTemplate("{instruction} {output}"), ["instruction", "output"], "op")
     with pytest.raises(TemplateFieldError, match=r"qdit_filter: .*instrution.*columns: "
                                                  r"instruction, output"):
-        render_rows(TextTemplate("{instrution} {output}"), batch, [0, 1], "qdit_filter")
+        check_template_columns(TextTemplate("{instrution} {output}"),
+                               ["instruction", "output", "__dj__stats__"], "qdit_filter")
+    # inside a batch nothing raises (dj-process would drop the batch): missing renders as ""
+    batch = {"instruction": ["a", "b"], "output": ["x", "y"], "__dj__stats__": [{}, {}]}
+    assert render_rows(TextTemplate("{instrution} {output}"), batch, [0, 1], "op") == ["x", "y"]
 
 
 def test_render_all_on_missing_warn_never_raises(warnings_log):

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
@@ -153,6 +152,8 @@ def fit_transition_matrix(c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, steps:
 
     :returns: (T [K, K], p [K], final loss).
     """
+    import torch
+
     k = c1.shape[0]
     t1, t2, t3 = (torch.as_tensor(c, dtype=torch.float64) for c in (c1, c2, c3))
     a = (init_diag * torch.eye(k, dtype=torch.float64) - 1.0).requires_grad_(True)

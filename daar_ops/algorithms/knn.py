@@ -26,8 +26,9 @@ against all rows with a stable sort, so the rule holds for any number of duplica
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+# torch and faiss are imported where used: importing this module (as every op does) stays cheap.
 
 KNN_INDEXES = ("exact", "ivf", "hnsw")
 
@@ -48,6 +49,7 @@ def _check_k(n: int, k: int, exclude_self: bool) -> None:
 def _faiss():
     """faiss with its OpenMP threads set from torch's, so tests and benchmarks stay at 1-2."""
     import faiss
+    import torch
 
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
     return faiss
@@ -218,6 +220,8 @@ def knn_cosine_torch(embeddings: np.ndarray, k: int, block_size: int = 4096, dev
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k cosine neighbours by a torch blocked matmul (the CUDA path of
     :func:`knn_cosine`; same contract). Memory O(block_size * N) per block."""
+    import torch
+
     xn = np.ascontiguousarray(l2_normalize(embeddings))
     n = xn.shape[0]
     _check_k(n, k, exclude_self)
@@ -254,6 +258,8 @@ def nearest_cosine(queries: np.ndarray, base: np.ndarray, block_size: int = 4096
     out_idx = np.empty(len(q), dtype=np.int64)
     out_sim = np.empty(len(q), dtype=np.float32)
     cuda = str(device).startswith("cuda")
+    if cuda:
+        import torch
     faiss = None if cuda else _faiss()
     bt = torch.from_numpy(b).to(device) if cuda else None
     n_cand = min(len(b), 1 + 8)

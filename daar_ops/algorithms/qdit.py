@@ -72,20 +72,12 @@ from tqdm.auto import tqdm
 from daar_ops.core import budget, resolve_device
 from daar_ops.algorithms.knn import knn_cosine, l2_normalize
 
-METHODS = ("lazy", "stochastic")
-SIMILARITIES = ("blocked", "dense", "knn")
-RUNNING_SCALE = "running_max"
-ADAPTIVE_SCALES = (RUNNING_SCALE,)
-DIVERSITY_SCALES = ("budget", RUNNING_SCALE, "mean", "max_singleton", "none")
-DEFAULT_DIVERSITY_SCALE = "budget"
-# "budget": d(a|A) / (REFERENCE_RATIO * N / K); see _resolve_scale and docs/qdit.md
-REFERENCE_RATIO = 0.1
-QUALITY_NORMS = ("minmax", "rank", "none")
-QUALITY_FILLS = ("min", "median", "max")
-# |bf16 dot - exact dot| for unit vectors: inputs rounded (2u), output rounded (u), u = 2^-8,
-# plus float32 accumulation; rounded up.
-BF16_MARGIN = 3 * 2.0**-8 + 2 * 2.0**-16 + 1e-4
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# the option names live in a torch-free module (the op imports them; this module only to select)
+from daar_ops.algorithms.qdit_params import (  # noqa: F401 (re-exported)
+    ADAPTIVE_SCALES, BF16_MARGIN, COMPUTE_DTYPE_NAMES, DEFAULT_DIVERSITY_SCALE, DIVERSITY_SCALES,
+    METHODS, QUALITY_FILLS, QUALITY_NORMS, REFERENCE_RATIO, RUNNING_SCALE, SIMILARITIES)
+
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
 
 @dataclass

@@ -20,7 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "DaarSummaryHook into the sandbox's HOOK_MAPPING, then run its "
                     "SandBoxExecutor on CONFIG (e.g. recipes/sandbox/sandbox.yaml). Needs the "
                     "sandbox importable (docs/sandbox.md); WANDB_MODE defaults to disabled.")
-    parser.add_argument("config", help="sandbox config (YAML)")
+    parser.add_argument("config", nargs="?", default=None,
+                        help="sandbox config (YAML); omitted: the comparison is built from the "
+                             "options below (a small run: --methods random,instruction_length "
+                             "--seeds 0 --n 40, see docs/sandbox.md for times)")
+    small = parser.add_argument_group("the experiment without a config (build_sandbox_config)")
+    small.add_argument("--methods", default=",".join(METHOD_RECIPES),
+                       help=f"comma-separated selection methods of {METHOD_RECIPES} "
+                            "(default: all)")
+    small.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
+    small.add_argument("--n", type=int, default=250, help="slice size the methods select from")
+    small.add_argument("--eval-per-domain", type=int, default=12,
+                       help="held-out records per domain evaluated")
+    small.add_argument("--model", default="smollm2-135m-instruct",
+                       help="model fine-tuned (short name or local folder)")
+    small.add_argument("--pool", default=None, help="pool (default: the shared pool)")
+    small.add_argument("--work-dir", default="outputs/sandbox",
+                       help="where the config, recipes and results go")
     parser.add_argument("--sandbox-path", default=os.environ.get("DJ_SANDBOX_PATH"),
                         help="folder of the data-juicer-sandbox snapshot, put first on sys.path "
                              f"(default $DJ_SANDBOX_PATH, else {DEFAULT_SANDBOX_PATH} when it "
@@ -31,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 METHOD_RECIPES = ("random", "instruction_length", "qdit", "ds2", "daar", "daar_per_domain")
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "sandbox"
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "sandbox"  # package data
 
 
 def build_sandbox_config(work_dir: str | os.PathLike = "outputs/sandbox",
@@ -138,15 +154,40 @@ def run_sandbox(config: str | os.PathLike, overrides: list[str] | None = None,
                                  for j in p["job_infos"]} for p in last}
 
 
+def write_small_config(args: argparse.Namespace) -> Path:
+    """``WORK_DIR/sandbox.yaml`` built from --methods/--seeds/--n/... (no config given)."""
+    import yaml
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_RECIPES]
+    if not methods or unknown:
+        raise ValueError(f"--methods: unknown {unknown or methods}; choose from {METHOD_RECIPES}")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError as err:
+        raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from err
+    if not seeds or args.n < 2 or args.eval_per_domain < 1:
+        raise ValueError("need at least one seed, --n >= 2 and --eval-per-domain >= 1")
+    cfg = build_sandbox_config(args.work_dir, methods=methods, model=args.model, seeds=seeds,
+                               pool=args.pool, n=args.n, eval_per_domain=args.eval_per_domain,
+                               write_recipes=True)
+    path = Path(args.work_dir) / "sandbox.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"sandbox config: {path} ({len(methods)} methods x {len(seeds)} seeds, n={args.n})")
+    return path
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"sandbox config {args.config} does not exist (an example is "
+    config = args.config or write_small_config(args)
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"sandbox config {config} does not exist (an example is "
                                 f"recipes/sandbox/sandbox.yaml; docs/sandbox.md)")
     try:
-        outputs = run_sandbox(args.config, args.overrides, args.sandbox_path)
+        outputs = run_sandbox(config, args.overrides, args.sandbox_path)
     except ImportError as err:
         raise ValueError(str(err)) from err
     for pipeline, jobs in outputs.items():

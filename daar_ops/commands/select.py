@@ -48,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "probe checkpoint and a summary. Defaults: SmolLM2 + the shared pool.")
     parser.add_argument("--quick", action="store_true",
                         help="preset for a fast run: 3 samples/domain, probe pool 800, "
-                             "selection pool 2000, 20 probe epochs")
-    defaults = SelectConfig()
+                             "selection pool 2000, 20 probe epochs, output in "
+                             f"{SelectConfig.quick().output_dir} (so it never replaces a full "
+                             "run's output)")
+    defaults, quick = SelectConfig(), SelectConfig.quick()
     for f in dataclasses.fields(SelectConfig):
         if f.name in ("progress", "domains", "per_domain", "descriptions"):
             continue
@@ -58,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             int if f.name in ("pool_size", "epochs") else str)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
                             help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} "
-                                 f"(default: {default})")
+                                 f"(default: {default}"
+                                 + (f"; with --quick: {getattr(quick, f.name)}"
+                                    if getattr(quick, f.name) != default else "") + ")")
     parser.add_argument("--domains", default=None, help=_HELP["domains"])
     parser.add_argument("--per-domain", action="store_true", default=None,
                         help="keep the top --select-ratio within each predicted pseudo-domain "

@@ -37,7 +37,9 @@ def with_fields(dataset: Any, column: str, fields: Mapping[str, Any]) -> Any:
 def check_template_columns(template: Any, columns: Any, op_name: str) -> None:
     """Raise :class:`~daar_ops.text.TemplateFieldError` when the template names a field that is not
     a column of the dataset (a typo such as ``{instrution}``): every sample's text would lack it.
-    A batch's columns are the dataset's, so this holds for the default and the Ray executor."""
+
+    Called from the per-sample ops' ``run()``, before any batch: an exception inside a batch would
+    only drop that batch under ``dj-process`` (``skip_op_error`` is on by default there)."""
     from daar_ops.text import TemplateFieldError
 
     columns = set(columns)
@@ -59,7 +61,6 @@ def render_rows(template: Any, samples: Mapping[str, Any], rows: Any, op_name: s
     from daar_ops.core import STATS_FIELD
 
     fields = [f for f in samples.keys() if f != STATS_FIELD]
-    check_template_columns(template, fields, op_name)
     texts = []
     for i in rows:
         try:

@@ -13,6 +13,7 @@ from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_ce
                                            embed_texts, parse_domains, save_centroids,
                                            synthesize)
 from daar_ops.core import SYNTHESIS_META_KEY, as_dict
+from daar_ops.defaults import SYNTHESIS_DEFAULTS  # noqa: F401 (also importable from here)
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
@@ -20,25 +21,6 @@ from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
 
 OP_NAME = "centroid_synthesis_mapper"
 OUTPUT_FIELDS = ("instruction", "input", "output")
-
-# The one set of synthesis defaults: this op's, `daar-ops select`'s and the recipes'.
-SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
-    samples_per_domain=10,  # the paper's 30 give centroids with cosine > 0.96 to 10's
-    max_attempts=40,
-    # Pool texts of one domain already have median cosine 0.77-0.87 on SmolLM2 embedding
-    # features, so the paper's 0.85 rejects many on-topic samples (docs/daar_stage1.md).
-    tau=0.95,
-    max_new_tokens=256,
-    # one generate call per round (4 domains x 4 candidates): decoding a 135M model on CPU is
-    # bound by reading the weights, so 16 rows cost ~1.2x what 8 do (tools/bench_select.py)
-    generation_batch_size=16,
-    # float32: bfloat16 is ~2x faster only where the CPU has AMX / AVX512-BF16 (or on a GPU);
-    # without them (e.g. AMD EPYC) torch emulates it and generation is ~3x slower.
-    dtype="float32",
-    temperature=0.9,
-    top_p=0.95,
-)
-
 
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)

@@ -18,8 +18,8 @@ from daar_ops.core import (CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWA
                            uniform_dicts)
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
-from daar_ops.ops._columns import (float_feature, float_list_feature, render_rows,
-                                   string_feature, with_fields)
+from daar_ops.ops._columns import (check_template_columns, float_feature, float_list_feature,
+                                   render_rows, string_feature, with_fields)
 from daar_ops.ops._selector import StatsSelector, stats_values
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
@@ -144,6 +144,7 @@ class DiversityRewardFilter(Filter):
         return score_samples(self, samples, rank)
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        check_template_columns(self.template, dataset.column_names, self._name)
         dataset = with_fields(dataset, Fields.stats, reward_fields())
         return super().run(dataset, exporter=exporter, tracer=tracer, reduce=reduce)
 

@@ -22,31 +22,17 @@ from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec,
                                            compatibility_keys, embed_texts, feature_description,
                                            load_centroids)
 from daar_ops.artifacts import artifact_digest, check_compatible, recorded_model, sha256_file
+from daar_ops.defaults import PSEUDO_LABEL_DEFAULTS, STAGE1
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
-from daar_ops.ops._columns import (float_list_feature, render_rows, string_feature,
-                                   with_fields)
+from daar_ops.ops._columns import (check_template_columns, float_list_feature, render_rows,
+                                   string_feature, with_fields)
 from daar_ops.models import describe_model
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 from daar_ops.ops._types import NonNegativeInt, PositiveInt
 
 OP_NAME = "domain_pseudo_label_mapper"
-STAGE1 = Stage1Config()
-
-# The one set of pseudo-labelling defaults: this op's, `daar-ops select`'s and the recipes'.
-# Chosen on the worst of four evaluation pools over three synthesis seeds (docs/daar_stage1.md):
-# cluster-then-label in the all-MiniLM-L6-v2 space, anchors = the synthetic samples plus
-# paraphrased domain descriptions. The paper's procedure is Stage1Config.paper().
-PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
-    feature=STAGE1.space,      # "sentence": MiniLM; "embedding"/"layer": the LM (the paper)
-    method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
-    use_descriptions=STAGE1.use_descriptions,
-    metric="cosine",
-    # k-means refinement of the centroids (the reference code): it helped on the shared pool
-    # (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); 0 keeps it off.
-    refine_iters=0,
-)
 SENTENCE = "sentence"
 
 
@@ -104,6 +90,8 @@ class DomainPseudoLabelMapper(Mapper):
         dtype: str = "float32",
         label_key: str = PSEUDO_DOMAIN_KEY,
         similarity_key: str = DOMAIN_SIMILARITY_KEY,
+        feature_cache: bool = True,
+        cache_dir: Optional[str] = None,
         *args,
         **kwargs,
     ):
@@ -144,6 +132,10 @@ class DomainPseudoLabelMapper(Mapper):
         :param dtype: ``float32``, ``bfloat16`` or ``float16`` for the feature model.
         :param label_key: meta key of the pseudo-domain name.
         :param similarity_key: stats key of the per-domain similarities.
+        :param feature_cache: read/write ``feature: sentence`` embeddings through the on-disk
+            feature cache (keyed by the sentence model's identity, its truncation and the text's
+            SHA-256), so a rerun or another recipe over the same texts does not embed them again.
+        :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param args: extra args
         :param kwargs: extra args
         """
@@ -170,6 +162,8 @@ class DomainPseudoLabelMapper(Mapper):
         self.similarity_key = similarity_key
         self.layer = layer
         self.sentence_model = sentence_model
+        self.feature_cache = bool(feature_cache)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         # whole-dataset methods: text -> (label, similarities to the prototypes), from _fit
         self._fitted: Optional[Dict[str, Tuple[int, List[float]]]] = None
         self.stage1_info: Dict[str, Any] = {}
@@ -240,12 +234,15 @@ class DomainPseudoLabelMapper(Mapper):
                progress: bool = False) -> np.ndarray:
         """Features of ``texts`` in this op's space."""
         if self.feature == SENTENCE:
-            from daar_ops.encoders import encode_sentences
+            from daar_ops.encoders import cached_sentence_embeddings
 
             key = model_key("sentence_encoder", model=self.sentence_model,
                             max_seq_length=STAGE1.sentence_max_tokens)
-            return encode_sentences(texts, encoder=load(key, rank, self.use_cuda()),
-                                    batch_size=self.model_batch_size, progress=progress)
+            return cached_sentence_embeddings(texts, load(key, rank, self.use_cuda()),
+                                              self.sentence_model,
+                                              batch_size=self.model_batch_size,
+                                              cache=self.feature_cache, cache_dir=self.cache_dir,
+                                              progress=progress)
         return embed_texts(self._extractor(rank), texts, self.feature, progress=progress)
 
     def _load_anchors(self, path: str, domains: Optional[List[Dict[str, str]]]) -> None:
@@ -284,6 +281,7 @@ class DomainPseudoLabelMapper(Mapper):
                     f"anchors of {path}")
 
     def run(self, dataset, *, exporter=None, tracer=None):
+        check_template_columns(self.template, dataset.column_names, self._name)
         if self.method != "fixed" and len(dataset) > 0:
             self._fit(dataset)
         dataset = with_fields(dataset, Fields.meta, {self.label_key: string_feature()})

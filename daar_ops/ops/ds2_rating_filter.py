@@ -15,7 +15,8 @@ from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_ra
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
                            DS2_SCORE_KEY, as_dict, uniform_dicts)
 from daar_ops.model_keys import load, model_key
-from daar_ops.ops._columns import float_feature, render_rows, with_fields
+from daar_ops.ops._columns import (check_template_columns, float_feature, render_rows,
+                                   with_fields)
 from daar_ops.text import TextTemplate
 from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
 
@@ -244,6 +245,7 @@ class DS2RatingFilter(Filter):
         return samples
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        check_template_columns(self.template, dataset.column_names, self._name)
         fields = {k: float_feature() for k in (RATING_KEY, SCORE_KEY, FAILURES_KEY)}
         if self.mode == "probability":
             fields[MASS_KEY] = float_feature()

@@ -10,9 +10,10 @@ from loguru import logger
 
 from data_juicer.ops.base_op import OPERATORS
 
-from daar_ops.algorithms.qdit import (COMPUTE_DTYPES, DEFAULT_DIVERSITY_SCALE, DIVERSITY_SCALES,
-                                      METHODS, QUALITY_FILLS, QUALITY_NORMS, SIMILARITIES,
-                                      qdit_select)
+# the option names only: daar_ops.algorithms.qdit (torch, numba) is imported when selecting
+from daar_ops.algorithms.qdit_params import (COMPUTE_DTYPE_NAMES, DEFAULT_DIVERSITY_SCALE,
+                                             DIVERSITY_SCALES, METHODS, QUALITY_FILLS,
+                                             QUALITY_NORMS, SIMILARITIES)
 from daar_ops.core import QDIT_GAIN_KEY as GAIN_KEY
 from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
 from daar_ops.core import budget
@@ -151,8 +152,8 @@ class QditSelector(StatsSelector):
             raise ValueError(f"{OP_NAME}: knn_k, max_memory_mb and embed_batch_size must be > 0")
         if partition_size is not None and int(partition_size) < 1:
             raise ValueError(f"{OP_NAME}: partition_size must be >= 1")
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"{OP_NAME}: compute_dtype must be one of {tuple(COMPUTE_DTYPES)}")
+        if compute_dtype not in COMPUTE_DTYPE_NAMES:
+            raise ValueError(f"{OP_NAME}: compute_dtype must be one of {COMPUTE_DTYPE_NAMES}")
         if embedder not in EMBEDDERS:
             raise ValueError(f"{OP_NAME}: embedder must be one of {EMBEDDERS}, got {embedder!r}")
         if feature not in ("layer", "embedding"):
@@ -209,6 +210,8 @@ class QditSelector(StatsSelector):
         if self.quality_key and self.select_kwargs["alpha"] > 0:
             quality = [_signed(lookup(r, self.quality_key), self.quality_sign) for r in records]
         emb = self._embed(texts)
+        from daar_ops.algorithms.qdit import qdit_select
+
         return qdit_select(emb, select_num=self.select_num, select_ratio=self.select_ratio,
                            quality=quality, device=self._device(), batch=16, progress=True,
                            **self.select_kwargs)

@@ -1,0 +1,44 @@
+"""Defaults shared by the operators, ``daar-ops select`` and the recipes, in a module that imports
+neither Data-Juicer nor torch: ``daar-ops --help`` reads them without loading the operators."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from daar_ops.algorithms.pseudo_labels import Stage1Config
+
+# The one set of synthesis defaults: centroid_synthesis_mapper's, `daar-ops select`'s and the
+# recipes'.
+SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
+    samples_per_domain=10,  # the paper's 30 give centroids with cosine > 0.96 to 10's
+    max_attempts=40,
+    # Pool texts of one domain already have median cosine 0.77-0.87 on SmolLM2 embedding
+    # features, so the paper's 0.85 rejects many on-topic samples (docs/daar_stage1.md).
+    tau=0.95,
+    max_new_tokens=256,
+    # one generate call per round (4 domains x 4 candidates): decoding a 135M model on CPU is
+    # bound by reading the weights, so 16 rows cost ~1.2x what 8 do (tools/bench_select.py)
+    generation_batch_size=16,
+    # float32: bfloat16 is ~2x faster only where the CPU has AMX / AVX512-BF16 (or on a GPU);
+    # without them (e.g. AMD EPYC) torch emulates it and generation is ~3x slower.
+    dtype="float32",
+    temperature=0.9,
+    top_p=0.95,
+)
+
+STAGE1 = Stage1Config()
+
+# Chosen on the worst of four evaluation pools over three synthesis seeds (docs/daar_stage1.md):
+# cluster-then-label in the all-MiniLM-L6-v2 space, anchors = the synthetic samples plus
+# paraphrased domain descriptions. The paper's procedure is Stage1Config.paper().
+# The one set of pseudo-labelling defaults: domain_pseudo_label_mapper's, `daar-ops select`'s and
+# the recipes'.
+PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
+    feature=STAGE1.space,      # "sentence": MiniLM; "embedding"/"layer": the LM (the paper)
+    method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
+    use_descriptions=STAGE1.use_descriptions,
+    metric="cosine",
+    # k-means refinement of the centroids (the reference code): it helped on the shared pool
+    # (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); 0 keeps it off.
+    refine_iters=0,
+)

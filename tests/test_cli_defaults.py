@@ -1,0 +1,41 @@
+"""What ``daar-ops select --help`` and the README say about defaults is what a run uses
+(issue 22 item 14: ``--quick`` wrote to outputs/daar_select_quick while both said
+outputs/daar_select)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from daar_ops.cli import build_parser
+from daar_ops.pipeline import SelectConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _select_help() -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["select", "--help"])
+    return re.sub(r"\s+", " ", out.getvalue())
+
+
+def test_select_help_states_the_quick_presets_output_dir_and_every_changed_default():
+    text = _select_help()
+    full, quick = SelectConfig(), SelectConfig.quick()
+    assert f"(default: {full.output_dir}; with --quick: {quick.output_dir})" in text
+    for f in dataclasses.fields(SelectConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        if getattr(quick, f.name) != getattr(full, f.name) and flag in text:
+            assert f"with --quick: {getattr(quick, f.name)}" in text, f.name
+
+
+def test_readme_names_both_output_dirs():
+    readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    assert f"default `{SelectConfig().output_dir}`" in readme
+    assert f"with `--quick`, `{SelectConfig.quick().output_dir}`" in readme
