@@ -75,6 +75,38 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device that reports it, or a CPU with
+    AMX or AVX512-BF16 (detected, never assumed: CPUs of one machine kind differ). Elsewhere bf16
+    is emulated, as exact as native but slower."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes: read the CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> ``bfloat16`` where :func:`native_bf16` holds for ``device``, else ``float32``;
+    any other name is checked and normalised (``bf16`` -> ``bfloat16``)."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+    return DTYPE_NAMES[dtype]
+
+
 def uniform_dicts(cells: Sequence[Any]) -> list[dict[str, Any]]:
     """The stats/meta cells of a batch as dicts with the same keys (a missing key is None).
 

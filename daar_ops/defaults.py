@@ -28,6 +28,12 @@ SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
 
 STAGE1 = Stage1Config()
 
+# Precision of the LM features (pseudo-labels, probe training, scoring, QDIT's LM space): "auto"
+# is bfloat16 where the device has it natively (CUDA with bf16, CPUs with AMX / AVX512-BF16),
+# float32 elsewhere (daar_ops.core.resolve_dtype). Chosen by tools/bench_select.py's ranking
+# check (docs/benchmarks.md): see FEATURE_DTYPE_CHECK there.
+FEATURE_DTYPE = "float32"
+
 # Chosen on the worst of four evaluation pools over three synthesis seeds (docs/daar_stage1.md):
 # cluster-then-label in the all-MiniLM-L6-v2 space, anchors = the synthetic samples plus
 # paraphrased domain descriptions. The paper's procedure is Stage1Config.paper().

@@ -176,16 +176,10 @@ class TrainSettings:
 
 
 def bf16_supported(device: str) -> bool:
-    """Native bf16: a CUDA device that reports it, or a CPU with AMX / AVX512-BF16."""
-    import torch
+    """Native bf16 (:func:`daar_ops.core.native_bf16`)."""
+    from daar_ops.core import native_bf16
 
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return native_bf16(device)
 
 
 def use_bf16(settings: TrainSettings, device: str) -> bool:

@@ -37,7 +37,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.core import resolve_device
+from daar_ops.core import resolve_device, resolve_dtype
 from daar_ops.models import model_fingerprint, resolve_model_path
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -89,7 +89,9 @@ class LayerFeatureExtractor:
         fuller batches but more padding; it is part of the feature definition (``describe()``).
         On 1,024 pool texts (SmolLM2, k=3, CPU) step 8 cost 1.00x the CPU time of batches padded
         to their longest text (range 0.99-1.03 over 3 repeats), step 16 1.08x (1.06-1.13).
-    :param dtype: ``float32`` (exact) or ``bfloat16``/``float16`` (faster on GPU and AMX CPUs).
+    :param dtype: ``float32`` (exact), ``bfloat16``/``float16`` (faster on GPUs and on CPUs with
+        AMX / AVX512-BF16), or ``auto``: bfloat16 where the device has it natively, else float32
+        (:func:`daar_ops.core.resolve_dtype`). The resolved precision keys the feature cache.
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
 
@@ -110,8 +112,8 @@ class LayerFeatureExtractor:
             raise ValueError(f"layer must be an int >= 0, got {layer!r}")
         if max_length < 1 or batch_size < 1 or max_batch_tokens < 1 or length_step < 1:
             raise ValueError("max_length, batch_size, max_batch_tokens and length_step must be >= 1")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device)  # "auto": bf16 where native, else fp32
         self.model_name = str(model)
         self.model_path = resolve_model_path(model)
         self.layer = layer
@@ -120,7 +122,6 @@ class LayerFeatureExtractor:
         self.max_batch_tokens = max(max_batch_tokens, max_length)
         self.length_step = int(length_step)
         self.dtype = DTYPES[dtype]
-        self.device = resolve_device(device)
 
         config = AutoConfig.from_pretrained(self.model_path)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -50,7 +50,7 @@ from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, 
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
                            iter_jsonl, write_jsonl)
 from daar_ops.models import SMOLLM2
-from daar_ops.defaults import PSEUDO_LABEL_DEFAULTS, SYNTHESIS_DEFAULTS
+from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, SYNTHESIS_DEFAULTS
 from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split_by_digest
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -111,7 +111,7 @@ class SelectConfig:
     # a few numbers per record), so the pool may be larger than memory
     score_chunk_size: int = 20000
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = FEATURE_DTYPE  # feature precision; "auto": bf16 where native (defaults.py)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -370,6 +370,7 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
         "selected_pseudo_domain_counts": selected_predicted,
         "probe_metrics": manifest.get("metrics", {}),
         "reward": _describe(reward), "selected_reward": _describe(reward[keep]),
+        "feature_dtype": scorer.dtype,  # the precision the features were computed in
         "stage_seconds": timer.seconds,
         "total_seconds": round(sum(timer.seconds.values()), 2),
     }

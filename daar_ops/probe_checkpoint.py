@@ -24,6 +24,7 @@ import numpy as np
 
 from daar_ops.artifacts import (ArtifactError, check_compatible, load_artifact, recorded_model,
                                 save_artifact)
+from daar_ops.defaults import FEATURE_DTYPE
 
 if TYPE_CHECKING:  # torch and the probes are imported where used (the ops import this module)
     import torch
@@ -169,7 +170,7 @@ class DaarScorer:
     """
 
     def __init__(self, checkpoint: str | os.PathLike, model: str | None = None,
-                 device: str | None = "cpu", dtype: str = "float32", batch_size: int = 32,
+                 device: str | None = "cpu", dtype: str = FEATURE_DTYPE, batch_size: int = 32,
                  max_batch_tokens: int = 2048, feature_cache: bool = False,
                  cache_dir: str | os.PathLike | None = None):
         from daar_ops.features import LayerFeatureExtractor
@@ -232,7 +233,7 @@ def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.Pa
                            label_key: str = "__dj__meta__.daar_pseudo_domain",
                            domains: list[str] | None = None, config: Any = None,
                            cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                           feature_batch_size: int = 32, dtype: str = "float32",
+                           feature_batch_size: int = 32, dtype: str = FEATURE_DTYPE,
                            device: str | None = "cpu", progress: bool = True,
                            extra: Mapping[str, Any] | None = None
                            ) -> tuple[Path, dict[str, Any]]:

@@ -797,12 +797,9 @@ def _partitioned(x: np.ndarray, k: int, quality, q, part_size: int, meta: dict,
 
 
 def _bf16_is_fast(device: str) -> bool:
-    if str(device).startswith("cuda"):
-        return True
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch
-        return False
+    from daar_ops.core import native_bf16
+
+    return native_bf16(device)
 
 
 def _resolve_scale(diversity_scale: str | float, n: int, first: torch.Tensor | None,

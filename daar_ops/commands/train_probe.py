@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from daar_ops.defaults import FEATURE_DTYPE
+
 DEFAULT_LABEL_KEY = "__dj__meta__.daar_pseudo_domain"
 
 
@@ -45,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(explicit --lr/--epochs/--batch-size still win)")
     f = p.add_argument_group("features")
     f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    f.add_argument("--dtype", default="float32", help="extractor dtype (float32 or bfloat16)")
+    f.add_argument("--dtype", default=FEATURE_DTYPE,
+                   help="feature precision: float32, bfloat16, or auto (bfloat16 where the "
+                        f"device has it natively) (default: {FEATURE_DTYPE})")
     f.add_argument("--feature-batch-size", type=int, default=64)
     f.add_argument("--cache-dir", default=None,
                    help="feature cache directory (default $DAAR_OPS_HOME/feature_cache)")

@@ -13,11 +13,11 @@ from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_ce
                                            embed_texts, parse_domains, save_centroids,
                                            synthesize)
 from daar_ops.core import SYNTHESIS_META_KEY, as_dict
-from daar_ops.defaults import SYNTHESIS_DEFAULTS  # noqa: F401 (also importable from here)
+from daar_ops.defaults import FEATURE_DTYPE, SYNTHESIS_DEFAULTS  # noqa: F401 (also importable from here)
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 OP_NAME = "centroid_synthesis_mapper"
 OUTPUT_FIELDS = ("instruction", "input", "output")
@@ -78,7 +78,7 @@ class CentroidSynthesisMapper(Mapper):
         feature: str = "embedding",
         layer: int = 3,
         max_length: PositiveInt = 512,
-        feature_dtype: str = "float32",
+        feature_dtype: str = FEATURE_DTYPE,
         centroids_path: Optional[str] = None,
         *args,
         **kwargs,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Dict, List, Optional
 
@@ -15,7 +16,8 @@ from loguru import logger
 from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
 from daar_ops.artifacts import ArtifactError, artifact_digest
 from daar_ops.core import (CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict,
-                           uniform_dicts)
+                           resolve_dtype, uniform_dicts)
+from daar_ops.defaults import FEATURE_DTYPE
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import describe_model
 from daar_ops.ops._columns import (check_template_columns, float_feature, float_list_feature,
@@ -23,8 +25,8 @@ from daar_ops.ops._columns import (check_template_columns, float_feature, float_
 from daar_ops.ops._selector import StatsSelector, stats_values
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
-from daar_ops.text import TextTemplate
 from daar_ops.ops._types import NonNegativeInt, PositiveInt, Ratio
+from daar_ops.text import TextTemplate
 
 OP_NAME = "diversity_reward_filter"
 SELECTOR_NAME = "diversity_reward_selector"
@@ -56,8 +58,10 @@ class DiversityRewardFilter(Filter):
       such a sample ranks last and passes no threshold.
     * ``daar_domain_probs`` (list[float]): psi_dom's softmax, in the checkpoint's domain order.
     * ``daar_probe_domain`` (str): the most probable pseudo-domain.
-    * ``daar_checkpoint_sha256`` (str): digest of the checkpoint that scored the sample. Stats
-      from another checkpoint (or without a digest) are recomputed, never reused silently.
+    * ``daar_checkpoint_sha256`` (str): digest of the checkpoint that scored the sample (with
+      features in another precision than float32: of the checkpoint's digest and the precision).
+      Stats from another checkpoint or precision (or without a digest) are recomputed, never
+      reused silently.
 
     Keeps samples with ``min_score <= reward <= max_score`` through Data-Juicer's
     ``get_keep_boolean``, so ``reversed_range`` / ``min_closed_interval`` /
@@ -95,7 +99,7 @@ class DiversityRewardFilter(Filter):
         top_ratio: Ratio = None,
         top_k: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
-        dtype: str = "float32",
+        dtype: str = FEATURE_DTYPE,
         feature_batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
@@ -118,7 +122,8 @@ class DiversityRewardFilter(Filter):
         :param top_k: global: keep the best top_k samples (all if N < top_k).
         :param domain_ratios: global: {pseudo-domain: fraction in [0, 1]}, the best fraction of
             the samples predicted as each domain (DaaR's customized quotas).
-        :param dtype: feature extractor dtype, ``float32`` (matches training) or ``bfloat16``.
+        :param dtype: feature precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the
+            device has it natively, else float32; the default is ``FEATURE_DTYPE``).
         :param feature_batch_size: texts per forward pass of the extractor.
         :param max_batch_tokens: padded tokens per forward pass of the extractor.
         :param feature_cache: read/write layer features through the on-disk feature cache shared
@@ -182,15 +187,26 @@ def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
         raise ValueError(f"{OP_NAME}: checkpoint {checkpoint!r} does not fit model "
                          f"{model!r}: {err}") from err
     op.checkpoint = str(checkpoint)
-    op.checkpoint_sha = artifact_digest(checkpoint)
+    # the precision the features are computed in, on the device this op will use
+    op.dtype = resolve_dtype(dtype, "cuda" if op.use_cuda() else "cpu")
+    op.checkpoint_sha = scoring_provenance(artifact_digest(checkpoint), op.dtype)
     op.model = model
     op.template = TextTemplate(manifest["template"])
     op.model_key = model_key("probe_scorer", checkpoint=op.checkpoint,
-                             model=str(live["model_path"]), dtype=dtype,
+                             model=str(live["model_path"]), dtype=op.dtype,
                              batch_size=int(feature_batch_size),
                              max_batch_tokens=int(max_batch_tokens),
                              feature_cache=bool(feature_cache),
                              cache_dir=None if cache_dir is None else str(cache_dir))
+
+
+def scoring_provenance(checkpoint_digest: str, dtype: str) -> str:
+    """What ``daar_checkpoint_sha256`` records: the checkpoint's digest for float32 features,
+    else the digest of (checkpoint digest, precision), so stats scored in another precision are
+    recomputed, never mixed."""
+    if dtype == "float32":
+        return checkpoint_digest
+    return hashlib.sha256(f"{checkpoint_digest}:{dtype}".encode()).hexdigest()
 
 
 def reward_fields() -> Dict[str, Any]:
@@ -271,7 +287,7 @@ class DiversityRewardSelector(StatsSelector):
         domain_ratios: Optional[Dict[str, float]] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        dtype: str = "float32",
+        dtype: str = FEATURE_DTYPE,
         feature_batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,

@@ -11,12 +11,13 @@ from data_juicer.ops.base_op import OPERATORS
 
 from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, global_phi_intra,
                                              label_centroids, percentile_band, phi_scores)
+from daar_ops.defaults import FEATURE_DTYPE
 from daar_ops.core import PHI_INTER_KEY as STAT_INTER
 from daar_ops.core import PHI_INTRA_KEY as STAT_INTRA
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 from daar_ops.ops._types import Percentile, PositiveInt
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
 
 OP_NAME = "domain_contrastive_selector"
 
@@ -52,7 +53,7 @@ class DomainContrastiveSelector(StatsSelector):
         keep_unlabeled: bool = False,
         max_length: PositiveInt = 512,
         feature_batch_size: PositiveInt = 64,
-        dtype: str = "float32",
+        dtype: str = FEATURE_DTYPE,
         device: str = "cpu",
         *args,
         **kwargs,

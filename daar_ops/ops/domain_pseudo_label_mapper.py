@@ -22,15 +22,15 @@ from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec,
                                            compatibility_keys, embed_texts, feature_description,
                                            load_centroids)
 from daar_ops.artifacts import artifact_digest, check_compatible, recorded_model, sha256_file
-from daar_ops.defaults import PSEUDO_LABEL_DEFAULTS, STAGE1
+from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, STAGE1
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
                            read_jsonl, uniform_dicts)
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._columns import (check_template_columns, float_list_feature, render_rows,
                                    string_feature, with_fields)
 from daar_ops.models import describe_model
-from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 from daar_ops.ops._types import NonNegativeInt, PositiveInt
+from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
 OP_NAME = "domain_pseudo_label_mapper"
 SENTENCE = "sentence"
@@ -87,7 +87,7 @@ class DomainPseudoLabelMapper(Mapper):
         refine_iters: NonNegativeInt = PSEUDO_LABEL_DEFAULTS["refine_iters"],
         max_length: PositiveInt = 512,
         model_batch_size: PositiveInt = 64,
-        dtype: str = "float32",
+        dtype: str = FEATURE_DTYPE,
         label_key: str = PSEUDO_DOMAIN_KEY,
         similarity_key: str = DOMAIN_SIMILARITY_KEY,
         feature_cache: bool = True,

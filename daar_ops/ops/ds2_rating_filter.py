@@ -17,8 +17,8 @@ from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_M
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._columns import (check_template_columns, float_feature, render_rows,
                                    with_fields)
-from daar_ops.text import TextTemplate
 from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
+from daar_ops.text import TextTemplate
 
 OP_NAME = "ds2_rating_filter"
 RATING_KEY = DS2_RATING_KEY

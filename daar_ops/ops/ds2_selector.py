@@ -24,8 +24,8 @@ from daar_ops.core import DS2_SELECTED_KEY as SELECTED_KEY
 from daar_ops.core import as_dict, budget
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
-from daar_ops.text import TextTemplate, lookup
 from daar_ops.ops._types import NonNegativeInt, PositiveInt, Ratio
+from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "ds2_selector"
 ALIAS = "ds2_filter"  # the design card's name; same op

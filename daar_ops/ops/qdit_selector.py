@@ -19,8 +19,8 @@ from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
 from daar_ops.core import budget
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._selector import StatsSelector, column_records
-from daar_ops.text import TextTemplate, lookup
 from daar_ops.ops._types import NonNegativeFloat, NonNegativeInt, PositiveInt, Ratio
+from daar_ops.text import TextTemplate, lookup
 
 OP_NAME = "qdit_selector"
 ALIAS = "qdit_filter"  # the design card's name; same op
