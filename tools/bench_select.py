@@ -29,8 +29,18 @@ machine shared with other jobs they count the work done, not how often the sched
 something else; wall seconds are printed beside them. The scoring speedup is of wall seconds (it
 comes from a second process), so on a shared machine it is understated.
 
+**Precision** (issue 25): the same texts scored by the same checkpoint with bfloat16 features
+against float32, one thread each: the rank correlation of the rewards, the overlap of the top 20%
+(``floor(0.2 N)`` by the package's rank rule) and the CPU-time ratio. Where the CPU has no native
+bf16 (no AMX / AVX512-BF16) torch emulates it: the rewards are the same, only slower, so the
+ranking check holds on any machine and the speedup is that of this CPU. ``dtype_auto`` is what
+``dtype: auto`` resolves to here. ``--stages N`` also runs ``daar-ops select`` twice on the first N
+pool records (``--synthetic`` reused, so no generation), with float32 and with ``auto``, and prints
+their stage times side by side.
+
 Last line: ``RESULT synth_speedup=<batch-1 CPU s per conversation / ours> score_speedup=<x>
-score_rank_corr=<r> stage_seconds=<json of --summary's stage_seconds, {} without one>``
+score_rank_corr=<r> stage_seconds=<json of --summary's stage_seconds, {} without one>
+dtype_auto=<resolved> bf16_rank_corr=<r> bf16_top20_overlap=<o> score_speedup_bf16=<x>``
 
 Usage: ``.venv/bin/python tools/bench_select.py --checkpoint outputs/daar_select/checkpoint``
 """
@@ -157,7 +167,7 @@ def bench_scoring(args, records) -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory() as cache:
         op = DiversityRewardFilter(checkpoint=str(args.checkpoint), cache_dir=cache,
-                                   num_proc=args.workers)
+                                   num_proc=args.workers, dtype="float32")
         data = NestedDataset.from_list([{k: r.get(k) for k in ("instruction", "input", "output")}
                                         for r in records])
         out, wall_ops, _ = timed(lambda: op.run(data))
@@ -177,7 +187,59 @@ def bench_scoring(args, records) -> tuple[float, float]:
     print(f"  (not used) int8 dynamic, 1 thread {wall_q:7.1f} s wall, {wall_base / wall_q:.2f}x; "
           f"rank correlation {float(spearmanr(base, int8).statistic):.4f}, top-20% overlap "
           f"{len(top(base) & top(int8)) / k:.3f}")
-    return speedup, corr
+    return speedup, corr, base, texts, cpu_base
+
+
+def bench_precision(args, texts, base: np.ndarray, cpu_base: float) -> dict:
+    """bfloat16 features against float32 on the same texts and checkpoint (one thread each)."""
+    from scipy.stats import spearmanr
+
+    from daar_ops.core import budget, rank_order, resolve_dtype
+    from daar_ops.probe_checkpoint import DaarScorer
+
+    bf16 = DaarScorer(args.checkpoint, dtype="bfloat16")
+    (reward, _, _), wall, cpu = timed(lambda: bf16.score_texts(texts))
+    k = budget(len(texts), ratio=0.2)
+    top = lambda r: set(rank_order(r)[:k].tolist())  # noqa: E731
+    out = {"dtype_auto": resolve_dtype("auto", "cpu"),
+           "bf16_rank_corr": float(spearmanr(base, reward).statistic),
+           "bf16_top20_overlap": len(top(base) & top(reward)) / max(k, 1),
+           "score_speedup_bf16": cpu_base / cpu}
+    print(f"  bfloat16, this process, 1 thread  {wall:7.1f} s wall ({cpu:7.1f} s CPU), "
+          f"{out['score_speedup_bf16']:.2f}x less CPU than float32; rank correlation "
+          f"{out['bf16_rank_corr']:.6f}, top-20% overlap {out['bf16_top20_overlap']:.4f} "
+          f"({len(top(base) & top(reward))} of {k}); auto resolves to {out['dtype_auto']} here",
+          flush=True)
+    return out
+
+
+def bench_stages(args) -> dict:
+    """``daar-ops select`` on the first ``--stages`` pool records with float32 and with auto."""
+    import subprocess
+
+    from daar_ops.core import write_jsonl
+
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = Path(tmp) / "pool.jsonl"
+        write_jsonl(pool, pool_records(args.pool, args.stages, skip=0))
+        for dtype in ("float32", "auto"):
+            out = Path(tmp) / f"select_{dtype}"
+            cmd = [sys.executable, "-m", "daar_ops.cli", "select", "--pool", str(pool),
+                   "--output-dir", str(out), "--dtype", dtype, "--no-progress",
+                   "--probe-size", str(min(5000, max(1, args.stages // 2))),
+                   "--cache-dir", str(Path(tmp) / f"cache_{dtype}")]
+            if args.synthetic:
+                cmd += ["--synthetic", str(args.synthetic)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            summary = json.loads((out / "summary.json").read_text())
+            times[summary["feature_dtype"] if dtype == "auto" else dtype] = summary[
+                "stage_seconds"]
+    print("\nstage seconds of daar-ops select on the first "
+          f"{args.stages} pool records (2 workers score):")
+    for dtype, stages in times.items():
+        print(f"  {dtype:9s} " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-synthesis", action="store_true")
+    parser.add_argument("--stages", type=int, default=0,
+                        help="also time daar-ops select on this many pool records, float32 vs "
+                             "auto (0: skip)")
+    parser.add_argument("--synthetic", type=Path, default=None,
+                        help="synthetic samples for --stages (default: generate)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if not (args.checkpoint / "manifest.json").exists():
@@ -202,11 +269,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"(or --quick) first, or pass --checkpoint")
     records = pool_records(args.pool, args.score_n, skip=0)
     synth = float("nan") if args.skip_synthesis else bench_synthesis(args, records[:60])
-    score, corr = bench_scoring(args, records)
+    score, corr, base, texts, cpu_base = bench_scoring(args, records)
+    precision = bench_precision(args, texts, base, cpu_base)
+    if args.stages:
+        bench_stages(args)
     summary = args.summary or args.checkpoint.parent / "summary.json"
     stages = json.loads(summary.read_text()).get("stage_seconds", {}) if summary.exists() else {}
     print(f"RESULT synth_speedup={synth:.2f} score_speedup={score:.2f} score_rank_corr={corr:.6f} "
-          f"stage_seconds={json.dumps(stages, separators=(',', ':'))}")
+          f"stage_seconds={json.dumps(stages, separators=(',', ':'))} "
+          f"dtype_auto={precision['dtype_auto']} "
+          f"bf16_rank_corr={precision['bf16_rank_corr']:.6f} "
+          f"bf16_top20_overlap={precision['bf16_top20_overlap']:.4f} "
+          f"score_speedup_bf16={precision['score_speedup_bf16']:.2f}")
     return 0
 
 
