@@ -12,13 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "daar_ops"
 
 # lowest first
 FLOORS = [
-    ("ground", ["core", "text", "pool", "artifacts", "models", "__init__"]),
-    ("algorithms", ["algorithms"]),
+    ("ground", ["core", "text", "pool", "artifacts", "models", "outdir", "__init__"]),
+    ("algorithms", ["algorithms", "defaults"]),
     ("models", ["features", "feature_cache", "generation", "encoders", "raters"]),
     ("artifacts", ["probe_checkpoint", "report"]),
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
-    ("driver", ["pipeline", "evaluation"]),
+    ("driver", ["pipeline", "evaluation", "compare_methods"]),
     ("face", ["cli", "commands", "testing", "sandbox_hooks"]),
 ]
 

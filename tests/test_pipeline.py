@@ -150,8 +150,8 @@ def test_config_validation(tmp_path):
         bad = tmp_path / "syn.jsonl"
         bad.write_text(json.dumps(SYNTHETIC[0]) + "\n")
         pool = tmp_path / "pool.jsonl"
-        pool.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n"
-                                for i in range(20)))
+        pool.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": "a"})
+                                + "\n" for i in range(20)))
         run_select(SelectConfig(pool=str(pool), synthetic=str(bad), probe_size=5,
                                 output_dir=str(tmp_path / "o"), progress=False,
                                 model="smollm2-135m-instruct"))
