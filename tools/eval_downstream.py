@@ -52,22 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regenerate the report and print the RESULT line from the finished "
                         "runs in --results-dir; trains nothing")
     p.add_argument("--git-commit", action="store_true",
-                   help="git-commit every finished result file (only that file) as it lands")
+                   help="git-commit every finished result file (only the results folder) as it lands")
     p.set_defaults(out=REPO / "outputs" / "eval_downstream", results_dir=RESULTS, device="cpu",
                    methods=",".join(["random", "instruction_length", "qdit", "ds2", "daar",
                                      "daar_per_domain", "full"]))
     return p
 
 
-def commit_file(path: Path, message: str) -> None:
-    """Commit exactly ``path`` (nothing else staged is swept in); failures are only reported."""
-    rel = os.path.relpath(path, REPO)
+def commit_results(results_dir: Path, message: str) -> None:
+    """Commit whatever is new under ``results_dir``'s runs/ and selections/ (nothing else staged
+    is swept in; a commit that failed, e.g. on a busy index, is picked up by the next one);
+    failures are only reported."""
+    paths = [os.path.relpath(results_dir / sub, REPO) for sub in ("runs", "selections")
+             if (results_dir / sub).exists()]
+    if not paths:
+        return
     try:
-        subprocess.run(["git", "add", "--", rel], cwd=REPO, check=True, capture_output=True)
-        subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=REPO, check=True,
-                       capture_output=True)
+        subprocess.run(["git", "add", "--", *paths], cwd=REPO, check=True, capture_output=True)
+        staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=REPO)
+        if staged.returncode == 0:
+            return
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=REPO,
+                       check=True, capture_output=True)
     except subprocess.CalledProcessError as err:
-        print(f"git commit of {rel} failed: {err.stderr.decode(errors='replace')[-300:]}",
+        print(f"git commit of {paths} failed: {err.stderr.decode(errors='replace')[-300:]}",
               flush=True)
 
 
@@ -87,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['avg_loss']:.4f} ({result.get('train_seconds', 0):.0f} s train, "
                   f"{result['eval_seconds']:.0f} s eval)", flush=True)
             if args.git_commit:
-                commit_file(path, f"downstream: {result['method']} seed {result['seed']}")
+                commit_results(results_dir, f"downstream: {result['method']} seed "
+                                            f"{result['seed']}")
 
         stages = (["controls"] if args.controls else
                   {"all": ["controls", "methods"]}.get(args.stage, [args.stage]))
@@ -99,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage_args.controls = False
             run_from_args(stage_args, on_result=on_result)
             if args.git_commit:
-                for sel in sorted((results_dir / "selections").glob("*.json")):
-                    commit_file(sel, f"downstream: selection {sel.stem}")
+                commit_results(results_dir, f"downstream: {stage} stage")
             report = write_report(results_dir)
             print(report["result_line"], flush=True)
     report = write_report(results_dir)
