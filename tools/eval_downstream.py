@@ -101,16 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         stages = (["controls"] if args.controls else
                   {"all": ["controls", "methods"]}.get(args.stage, [args.stage]))
         for stage in stages:
-            stage_args = copy.copy(args)
-            if stage == "controls":
-                stage_args.controls, stage_args.seeds = True, args.control_seeds
-            else:
-                stage_args.controls = False
-            run_from_args(stage_args, on_result=on_result)
-            if args.git_commit:
-                commit_results(results_dir, f"downstream: {stage} stage")
-            report = write_report(results_dir)
-            print(report["result_line"], flush=True)
+            seeds = args.control_seeds if stage == "controls" else args.seeds
+            # seed-major: every selection gets seed 0, then seed 1, ... so that an interrupted
+            # measurement already compares every method (the untuned model runs once)
+            for seed in [x.strip() for x in seeds.split(",") if x.strip()]:
+                stage_args = copy.copy(args)
+                stage_args.controls, stage_args.seeds = stage == "controls", seed
+                run_from_args(stage_args, on_result=on_result)
+                if args.git_commit:
+                    commit_results(results_dir, f"downstream: {stage} seed {seed}")
+                report = write_report(results_dir)
+                print(report["result_line"], flush=True)
     report = write_report(results_dir)
     print((results_dir / "table.md").read_text())
     print(f"report: {results_dir}/summary.md, report.json, table.md, deltas.png")
