@@ -91,11 +91,17 @@ def _f(v: Any, digits: int = 4, sign: bool = False) -> str:
 
 def control_outcome(pid: str, comp: Mapping[str, Any] | None, min_seeds: int = 3) -> dict:
     """Whether positive control ``pid`` passed, with the numbers it was judged on."""
-    if comp is None or len(comp["seeds"]) < 2:
-        return {"id": pid, "status": PENDING, "passed": False, "seeds": 0 if comp is None
-                else len(comp["seeds"])}
+    if comp is None:
+        return {"id": pid, "status": PENDING, "passed": False, "seeds": 0}
     avg = comp["average"]
     dom = comp["domains"]
+    numbers = {"delta": avg["delta"], "ci95": avg["ci95"], "mde": avg["mde"],
+               "verdict": avg["verdict"],
+               "domains": {d: {"delta": e["delta"], "ci95": e["ci95"], "p_holm": e["p_holm"],
+                               "verdict": e["verdict"]} for d, e in dom.items()}}
+    if len(comp["seeds"]) < 2:  # one seed: the delta is measured, its noise is not
+        return {"id": pid, "status": PENDING, "passed": False, "seeds": len(comp["seeds"]),
+                **numbers}
 
     def below_zero(e):  # the 95% interval lies entirely below 0
         return e["ci95"] is not None and e["delta"] + e["ci95"] < 0
@@ -114,10 +120,7 @@ def control_outcome(pid: str, comp: Mapping[str, Any] | None, min_seeds: int = 3
         passed = above_zero(avg)
     status = "passed" if passed else ("failed" if len(comp["seeds"]) >= min_seeds else PENDING)
     return {"id": pid, "status": status, "passed": bool(passed), "seeds": len(comp["seeds"]),
-            "delta": avg["delta"], "ci95": avg["ci95"], "mde": avg["mde"],
-            "verdict": avg["verdict"],
-            "domains": {d: {"delta": e["delta"], "ci95": e["ci95"], "p_holm": e["p_holm"],
-                            "verdict": e["verdict"]} for d, e in dom.items()}}
+            **numbers}
 
 
 def build_report(runs: Sequence[Mapping[str, Any]], methods: Sequence[str] = DEFAULT_METHODS,
