@@ -308,7 +308,8 @@ def resolved_settings(settings: TrainSettings, model: str, device: str) -> dict[
     """What "auto" became on this machine: goes into every run's fingerprint, so fp32 and bf16
     runs (or full and LoRA runs) are never paired in one comparison."""
     device = resolve_eval_device(device)
-    return {"bf16": use_bf16(settings, device), "finetune": resolve_finetune(settings, model, device),
+    return {"bf16": use_bf16(settings, device),
+            "finetune": resolve_finetune(settings, model, device),
             "device_type": "cuda" if device.startswith("cuda") else device}
 
 

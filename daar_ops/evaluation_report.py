@@ -3,7 +3,8 @@
 Reads only the small per-run files ``RESULTS/runs/METHOD/seed-S/result.json`` that
 :func:`daar_ops.evaluation.evaluate_selections` writes (per-record nll sums included), so the
 whole report is regenerated from committed results without loading a model
-(``tools/eval_downstream.py --report-only``). Statistics: :mod:`daar_ops.algorithms.downstream_stats`.
+(``tools/eval_downstream.py --report-only``). Statistics:
+:mod:`daar_ops.algorithms.downstream_stats`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main_config(runs: Sequence[Mapping[str, Any]]) -> str | None:
 
 def run_vector(run: Mapping[str, Any], metric: str = "answer") -> tuple[np.ndarray, np.ndarray,
                                                                         np.ndarray, list[str]]:
-    """(per-record nll sums, token counts, domain index, domain names) of one run, domains sorted."""
+    """(per-record nll sums, token counts, domain index, domain names) of one run (domains
+    sorted)."""
     nll_key, tok_key = METRICS[metric]
     names = sorted(run["losses"])
     nll, tok, grp = [], [], []
@@ -76,8 +78,9 @@ def compare(runs_by: Mapping[str, Mapping[Any, Mapping[str, Any]]], method: str,
     for _, t, g, n in vectors + ref_vectors:
         if n != names or not np.array_equal(t, tokens):
             raise ValueError(f"{method} and {reference} were scored on different evaluation sets")
-    out = paired_comparison(np.stack([v[0] for v in vectors]), np.stack([v[0] for v in ref_vectors]),
-                            tokens, groups, names, n_boot=n_boot)
+    out = paired_comparison(np.stack([v[0] for v in vectors]),
+                            np.stack([v[0] for v in ref_vectors]), tokens, groups, names,
+                            n_boot=n_boot)
     return {"method": method, "reference": reference, "metric": metric, "seeds": seeds,
             "average": out["average"].to_dict(),
             "domains": {d: e.to_dict() for d, e in out["domains"].items()}}
@@ -260,7 +263,8 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path | None:
     x = np.arange(len(items))
     deltas = [i[1] for i in items]
     cis = [i[2] if i[2] is not None else 0.0 for i in items]
-    ax.bar(x, deltas, yerr=cis, capsize=3, color=["C1" if n[:1] == "P" else "C0" for n, *_ in items])
+    colors = ["C1" if name[:1] == "P" else "C0" for name, *_ in items]
+    ax.bar(x, deltas, yerr=cis, capsize=3, color=colors)
     for xi, (_, _, _, mde) in zip(x, items):
         if mde is not None:
             ax.hlines([-mde, mde], xi - 0.4, xi + 0.4, colors="grey", linestyles="dotted")

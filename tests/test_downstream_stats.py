@@ -1,4 +1,4 @@
-"""daar_ops.algorithms.downstream_stats: paired deltas, record bootstrap, MDE, Holm (arrays only)."""
+"""daar_ops.algorithms.downstream_stats: paired deltas, record bootstrap, MDE, Holm (arrays)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regenerate the report and print the RESULT line from the finished "
                         "runs in --results-dir; trains nothing")
     p.add_argument("--git-commit", action="store_true",
-                   help="git-commit every finished result file (only the results folder) as it lands")
+                   help="git-commit every finished result file (only the results folder) as "
+                        "it lands")
     p.set_defaults(out=REPO / "outputs" / "eval_downstream", results_dir=RESULTS, device="cpu",
                    methods=",".join(["random", "instruction_length", "qdit", "ds2", "daar",
                                      "daar_per_domain", "full"]))

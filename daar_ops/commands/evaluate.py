@@ -176,6 +176,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"best method: {summary['best_method']}; took {context['seconds']} s")
     print(f"outputs: {args.out}/summary.md, results.json, table.csv, losses.png")
     report = write_report(args.results_dir or args.out)
-    print(f"verdict with controls and detectable effects: {args.results_dir or args.out}/summary.md")
+    print(f"controls, detectable effects, verdict: {args.results_dir or args.out}/summary.md")
     print(report["result_line"])
     return 0
