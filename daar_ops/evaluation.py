@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,13 +83,63 @@ def chat_messages(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], str]
     return [{"role": "user", "content": user}], to_text(record.get("output")).strip()
 
 
-def encode_example(tokenizer, record: Mapping[str, Any], max_length: int) -> dict[str, list[int]]:
+_ANSWER_PHRASE = re.compile(r"[Tt]he (?:final )?answer(?: is)?:?[ \t]*")
+_FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def final_answer_span(answer: str) -> tuple[tuple[int, int], str]:
+    """((start, end) characters of the answer's final-answer span, which rule found it).
+
+    In order: the content of the last ``\\boxed{...}`` (braces balanced); else the rest of the line
+    after the last "the answer is" / "The answer is" / "the final answer is" / "The answer:";
+    else the body of the longest fenced code block; else the whole answer ("whole": short answers
+    and bare code, e.g. the pool's common-sense and coding records, are their own final answer).
+    """
+    start = answer.rfind("\\boxed{")
+    if start >= 0:
+        i, depth = start + len("\\boxed{"), 1
+        while i < len(answer) and depth:
+            depth += {"{": 1, "}": -1}.get(answer[i], 0)
+            i += 1
+        end = i - 1 if depth == 0 else len(answer)
+        if end > start + len("\\boxed{"):
+            return (start + len("\\boxed{"), end), "boxed"
+    phrases = list(_ANSWER_PHRASE.finditer(answer))
+    if phrases:
+        begin = phrases[-1].end()
+        line_end = answer.find("\n", begin)
+        end = len(answer) if line_end < 0 else line_end
+        if answer[begin:end].strip():
+            return (begin, end), "answer_is"
+    fences = list(_FENCE.finditer(answer))
+    if fences:
+        body = max(fences, key=lambda m: len(m.group(1)))
+        if body.group(1).strip():
+            return body.span(1), "code"
+    return (0, len(answer)), "whole"
+
+
+def _cut_middle(tokens: list, keep: int) -> list:
+    """The first quarter of ``keep`` and the rest from the end: long reasoning loses its middle,
+    never its conclusion."""
+    if len(tokens) <= keep:
+        return list(tokens)
+    if keep <= 0:
+        return []
+    head = keep // 4
+    return list(tokens[:head]) + list(tokens[len(tokens) - (keep - head):])
+
+
+def encode_example(tokenizer, record: Mapping[str, Any], max_length: int,
+                   final: bool = False) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` (-100 on every prompt token) of one record.
 
     The prompt is the chat template up to and including the assistant header (generation prompt);
     the answer is what the full conversation adds after it. Long examples keep the end of the
-    prompt (the assistant header and the end of the question) and the start of the answer, with
-    the prompt never cut below half of ``max_length`` when the answer is long.
+    prompt (the assistant header and the end of the question), with the prompt never cut below
+    half of ``max_length`` when the answer is long, and cut the answer in the middle (its first
+    quarter and its end: the final answer survives). With ``final`` the result also has
+    ``final`` (1 on answer tokens that overlap :func:`final_answer_span`) and ``final_rule``.
     """
     messages, answer = chat_messages(record)
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False,
@@ -99,12 +150,31 @@ def encode_example(tokenizer, record: Mapping[str, Any], max_length: int) -> dic
         raise ValueError("the chat template does not render the conversation as prompt + answer; "
                          "response-only loss needs a template whose generation prompt is a prefix")
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    response_text = full_text[len(prompt_text):]
+    mask: list[int] = []
+    rule = "none"
+    if final:
+        enc = tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
+        response = list(enc["input_ids"])
+        offset = response_text.find(answer) if answer else -1
+        if offset >= 0:
+            (a, b), rule = final_answer_span(answer)
+            a, b = a + offset, b + offset
+            mask = [int(e > a and s < b) for s, e in enc["offset_mapping"]]
+        else:
+            mask = [0] * len(response)
+    else:
+        response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if len(prompt) + len(response) > max_length:
         keep_prompt = min(len(prompt), max(max_length - len(response), max_length // 2))
         prompt = prompt[len(prompt) - keep_prompt:]
-        response = response[:max_length - keep_prompt]
-    return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+        response = _cut_middle(response, max_length - keep_prompt)
+        mask = _cut_middle(mask, max_length - keep_prompt) if final else mask
+    out = {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+    if final:
+        out["final"] = [0] * len(prompt) + mask
+        out["final_rule"] = rule
+    return out
 
 
 def encode_records(tokenizer, records: Iterable[Mapping[str, Any]],
@@ -141,38 +211,53 @@ def _pad_batch(examples: Sequence[Mapping[str, list[int]]], pad_id: int):
 class TrainSettings:
     """Identical for every selection of one comparison; part of each run's fingerprint.
 
-    Defaults are sized for SmolLM2-135M on a CPU; ``gpu_paper()`` is the 7B LoRA setting.
+    Defaults are the CPU instrument chosen by the positive controls (docs/evaluation.md): a full
+    fine-tune of SmolLM2-135M, lr 1e-4 cosine with 10% warm-up, batch 8, 2 epochs, 128 training
+    tokens, batches grouped by length, loss at 256 tokens. ``gpu_paper()`` is the 7B LoRA setting.
     """
 
-    max_length: int = 256  # tokens per example (prompt + answer)
-    epochs: float = 1.0
+    max_length: int = 128  # training tokens per example (prompt + answer)
+    epochs: float = 2.0
     max_steps: int = -1  # > 0 caps the optimizer steps (overrides epochs)
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_fraction: float = 0.05
+    lr: float = 1e-4
+    warmup_fraction: float = 0.1
     scheduler: str = "cosine"
     weight_decay: float = 0.0
+    # "full": every weight is trained; "lora": adapters (peft); "auto": full for models under
+    # FULL_FINETUNE_MAX_PARAMS parameters on a CPU, LoRA otherwise (resolved per run).
+    finetune: str = "auto"
+    group_by_length: bool = True  # batches of similar length (transformers' LengthGroupedSampler)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"  # peft's shorthand: every linear layer but the LM head
     # > 0: adapters only on the top N decoder layers. Autograd then stops N layers down, which
-    # saves most of the backward pass (the CPU preset); 0: every layer (the usual LoRA).
+    # saves most of the backward pass; 0: every layer (the usual LoRA).
     lora_top_layers: int = 0
     bf16: str = "auto"  # "auto": where the device has native bf16; "yes" / "no"
     eval_batch_size: int = 8
+    eval_max_length: int = 256  # tokens per evaluated example (0: max_length)
 
     @classmethod
     def gpu_paper(cls, **overrides: Any) -> "TrainSettings":
         """DaaR's fine-tuning scale on a GPU: 3 epochs, lr 1e-4, LoRA r 64, 1,024 tokens."""
-        base = dict(max_length=1024, epochs=3.0, batch_size=16, lr=1e-4, lora_r=64,
-                    lora_alpha=128, eval_batch_size=16)
+        base = dict(max_length=1024, eval_max_length=1024, epochs=3.0, batch_size=16, lr=1e-4,
+                    lora_r=64, lora_alpha=128, eval_batch_size=16, finetune="lora",
+                    warmup_fraction=0.05)
         base.update(overrides)
         return cls(**base)
 
+    @property
+    def eval_length(self) -> int:
+        return self.eval_max_length if self.eval_max_length > 0 else self.max_length
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+FULL_FINETUNE_MAX_PARAMS = 1_000_000_000
 
 
 def bf16_supported(device: str) -> bool:
@@ -186,6 +271,40 @@ def use_bf16(settings: TrainSettings, device: str) -> bool:
     if settings.bf16 not in ("auto", "yes", "no"):
         raise ValueError(f"bf16 must be auto, yes or no, got {settings.bf16!r}")
     return settings.bf16 == "yes" or (settings.bf16 == "auto" and bf16_supported(device))
+
+
+def count_parameters(model: str) -> int:
+    """Parameters of ``model`` from its config alone (built on the meta device: no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from daar_ops.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    return int(sum(p.numel() for p in lm.parameters()))
+
+
+def resolve_finetune(settings: TrainSettings, model: str, device: str) -> str:
+    """"full" or "lora" for this model on this device (``settings.finetune`` "auto" decides by
+    size: a full fine-tune on a CPU below :data:`FULL_FINETUNE_MAX_PARAMS`)."""
+    if settings.finetune not in ("auto", "full", "lora"):
+        raise ValueError(f"finetune must be auto, full or lora, got {settings.finetune!r}")
+    if settings.finetune != "auto":
+        return settings.finetune
+    device = resolve_eval_device(device)
+    small = count_parameters(model) < FULL_FINETUNE_MAX_PARAMS
+    return "full" if small and device == "cpu" else "lora"
+
+
+def resolved_settings(settings: TrainSettings, model: str, device: str) -> dict[str, Any]:
+    """What "auto" became on this machine: goes into every run's fingerprint, so fp32 and bf16
+    runs (or full and LoRA runs) are never paired in one comparison."""
+    device = resolve_eval_device(device)
+    return {"bf16": use_bf16(settings, device),
+            "finetune": resolve_finetune(settings, model, device),
+            "device_type": "cuda" if device.startswith("cuda") else device}
 
 
 def resolve_eval_device(device: str | None) -> str:
@@ -226,42 +345,56 @@ class FineTuneResult:
     answer_tokens: int
     seconds: float
     tokens_per_second: float
+    finetune: str = "lora"
+    bf16: bool = False
 
 
 def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainSettings,
               seed: int, work_dir: str | Path, device: str = "cpu", progress: bool = True,
               adapter_dir: str | Path | None = None) -> FineTuneResult:
-    """LoRA fine-tuning of ``model`` on ``records`` with ``transformers.Trainer``.
+    """Fine-tune ``model`` on ``records`` with ``transformers.Trainer``: every weight
+    (``finetune`` "full") or LoRA adapters (peft), as :func:`resolve_finetune` decides.
 
-    The seed fixes the LoRA initialisation, dropout and data order. With ``adapter_dir`` the
-    adapter is saved there (for lm-eval or reuse); otherwise nothing is written but logs.
+    bf16 is autocast where :func:`use_bf16` says so (the weights and the optimizer state stay
+    fp32, except a LoRA base on a bf16 GPU, stored in bf16). The seed fixes the initialisation of
+    the adapters, dropout and data order. With ``adapter_dir`` the trained adapter (LoRA) or the
+    whole model (full) is saved there (for lm-eval or reuse); otherwise nothing is written but
+    logs.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
     device = resolve_eval_device(device)
     set_seed(seed)
-    # On a GPU with bf16 the frozen base weights are stored in bf16 (a 7B model in fp32 would
-    # need 28 GB); the LoRA weights peft adds stay fp32. CPUs keep fp32 weights (autocast only).
     bf16 = use_bf16(settings, device)
+    mode = resolve_finetune(settings, model, device)
+    # On a GPU with bf16 the frozen LoRA base weights are stored in bf16 (a 7B model in fp32
+    # would need 28 GB); trained weights (LoRA's, or all of them) stay fp32 under autocast.
     base, tokenizer = load_base_model(
-        model, device, torch.bfloat16 if bf16 and device.startswith("cuda") else None)
+        model, device,
+        torch.bfloat16 if bf16 and device.startswith("cuda") and mode == "lora" else None)
     examples = encode_records(tokenizer, records, settings.max_length)
     if not examples:
         raise ValueError("no training example has answer tokens")
     set_seed(seed)
-    n_layers = int(base.config.num_hidden_layers)
-    layers = (list(range(max(0, n_layers - settings.lora_top_layers), n_layers))
-              if settings.lora_top_layers > 0 else None)
-    targets: Any = settings.lora_targets
-    if layers is not None and targets == "all-linear":
-        # peft takes layers_to_transform only with a list of module names: the linear layers'.
-        targets = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
-                          if isinstance(module, torch.nn.Linear) and ".layers." in name})
-    lm = get_peft_model(base, LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM"))
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        n_layers = int(base.config.num_hidden_layers)
+        layers = (list(range(max(0, n_layers - settings.lora_top_layers), n_layers))
+                  if settings.lora_top_layers > 0 else None)
+        targets: Any = settings.lora_targets
+        if layers is not None and targets == "all-linear":
+            # peft takes layers_to_transform only with a list of module names: the linear layers'.
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
+        lm = get_peft_model(base, LoraConfig(
+            r=settings.lora_r, lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout, target_modules=targets,
+            layers_to_transform=layers, task_type="CAUSAL_LM"))
+    else:
+        lm = base
+        lm.train()
     per_step = settings.batch_size * settings.grad_accum
     steps = (settings.max_steps if settings.max_steps > 0
              else max(1, math.ceil(len(examples) / per_step * settings.epochs)))
@@ -274,6 +407,7 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
         weight_decay=settings.weight_decay, logging_steps=max(1, steps // 10),
         save_strategy="no", report_to="none", seed=seed, data_seed=seed,
         bf16=bf16, use_cpu=device == "cpu", dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         remove_unused_columns=False, disable_tqdm=not progress, optim="adamw_torch")
     trainer = Trainer(model=lm, args=args, train_dataset=examples,
                       data_collator=lambda batch: _pad_batch(batch, pad_id))
@@ -292,7 +426,8 @@ def fine_tune(model: str, records: Sequence[Mapping[str, Any]], settings: TrainS
         model=lm, train_loss=float(output.training_loss), steps=steps, train_examples=seen,
         train_tokens=int(trained_tokens),
         answer_tokens=sum(sum(t != -100 for t in e["labels"]) for e in examples),
-        seconds=seconds, tokens_per_second=trained_tokens / max(seconds, 1e-9))
+        seconds=seconds, tokens_per_second=trained_tokens / max(seconds, 1e-9), finetune=mode,
+        bf16=bf16)
 
 
 def _weights_dtype(device: str):
@@ -315,8 +450,15 @@ def load_tuned(model: str, adapter_dir: str | Path | None, device: str = "cpu"):
 
 def held_out_loss(lm, tokenizer, eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
                   max_length: int, batch_size: int = 8, bf16: bool = False,
-                  progress: bool = False) -> dict[str, dict[str, float]]:
-    """Per domain: mean negative log-likelihood (nats) per answer token, records and tokens."""
+                  progress: bool = False, per_record: bool = False) -> dict[str, dict[str, Any]]:
+    """Per domain: mean negative log-likelihood (nats) per answer token (``loss``) and per
+    final-answer token (``final_loss``, the span of :func:`final_answer_span`), with the counts.
+
+    With ``per_record`` each domain also gets ``records``: per evaluation record, in the order
+    given, the summed nll and the token count of the answer (``nll``, ``tokens``) and of its final
+    answer (``final_nll``, ``final_tokens``) - what the paired bootstrap resamples. A record whose
+    answer is cut away entirely counts 0 tokens.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -324,25 +466,49 @@ def held_out_loss(lm, tokenizer, eval_sets: Mapping[str, Sequence[Mapping[str, A
     out = {}
     lm.eval()
     for domain, records in eval_sets.items():
-        examples = sorted(encode_records(tokenizer, records, max_length),
-                          key=lambda e: len(e["input_ids"]))
-        total, count = 0.0, 0
-        batches = range(0, len(examples), batch_size)
+        examples = [encode_example(tokenizer, rec, max_length, final=True) for rec in records]
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        nll = np.zeros(len(examples))
+        tokens = np.zeros(len(examples), dtype=int)
+        final_nll = np.zeros(len(examples))
+        final_tokens = np.zeros(len(examples), dtype=int)
+        batches = range(0, len(order), batch_size)
         for start in tqdm(batches, desc=f"eval {domain}", disable=not progress, leave=False):
-            batch = _pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
+            rows = order[start:start + batch_size]
+            chunk = [examples[i] for i in rows]
+            batch = _pad_batch(chunk, tokenizer.pad_token_id)
+            final = torch.zeros_like(batch["labels"])
+            for row, e in enumerate(chunk):
+                final[row, :len(e["final"])] = torch.tensor(e["final"])
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                  enabled=bf16):
                 logits = lm(input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"]).logits
             shifted = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((shifted != -100).sum())
-        out[domain] = {"loss": total / max(count, 1), "n_records": len(examples),
-                       "n_tokens": count}
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=-100,
+                reduction="none").cpu()
+            scored = (shifted != -100).cpu()
+            fin = final[:, 1:].bool() & scored
+            for row, i in enumerate(rows):
+                nll[i] = float(token_nll[row][scored[row]].sum())
+                tokens[i] = int(scored[row].sum())
+                final_nll[i] = float(token_nll[row][fin[row]].sum())
+                final_tokens[i] = int(fin[row].sum())
+        rules = [e["final_rule"] for e in examples]
+        entry: dict[str, Any] = {
+            "loss": float(nll.sum() / max(tokens.sum(), 1)),
+            "final_loss": float(final_nll.sum() / max(final_tokens.sum(), 1)),
+            "n_records": int((tokens > 0).sum()), "n_tokens": int(tokens.sum()),
+            "n_final_tokens": int(final_tokens.sum()),
+            "final_rules": {r: rules.count(r) for r in sorted(set(rules))}}
+        if per_record:
+            entry["records"] = {"nll": [round(float(v), 5) for v in nll],
+                                "tokens": [int(v) for v in tokens],
+                                "final_nll": [round(float(v), 5) for v in final_nll],
+                                "final_tokens": [int(v) for v in final_tokens]}
+        out[domain] = entry
     return out
 
 
@@ -384,24 +550,30 @@ def evaluate_selections(selections: Mapping[str, Selection],
                         seeds: Sequence[int] = (0, 1, 2), settings: TrainSettings | None = None,
                         device: str = "cpu", held_hashes: set[str] | None = None,
                         include_base: bool = True, resume: bool = True, progress: bool = True,
-                        keep_adapters: bool = False) -> list[dict[str, Any]]:
+                        keep_adapters: bool = False, results_dir: str | Path | None = None,
+                        on_result: Any = None) -> list[dict[str, Any]]:
     """Fine-tune ``model`` on every selection with every seed and measure the held-out loss.
 
-    Each (method, seed) writes ``out_dir/runs/METHOD/seed-S/result.json``; with ``resume`` a
-    result whose fingerprint (model, settings, selection, eval sets, seed) matches is read back
-    instead of training again, so a killed run keeps its finished methods. Records whose text is
-    in ``held_hashes`` are removed from every selection first. Returns the run results.
+    Each (method, seed) writes ``RESULTS/runs/METHOD/seed-S/result.json`` (``RESULTS`` =
+    ``results_dir``, default ``out_dir``: small files meant to be committed; adapters and trainer
+    logs stay under ``out_dir``); with ``resume`` a result whose fingerprint (model, settings and
+    what "auto" resolved to here, selection, eval sets, seed) matches is read back instead of
+    training again, so a killed run - or a new machine with the committed files - keeps its
+    finished runs. Records whose text is in ``held_hashes`` are removed from every selection
+    first. ``on_result(path, result)`` is called after each new result file. Returns the results.
     """
     from tqdm.auto import tqdm
 
     settings = settings or TrainSettings()
     device = resolve_eval_device(device)
     out_dir = Path(out_dir)
+    results_dir = Path(results_dir) if results_dir is not None else out_dir
     eval_digest = hashlib.sha256("".join(
         f"{d}:{records_digest(r)}" for d, r in sorted(eval_sets.items())).encode()).hexdigest()
     from daar_ops.models import model_fingerprint, resolve_model_path
 
     model_id = model_fingerprint(resolve_model_path(model))
+    resolved = resolved_settings(settings, model, device)
     jobs = [(BASE, None)] if include_base else []
     jobs += [(name, seed) for name in selections for seed in seeds]
     results = []
@@ -417,11 +589,12 @@ def evaluate_selections(selections: Mapping[str, Selection],
                 if dropped:
                     logger.warning(f"{name}: dropped {dropped} held-out records from the selection")
         fingerprint = hashlib.sha256(json.dumps(
-            {"model": model_id, "settings": settings.to_dict(), "seed": seed,
-             "selection": records_digest(records), "eval": eval_digest},
+            {"model": model_id, "settings": settings.to_dict(), "resolved": resolved,
+             "seed": seed, "selection": records_digest(records), "eval": eval_digest},
             sort_keys=True).encode()).hexdigest()
-        run_dir = out_dir / "runs" / name / ("base" if seed is None else f"seed-{seed}")
-        result_file = run_dir / "result.json"
+        run_name = "base" if seed is None else f"seed-{seed}"
+        run_dir = out_dir / "runs" / name / run_name
+        result_file = results_dir / "runs" / name / run_name / "result.json"
         if resume and result_file.exists():
             previous = json.loads(result_file.read_text())
             if previous.get("fingerprint") == fingerprint:
@@ -430,10 +603,24 @@ def evaluate_selections(selections: Mapping[str, Selection],
         run_dir.mkdir(parents=True, exist_ok=True)
         result = _run_one(name, seed, records, eval_sets, model, settings, device, run_dir,
                           progress, keep_adapters)
-        result["fingerprint"] = fingerprint
+        result.update(fingerprint=fingerprint, model_id=model_id, eval_digest=eval_digest,
+                      settings=settings.to_dict(), resolved=resolved,
+                      config_key=comparison_key(model_id, settings, resolved, eval_digest))
+        result_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result_file, result)
+        if on_result is not None:
+            on_result(result_file, result)
         results.append(result)
     return results
+
+
+def comparison_key(model_id: str, settings: TrainSettings, resolved: Mapping[str, Any],
+                   eval_digest: str) -> str:
+    """Runs are compared only with runs of the same key: same model, settings, resolved
+    precision / fine-tuning mode and evaluation set."""
+    return hashlib.sha256(json.dumps(
+        {"model": model_id, "settings": settings.to_dict(), "resolved": dict(resolved),
+         "eval": eval_digest}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run_one(name, seed, records, eval_sets, model, settings, device, run_dir, progress,
@@ -441,7 +628,9 @@ def _run_one(name, seed, records, eval_sets, model, settings, device, run_dir, p
     bf16 = use_bf16(settings, device)
     result: dict[str, Any] = {"method": name, "seed": seed, "n_selected": len(records)}
     if name == BASE:
-        lm, tokenizer = load_base_model(model, device, _weights_dtype(device) if bf16 else None)
+        lora = resolve_finetune(settings, model, device) == "lora"
+        lm, tokenizer = load_base_model(
+            model, device, _weights_dtype(device) if bf16 and lora else None)
     else:
         tuned = fine_tune(model, seeded_order(records, seed), settings, seed, run_dir, device,
                           progress, adapter_dir=run_dir / "adapter" if keep_adapters else None)
@@ -456,12 +645,16 @@ def _run_one(name, seed, records, eval_sets, model, settings, device, run_dir, p
         result.update(train_loss=tuned.train_loss, steps=tuned.steps,
                       train_examples=tuned.train_examples, train_tokens=tuned.train_tokens,
                       train_answer_tokens=tuned.answer_tokens, train_seconds=tuned.seconds,
-                      train_tokens_per_second=tuned.tokens_per_second)
+                      train_tokens_per_second=tuned.tokens_per_second,
+                      finetune=tuned.finetune)
     start = time.perf_counter()
-    losses = held_out_loss(lm, tokenizer, eval_sets, settings.max_length,
-                           settings.eval_batch_size, bf16=bf16, progress=progress)
+    losses = held_out_loss(lm, tokenizer, eval_sets, settings.eval_length,
+                           settings.eval_batch_size, bf16=bf16, progress=progress,
+                           per_record=True)
     result.update(eval_seconds=time.perf_counter() - start, losses=losses,
-                  avg_loss=float(np.mean([v["loss"] for v in losses.values()])), bf16=bf16)
+                  avg_loss=float(np.mean([v["loss"] for v in losses.values()])),
+                  avg_final_loss=float(np.mean([v["final_loss"] for v in losses.values()])),
+                  bf16=bf16)
     logger.info(f"{name} seed {seed}: avg held-out loss {result['avg_loss']:.4f} "
                 "(" + ", ".join(f"{d} {v['loss']:.3f}" for d, v in losses.items()) + ")")
     return result
@@ -749,7 +942,9 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
                        daar_checkpoint: str | Path | None = None, daar_probe_size: int = 600,
                        selection_files: Mapping[str, str | Path] | None = None,
                        eval_files: Mapping[str, str | Path] | None = None,
-                       timeout: float | None = None, progress: bool = True) -> Comparison:
+                       timeout: float | None = None, progress: bool = True,
+                       controls: bool = False, results_dir: str | Path | None = None,
+                       control_seed: int = 0) -> Comparison:
     """Held-out sets, one slice of ``n`` records and each method's selection of it.
 
     1. held out: pool records with text hash below ``held_out_fraction`` (and every text of
@@ -760,7 +955,13 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
     3. each method in ``methods`` selects ``ratio`` of the slice: ``random`` is sampled with each
        seed; the others run their recipe through ``dj-process`` (:data:`RECIPE_METHODS`; DaaR's
        probe checkpoint comes from ``daar_checkpoint`` or ``daar-ops select --quick`` on the
-       selection pool); ``full`` is the whole slice. ``selection_files`` add given JSONL files.
+       selection pool); ``full`` is the whole slice. ``selection_files`` add given JSONL files;
+    4. with ``controls``, the positive controls' selections (:func:`control_selections`, which
+       read the ground-truth ``domain``; no selection method ever does).
+
+    With ``results_dir`` every recipe method's selection is kept there as text hashes
+    (``selections/NAME.json``, tied to the slice's digest) and read back on the next call, on
+    this machine or another, so no recipe (DS2's LLM ratings, DaaR's probe) runs twice.
     """
     out_dir = Path(out_dir).resolve()  # absolute: the recipes' paths must not depend on the cwd
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -792,8 +993,15 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
                          f"or the ratio")
     selections: dict[str, Selection] = {}
     statuses: dict[str, str] = {}
+    slice_digest = records_digest(slice_records)
+    by_hash = {text_hash(r): r for r in slice_records}
+    cache_dir = Path(results_dir) / "selections" if results_dir is not None else None
     for name in methods:
-        if name == RANDOM:
+        cached = _read_cached_selection(cache_dir, name, slice_digest, by_hash)
+        if cached is not None and name in RECIPE_METHODS:
+            selections[name] = cached
+            statuses[name] = "ok (cached)"
+        elif name == RANDOM:
             selections[name] = {s: [slice_records[i] for i in np.sort(
                 np.random.default_rng(s).choice(size, k, replace=False))] for s in seeds}
             statuses[name] = "ok"
@@ -816,6 +1024,7 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
             if res["status"] == "ok":
                 selections[name] = [{k2: v for k2, v in r.items() if not k2.startswith("__dj__")}
                                     for r in read_jsonl(res["export"])]
+                _write_cached_selection(cache_dir, name, slice_digest, selections[name])
             else:
                 logger.warning(f"{name}: {res['status']}")
         else:
@@ -827,6 +1036,10 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
     write_eval_sets(eval_sets, out_dir / "eval_sets")
     # evaluation only: the ground-truth domains of what each method chose (joined by text hash)
     truth = {text_hash(r): str(r.get("domain")) for r in records if "domain" in r}
+    if controls:
+        for name, chosen in control_selections(slice_records, truth, k, control_seed).items():
+            selections[name] = chosen
+            statuses[name] = "ok (control)"
     composition = {}
     for name, sel in selections.items():
         chosen = selection_for_seed(sel, seeds[0]) if isinstance(sel, Mapping) else sel
@@ -841,6 +1054,86 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
                "eval_records": {d: len(r) for d, r in eval_sets.items()},
                "methods": statuses, "selection_domains": composition, "model": model}
     return Comparison(selections, eval_sets, held_hashes, context)
+
+
+def _read_cached_selection(cache_dir: Path | None, name: str, slice_digest: str,
+                           by_hash: Mapping[str, Mapping[str, Any]]) -> list | None:
+    if cache_dir is None or not (cache_dir / f"{name}.json").exists():
+        return None
+    payload = json.loads((cache_dir / f"{name}.json").read_text())
+    if payload.get("slice") != slice_digest or not all(h in by_hash for h in payload["hashes"]):
+        logger.warning(f"{name}: the cached selection belongs to another slice; selecting again")
+        return None
+    return [dict(by_hash[h]) for h in payload["hashes"]]
+
+
+def _write_cached_selection(cache_dir: Path | None, name: str, slice_digest: str,
+                            records: Sequence[Mapping[str, Any]]) -> None:
+    if cache_dir is None:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache_dir / f"{name}.json", {
+        "slice": slice_digest, "n": len(records), "hashes": [text_hash(r) for r in records]})
+
+
+# --------------------------------------------------------------------------------------------
+# Positive controls: selections built from the ground-truth domain (evaluation only)
+
+CONTROL_RANDOM = "ctl_random"  # a fixed random budget: the controls' reference
+CONTROL_DOUBLE = "ctl_random_2x"  # twice the budget, a superset of ctl_random
+CONTROL_SINGLE = "ctl_mathematics"  # the budget from one domain only
+CONTROL_SKEW = "ctl_skew"  # 70% of one domain, 10% of each other
+CONTROL_NAMES = (CONTROL_RANDOM, CONTROL_DOUBLE, CONTROL_SINGLE, CONTROL_SKEW)
+SINGLE_DOMAIN = "mathematics"
+SKEW_DOMAIN = "common_sense"  # the mix DaaR and DS2 produced on this pool
+SKEW_SHARE = 0.7
+# id -> (selection, reference, what must hold); "base" is the untuned model.
+CONTROLS = {
+    "P0": (CONTROL_RANDOM, BASE, "movement: the average loss falls (random vs untuned)"),
+    "P1": (CONTROL_DOUBLE, CONTROL_RANDOM, "quantity: twice the budget lowers the average loss"),
+    "P2": (CONTROL_SINGLE, CONTROL_RANDOM,
+           f"composition: {SINGLE_DOMAIN} only lowers {SINGLE_DOMAIN}'s loss (Holm-adjusted) and "
+           f"raises each other domain's"),
+    "P3": (CONTROL_SKEW, CONTROL_RANDOM,
+           f"skew: {SKEW_SHARE:.0%} {SKEW_DOMAIN} / 10 / 10 / 10 raises the average loss with a "
+           f"95% interval excluding 0"),
+}
+
+
+def control_selections(slice_records: Sequence[Mapping[str, Any]], truth: Mapping[str, str],
+                       k: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The positive controls' selections of ``k`` records (``2k`` for the double budget), FIXED
+    for every training seed (one permutation of the slice drawn with ``seed``), so that their
+    comparisons carry training noise only, not selection noise.
+
+    ``truth``: text hash -> ground-truth domain. ctl_random = the permutation's first k;
+    ctl_random_2x its first 2k (a superset); ctl_mathematics the first k of one domain; ctl_skew
+    70% of one domain and the rest split evenly over the others (largest remainder).
+    """
+    order = np.random.default_rng(seed).permutation(len(slice_records))
+    recs = [dict(slice_records[i]) for i in order]
+    domain_of = [truth.get(text_hash(r)) for r in recs]
+    domains = sorted({d for d in domain_of if d is not None})
+    if 2 * k > len(recs):
+        raise ValueError(f"the double-budget control needs {2 * k} records; the slice has "
+                         f"{len(recs)}")
+    if SINGLE_DOMAIN not in domains or SKEW_DOMAIN not in domains:
+        raise ValueError(f"the controls need {SINGLE_DOMAIN} and {SKEW_DOMAIN} records in the "
+                         f"slice (ground truth found: {domains})")
+    by_domain = {d: [r for r, dd in zip(recs, domain_of) if dd == d] for d in domains}
+    others = [d for d in domains if d != SKEW_DOMAIN]
+    shares = {SKEW_DOMAIN: SKEW_SHARE, **{d: (1 - SKEW_SHARE) / len(others) for d in others}}
+    quota = {d: int(math.floor(shares[d] * k + 1e-9)) for d in domains}
+    leftover = k - sum(quota.values())
+    for d in sorted(domains, key=lambda d: -(shares[d] * k - quota[d]))[:leftover]:
+        quota[d] += 1
+    for d, q in list(quota.items()) + [(SINGLE_DOMAIN, k)]:
+        if len(by_domain[d]) < q:
+            raise ValueError(f"the controls need {q} {d} records; the slice has "
+                             f"{len(by_domain[d])}")
+    skew = [r for d in domains for r in by_domain[d][:quota[d]]]
+    return {CONTROL_RANDOM: recs[:k], CONTROL_DOUBLE: recs[:2 * k],
+            CONTROL_SINGLE: by_domain[SINGLE_DOMAIN][:k], CONTROL_SKEW: skew}
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,6 +1169,13 @@ def lm_eval_model_args(model_path: str, adapter_dir: str | Path | None, dtype: s
     return args
 
 
+def _lm_eval_args(model_path: str, saved: str | Path | None, dtype: str) -> str:
+    """A saved LoRA adapter rides on the base model; a saved full fine-tune is the model."""
+    if saved is not None and not (Path(saved) / "adapter_config.json").exists():
+        return lm_eval_model_args(str(saved), None, dtype)
+    return lm_eval_model_args(model_path, saved, dtype)
+
+
 def run_lm_eval(model: str, adapter_dir: str | Path | None, tasks: Sequence[str],
                 device: str = "cuda", limit: int | None = None,
                 batch_size: str | int = "auto", allow_code_execution: bool = False
@@ -898,7 +1198,7 @@ def run_lm_eval(model: str, adapter_dir: str | Path | None, tasks: Sequence[str]
     if code:
         os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=lm_eval_model_args(resolve_model_path(model), adapter_dir, dtype),
+        model="hf", model_args=_lm_eval_args(resolve_model_path(model), adapter_dir, dtype),
         tasks=list(tasks), device=device, limit=limit, batch_size=batch_size,
         confirm_run_unsafe_code=bool(code))
     return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

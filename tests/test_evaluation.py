@@ -78,7 +78,8 @@ def test_fine_tuning_lowers_the_loss_on_its_data(tiny_llama, tmp_path):
     _, tok = ev.load_base_model(str(tiny_llama))
     base, _ = ev.load_base_model(str(tiny_llama))
     before = ev.held_out_loss(base, tok, {"train": recs}, 64)["train"]["loss"]
-    settings = ev.TrainSettings(max_length=64, epochs=5, batch_size=8, lr=2e-2, warmup_fraction=0)
+    settings = ev.TrainSettings(max_length=64, epochs=5, batch_size=8, lr=2e-2, warmup_fraction=0,
+                                finetune="lora")
     tuned = ev.fine_tune(str(tiny_llama), recs, settings, 0, tmp_path, progress=False,
                          adapter_dir=tmp_path / "adapter")
     after = ev.held_out_loss(tuned.model, tok, {"train": recs}, 64)["train"]["loss"]
@@ -165,3 +166,145 @@ def test_lm_eval_wiring():
     assert ev.parse_tasks("gsm8k, mbpp", allow_code_execution=True) == ["gsm8k", "mbpp"]
     assert ev.lm_eval_model_args("/m", "/a", "bfloat16") == "pretrained=/m,dtype=bfloat16,peft=/a"
     assert ev._main_metric({"acc,none": 0.5, "acc_stderr,none": 0.1}) == 0.5
+
+
+def test_final_answer_span_rules():
+    boxed = "so $x = \\boxed{\\frac{1}{2}}$ done"
+    (a, b), rule = ev.final_answer_span(boxed)
+    assert rule == "boxed" and boxed[a:b] == "\\frac{1}{2}"
+    text = "Step 1.\nThe answer is 84.\nBye"
+    (a, b), rule = ev.final_answer_span(text)
+    assert rule == "answer_is" and text[a:b] == "84."
+    (a, b), rule = ev.final_answer_span("Thinking. So, the final answer is no.")
+    assert rule == "answer_is" and "Thinking. So, the final answer is no."[a:b] == "no."
+    code = "Here:\n```python\ndef f():\n    return 1\n```\nDone."
+    (a, b), rule = ev.final_answer_span(code)
+    assert rule == "code" and code[a:b] == "def f():\n    return 1\n"
+    assert ev.final_answer_span("Paris.") == ((0, 6), "whole")
+
+
+def test_long_answers_lose_their_middle_not_their_end(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rec = {"instruction": "Add.", "input": "", "output": "step " * 300 + "The answer is 42."}
+    ex = ev.encode_example(tok, rec, 64, final=True)
+    assert len(ex["input_ids"]) == 64 and ex["final_rule"] == "answer_is"
+    answer = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert "42" in tok.decode(answer) and tok.decode(answer).startswith("step")
+    final = tok.decode([t for t, f in zip(ex["input_ids"], ex["final"]) if f])
+    assert final.strip().startswith("42")
+
+
+def test_controls_are_fixed_and_have_their_mixes():
+    recs = tiny_records(60)  # 60 per domain
+    truth = {ev.text_hash(r): r["domain"] for r in recs}
+    slice_records = [{k: v for k, v in r.items() if k not in ("domain", "source")} for r in recs]
+    sel = ev.control_selections(slice_records, truth, 40, seed=0)
+    again = ev.control_selections(slice_records[::-1], truth, 40, seed=0)
+    dom = lambda rs: [truth[ev.text_hash(r)] for r in rs]  # noqa: E731
+    assert len(sel[ev.CONTROL_RANDOM]) == 40 and len(sel[ev.CONTROL_DOUBLE]) == 80
+    assert {ev.text_hash(r) for r in sel[ev.CONTROL_RANDOM]} <= {
+        ev.text_hash(r) for r in sel[ev.CONTROL_DOUBLE]}
+    assert set(dom(sel[ev.CONTROL_SINGLE])) == {"mathematics"}
+    skew = dom(sel[ev.CONTROL_SKEW])
+    assert len(skew) == 40 and skew.count("common_sense") == 28
+    assert all(skew.count(d) == 4 for d in ("coding", "mathematics", "reasoning"))
+    assert len(again[ev.CONTROL_SKEW]) == 40
+    with pytest.raises(ValueError, match="needs"):
+        ev.control_selections(slice_records[:50], truth, 40)
+
+
+def test_full_fine_tune_is_the_cpu_default_and_resolved_settings_split_runs(tiny_llama, tmp_path,
+                                                                           monkeypatch):
+    recs = tiny_records(4)
+    settings = ev.TrainSettings(max_length=48, eval_max_length=64, epochs=4, batch_size=4,
+                                lr=3e-3, warmup_fraction=0, bf16="no")
+    assert ev.resolve_finetune(settings, str(tiny_llama), "cpu") == "full"
+    out = ev.evaluate_selections({"a": recs}, {"x": recs[:6], "y": recs[6:10]}, tmp_path / "w",
+                                 model=str(tiny_llama), seeds=(0,), settings=settings,
+                                 progress=False, results_dir=tmp_path / "r")
+    base, tuned = out
+    assert tuned["finetune"] == "full" and tuned["resolved"]["bf16"] is False
+    assert tuned["avg_loss"] < base["avg_loss"] - 0.05, (base["avg_loss"], tuned["avg_loss"])
+    rec = tuned["losses"]["x"]["records"]
+    assert len(rec["nll"]) == 6 and sum(rec["tokens"]) == tuned["losses"]["x"]["n_tokens"]
+    assert sum(rec["nll"]) / sum(rec["tokens"]) == pytest.approx(tuned["losses"]["x"]["loss"],
+                                                                  rel=1e-4)
+    assert (tmp_path / "r" / "runs" / "a" / "seed-0" / "result.json").exists()
+    assert not (tmp_path / "w" / "runs" / "a" / "seed-0" / "result.json").exists()
+    # another resolved precision is another run: never paired with the fp32 one
+    monkeypatch.setattr(ev, "bf16_supported", lambda device: True)
+    auto = ev.TrainSettings(**{**settings.to_dict(), "bf16": "auto"})
+    assert ev.resolved_settings(auto, str(tiny_llama), "cpu")["bf16"] is True
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(ev, "fine_tune", no_training)
+    with pytest.raises(AssertionError, match="trained"):
+        ev.evaluate_selections({"a": recs}, {"x": recs[:6], "y": recs[6:10]}, tmp_path / "w",
+                               model=str(tiny_llama), seeds=(0,), settings=auto, progress=False,
+                               include_base=False, results_dir=tmp_path / "r")
+
+
+def _fake_run(method, seed, shift, rng, key="k"):
+    losses = {}
+    for g, d in enumerate(DOMAINS):
+        tokens = [10] * 30
+        nll = list(10 * (1.0 + g * 0.1 + shift.get(d, 0.0) + rng.normal(0, 0.002, 30)))
+        losses[d] = {"loss": sum(nll) / 300, "final_loss": sum(nll) / 300,
+                     "records": {"nll": nll, "tokens": tokens, "final_nll": nll,
+                                 "final_tokens": tokens}}
+    return {"method": method, "seed": seed, "n_selected": 10, "config_key": key,
+            "losses": losses, "avg_loss": float(np.mean([v["loss"] for v in losses.values()])),
+            "avg_final_loss": 0.0}
+
+
+def test_report_and_result_line_from_run_files(tmp_path):
+    from daar_ops import evaluation_report as er
+
+    rng = np.random.default_rng(0)
+    runs = [_fake_run("base", None, {d: 0.3 for d in DOMAINS}, rng)]
+    for s in range(3):
+        runs += [_fake_run("ctl_random", s, {}, rng),
+                 _fake_run("ctl_random_2x", s, {d: -0.05 for d in DOMAINS}, rng),
+                 _fake_run("ctl_mathematics", s, {"mathematics": -0.1, "coding": 0.05,
+                                                  "common_sense": 0.05, "reasoning": 0.05}, rng),
+                 _fake_run("ctl_skew", s, {"reasoning": 0.0005}, rng),  # too small to see
+                 _fake_run("random", s, {}, rng),
+                 _fake_run("daar", s, {"reasoning": 0.2}, rng)]
+    runs.append(_fake_run("qdit", 0, {}, rng, key="other settings"))
+    for r in runs:
+        path = tmp_path / "runs" / r["method"] / ("base" if r["seed"] is None
+                                                  else f"seed-{r['seed']}") / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    report = er.write_report(tmp_path, n_boot=200)
+    c = report["controls"]
+    assert [c[p]["status"] for p in ("P0", "P1", "P2", "P3")] == ["passed", "passed", "passed",
+                                                                   "failed"]
+    assert c["P0"]["delta"] == pytest.approx(-0.3, abs=0.01)
+    assert report["ignored_runs"] == 1
+    line = report["result_line"]
+    assert line.startswith("RESULT controls_passed=3/4 ")
+    fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+    assert fields["methods"] == "2" and fields["seeds"] == "3"
+    assert float(fields["daar_delta"]) == pytest.approx(0.05, abs=0.003)  # reasoning +0.2 / 4
+    assert "daar_per_domain_delta=nan" in line and "best_method=random" in line
+    for name in ("summary.md", "table.md", "report.json", "deltas.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "not detectable" in (tmp_path / "table.md").read_text()
+
+
+def test_report_only_on_no_runs_prints_pending(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_downstream", Path(__file__).resolve().parents[1] / "tools" / "eval_downstream.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--report-only", "--results-dir", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT controls_passed=0/4 mde=nan movement=nan")
+    assert "best_method=pending" in last

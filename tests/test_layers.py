@@ -18,7 +18,7 @@ FLOORS = [
     ("artifacts", ["probe_checkpoint", "report"]),
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
-    ("driver", ["pipeline", "evaluation", "compare_methods"]),
+    ("driver", ["pipeline", "evaluation", "compare_methods", "evaluation_report"]),
     ("face", ["cli", "commands", "testing", "sandbox_hooks"]),
 ]
 

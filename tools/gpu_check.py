@@ -158,7 +158,8 @@ def check_evaluate(args, work: Path, model: str, pool: str) -> float:
     cmd = [sys.executable, "-m", "daar_ops.cli", "evaluate", "--pool", pool, "--model", model,
            "--methods", "random", "--seeds", "0", "--device", args.device, "--bf16", "auto",
            "--out", str(work / "evaluate"), "--no-base", "--no-progress"]
-    cmd += (["--n", "200", "--eval-per-domain", "4", "--max-steps", "3", "--max-length", "64"]
+    cmd += (["--n", "200", "--eval-per-domain", "4", "--max-steps", "3", "--max-length", "64",
+             "--eval-max-length", "64"]
             if args.smoke else ["--n", "1000", "--eval-per-domain", "100", "--max-steps", "50"])
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
