@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# features in float32 whatever the CPU: the default "auto" would pick bf16 only on CPUs with native
+# bf16, and tests must not depend on CPU features (tests/test_precision.py checks "auto" itself)
+os.environ.setdefault("DAAR_OPS_FEATURE_DTYPE", "float32")
 
 from pathlib import Path
 

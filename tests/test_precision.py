@@ -60,3 +60,16 @@ def test_stats_scored_in_another_precision_are_recomputed(tiny_artifacts):
     again = fp32.compute_stats_batched(stale)
     assert [s["daar_checkpoint_sha256"] for s in again["__dj__stats__"]] == \
         [fp32.checkpoint_sha] * 2  # recomputed by the fp32 op, not reused
+
+
+def test_the_default_is_auto_unless_overridden():
+    import subprocess
+    import sys
+
+    code = "from daar_ops.defaults import FEATURE_DTYPE; print(FEATURE_DTYPE)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DAAR_OPS_FEATURE_DTYPE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "auto"
+    env["DAAR_OPS_FEATURE_DTYPE"] = "float32"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "float32"
