@@ -11,7 +11,7 @@ Methods are Data-Juicer recipes run with ``dj-process`` (one subprocess each, ti
 exists and every op in it is registered in ``data_juicer.ops.OPERATORS``. ``--recipe NAME=PATH``
 adds more. For each method a copy of the recipe is written with the slice as ``dataset_path``, its
 own ``export_path``, every ``select_ratio``/``top_ratio`` set to the ratio, every
-``topk``/``select_num`` set to round(ratio * n), and short model names (``smollm2-135m-instruct``)
+``topk``/``select_num`` set to ``core.budget`` (floor(ratio * n)), and short model names (``smollm2-135m-instruct``)
 replaced by the prepared local folders.
 
 The slice given to the methods has the evaluation-only fields (``domain``, ``source``) removed, so
@@ -44,11 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from daar_ops.core import budget, default_pool
+
 # The recipes ship inside the package (package data), so an installed wheel has them too.
 RECIPES = Path(__file__).resolve().parent / "recipes"
-# the shared example pool beside a source checkout (elsewhere pass --pool)
-DEFAULT_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" / \
-    "daar_pool.jsonl.gz"
 BASELINES = ("random", "instruction_length", "ifd", "alpagasus", "qdit", "ds2")
 LLM_METHODS = ("ifd", "alpagasus", "ds2")
 EVAL_ONLY_FIELDS = ("domain", "source")
@@ -99,7 +98,7 @@ def derive_recipe(recipe: dict, dataset_path: Path, export_path: Path, ratio: fl
     out["dataset_path"] = str(dataset_path)
     out["export_path"] = str(export_path)
     out["use_cache"] = False
-    k = max(1, round(ratio * n))
+    k = budget(n, ratio=ratio)  # the package's one budget rule: floor(ratio * n)
     for op in out.get("process", []):
         for name, params in op.items():
             if params is None:
@@ -295,7 +294,8 @@ def result_line(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    parser.add_argument("--pool", type=Path, default=None,
+                        help="default: $DAAR_OPS_POOL, else the shared pool beside a checkout")
     parser.add_argument("--n", type=int, default=1000, help="slice size (default 1000)")
     parser.add_argument("--full", action="store_true", help="use the whole pool")
     parser.add_argument("--ratio", type=float, default=0.2, help="fraction to select")
@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {m: p for m, p in methods.items() if m not in LLM_METHODS}
 
     args.out.mkdir(parents=True, exist_ok=True)
+    args.pool = Path(args.pool or default_pool())
     input_path, eval_path, n = write_slice(args.pool, None if args.full else args.n, args.seed,
                                            args.out)
     print(f"slice: {n} records (seed {args.seed}), selecting {args.ratio:.0%} with "

@@ -75,6 +75,16 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def default_pool() -> str:
+    """The pool every command uses by default: ``$DAAR_OPS_POOL``, else the shared example pool
+    beside a source checkout (``../shared/data/daar_pool/``); a wheel user passes ``--pool``."""
+    env = os.environ.get("DAAR_OPS_POOL")
+    if env:
+        return env
+    return str(Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" /
+               "daar_pool.jsonl.gz")
+
+
 def native_bf16(device: str) -> bool:
     """Whether ``device`` computes bfloat16 natively: a CUDA device that reports it, or a CPU with
     AMX or AVX512-BF16 (detected, never assumed: CPUs of one machine kind differ). Elsewhere bf16

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from loguru import logger
 
+from daar_ops.core import default_pool
 from daar_ops.text import to_text
 
 TEXT_FIELDS = ("instruction", "input", "output")
@@ -845,8 +846,6 @@ def write_outputs(results: Sequence[Mapping[str, Any]], out_dir: str | Path,
 # --------------------------------------------------------------------------------------------
 # One comparison from a pool: held-out sets, one slice, every method's selection at one budget
 
-DEFAULT_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" / \
-    "daar_pool.jsonl.gz"  # beside a source checkout; elsewhere pass --pool
 # name -> recipe, relative to the recipes shipped in the package (daar_ops/recipes, package data);
 # "random" is sampled here, seeded per seed.
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -934,7 +933,7 @@ def ensure_daar_checkpoint(train_pool: Path, out_dir: Path, model: str, probe_si
     return checkpoint
 
 
-def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: int = 5000,
+def prepare_comparison(out_dir: str | Path, pool: str | Path | None = None, n: int = 5000,
                        ratio: float = 0.2, methods: Sequence[str] = DEFAULT_METHODS,
                        seeds: Sequence[int] = (0, 1, 2), slice_seed: int = 0,
                        held_out_fraction: float = 0.05, eval_per_domain: int = 50,
@@ -965,6 +964,7 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path = DEFAULT_POOL, n: 
     """
     out_dir = Path(out_dir).resolve()  # absolute: the recipes' paths must not depend on the cwd
     out_dir.mkdir(parents=True, exist_ok=True)
+    pool = pool or default_pool()
     records = read_jsonl(pool)
     keep, held = split_held_out(records, held_out_fraction)
     if eval_files:

@@ -46,7 +46,7 @@ import numpy as np
 from loguru import logger
 from tqdm.auto import tqdm
 
-from daar_ops.core import (DOMAIN_SIMILARITY_KEY, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
+from daar_ops.core import (DOMAIN_SIMILARITY_KEY, default_pool, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
                            iter_jsonl, write_jsonl)
 from daar_ops.models import SMOLLM2
@@ -55,15 +55,6 @@ from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 ROW_KEY = "__daar_row__"  # the view's pointer back to the input record
-
-
-def default_pool() -> str:
-    """``$DAAR_OPS_POOL``, else the shared example pool beside a source checkout."""
-    env = os.environ.get("DAAR_OPS_POOL")
-    if env:
-        return env
-    return str(Path(__file__).resolve().parents[2] / "shared" / "data" / "daar_pool" /
-               "daar_pool.jsonl.gz")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from jsonargparse import Namespace, namespace_to_dict
 from loguru import logger
 
 from daar_ops import evaluation as ev
+from daar_ops.core import default_pool
 
 
 def _options(extra: Any) -> dict[str, Any]:
@@ -52,7 +53,7 @@ class DaarPrepareHook(sandbox_hooks.BaseHook):
         opts = _options(self.extra_cfg)
         work_dir = Path(opts.get("work_dir", "outputs/sandbox"))
         comparison = ev.prepare_comparison(
-            work_dir, pool=opts.get("pool", ev.DEFAULT_POOL), n=int(opts.get("n", 250)),
+            work_dir, pool=opts.get("pool") or default_pool(), n=int(opts.get("n", 250)),
             methods=[], slice_seed=int(opts.get("slice_seed", 0)),
             held_out_fraction=float(opts.get("held_out_fraction", 0.05)),
             eval_per_domain=int(opts.get("eval_per_domain", 12)),

@@ -44,7 +44,9 @@ def test_recipe_selects_20_percent_with_registered_ops_and_local_models(name):
     last_op, last = ops[-1]
     assert last_op.endswith("_selector")
     budget = last.get("select_ratio") or last.get("top_ratio")
-    assert budget == 0.2 or last.get("topk") == round(0.2 * POOL_SIZE)
+    from daar_ops.core import budget as budget_rule
+
+    assert budget == 0.2 or last.get("topk") == budget_rule(POOL_SIZE, ratio=0.2)
     for _, params in ops:
         for key in ("hf_model", "api_or_hf_model"):
             if key in params:  # a prepared local model, never a hub id

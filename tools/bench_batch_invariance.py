@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from daar_ops.core import default_pool
 from daar_ops.features import LayerFeatureExtractor
 
-DEFAULT_POOL = Path(__file__).resolve().parents[1].parent / "shared/data/daar_pool/daar_pool.jsonl.gz"
+DEFAULT_POOL = Path(default_pool())  # $DAAR_OPS_POOL, else the shared pool (daar_ops.core)
 
 
 def sample_texts(pool: Path, n: int, seed: int, template: str) -> list[str]:

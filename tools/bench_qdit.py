@@ -44,10 +44,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
+
+from daar_ops.core import default_pool  # noqa: E402
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_POOL = REPO.parent / "shared" / "data" / "daar_pool" / "daar_pool.jsonl.gz"
+DEFAULT_POOL = Path(default_pool())  # $DAAR_OPS_POOL, else the shared pool (daar_ops.core)
 TEMPLATE = "{instruction} {input}"
 
 

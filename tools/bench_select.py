@@ -60,11 +60,12 @@ import torch
 
 from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, InstructionPair, augment_prompt,
                                            pairs_settled, parse_pairs, seed_prompt)
+from daar_ops.core import default_pool
 from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
 from daar_ops.text import TextTemplate
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_POOL = REPO.parent / "shared" / "data" / "daar_pool" / "daar_pool.jsonl.gz"
+DEFAULT_POOL = Path(default_pool())  # $DAAR_OPS_POOL, else the shared pool (daar_ops.core)
 PREFIX = "Instruction:"
 
 

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--selection", action="append", default=[], metavar="NAME=PATH",
                    help="a selection given as a JSONL file (repeatable); texts held out are "
                         "removed from it")
-    s.add_argument("--pool", type=Path, default=ev.DEFAULT_POOL,
+    s.add_argument("--pool", type=Path, default=None,
                    help="pool for the slice and the held-out sets (default: the shared pool)")
     s.add_argument("--n", type=int, default=1000, help="slice size the methods select from")
     s.add_argument("--ratio", type=float, default=0.2, help="budget: fraction of the slice")
