@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from loguru import logger
 
-from daar_ops.core import default_pool
+from daar_ops.core import default_pool, resolve_device, write_jsonl
 from daar_ops.text import to_text
 
 TEXT_FIELDS = ("instruction", "input", "output")
@@ -309,11 +309,8 @@ def resolved_settings(settings: TrainSettings, model: str, device: str) -> dict[
 
 
 def resolve_eval_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """:func:`daar_ops.core.resolve_device` (one rule for every command)."""
+    return resolve_device(device)
 
 
 def load_base_model(model: str, device: str = "cpu", dtype: Any = None):
@@ -907,9 +904,7 @@ def write_eval_sets(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for domain, records in eval_sets.items():
-        with open(directory / f"{domain}.jsonl", "w", encoding="utf-8") as handle:
-            for rec in records:
-                handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        write_jsonl(directory / f"{domain}.jsonl", records)
     return directory
 
 
@@ -974,12 +969,8 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path | None = None, n: i
     held_hashes = {text_hash(records[i]) for i in held}
     held_hashes |= {text_hash(r) for recs in eval_sets.values() for r in recs}
     train_pool = out_dir / "selection_pool.jsonl"
-    with open(train_pool, "w", encoding="utf-8") as handle:
-        for i in keep:
-            if text_hash(records[i]) in held_hashes:
-                continue
-            rec = {k: v for k, v in records[i].items() if k not in EVAL_ONLY_FIELDS}
-            handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_jsonl(train_pool, ({k: v for k, v in records[i].items() if k not in EVAL_ONLY_FIELDS}
+                             for i in keep if text_hash(records[i]) not in held_hashes))
     cm = _compare_methods_module()
     select_dir = out_dir / "select"
     select_dir.mkdir(exist_ok=True)
