@@ -149,7 +149,7 @@ def budget(n: int, ratio: float | None = None, num: int | None = None) -> int:
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"the ratio must be in [0, 1], got {ratio}")
-    # The epsilon keeps 0.2 * 40000 (= 7999.999...) from flooring to 7999.
+    # The epsilon keeps e.g. 0.7 * 90 (= 62.999999999999993) from flooring to 62.
     return min(n, int(math.floor(ratio * n + 1e-9)))
 
 
