@@ -7,12 +7,13 @@
 
 Methods are Data-Juicer recipes run with ``dj-process`` (one subprocess each, timed):
 ``recipes/baselines/{random,instruction_length,ifd,alpagasus,qdit,ds2}.yaml`` and the first
-``recipes/daar/*.yaml`` (shipped in the package as ``daar_ops/recipes``) that uses ``diversity_reward_filter``; a method is available when its recipe
-exists and every op in it is registered in ``data_juicer.ops.OPERATORS``. ``--recipe NAME=PATH``
-adds more. For each method a copy of the recipe is written with the slice as ``dataset_path``, its
-own ``export_path``, every ``select_ratio``/``top_ratio`` set to the ratio, every
-``topk``/``select_num`` set to ``core.budget`` (floor(ratio * n)), and short model names (``smollm2-135m-instruct``)
-replaced by the prepared local folders.
+``recipes/daar/*.yaml`` (shipped in the package as ``daar_ops/recipes``) that uses
+``diversity_reward_filter``; a method is available when its recipe exists and every op in it is
+registered in ``data_juicer.ops.OPERATORS``. ``--recipe NAME=PATH`` adds more. For each method a
+copy of the recipe is written with the slice as ``dataset_path``, its own ``export_path``, every
+``select_ratio``/``top_ratio`` set to the ratio, every ``topk``/``select_num`` set to
+``core.budget`` (floor(ratio * n)), and short model names (``smollm2-135m-instruct``) replaced by
+the prepared local folders.
 
 The slice given to the methods has the evaluation-only fields (``domain``, ``source``) removed, so
 no method can read them. The evaluation (``daar_ops.report``) joins them back by text, then writes

@@ -368,7 +368,8 @@ class FeatureCache:
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed; raise an OSError naming it unless a file can be written in it."""
+    """Create ``folder`` if needed; raise an OSError naming it unless a file can be written
+    in it."""
     probe = folder / f".write-check.{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)

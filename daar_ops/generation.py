@@ -12,8 +12,8 @@ conversation, in order. Backends:
   (:func:`data_juicer.utils.model_utils.prepare_api_model`); ``backend_kwargs`` such as
   ``base_url`` and ``endpoint`` are passed to it. The key comes from ``OPENAI_API_KEY`` (and the
   server from ``OPENAI_BASE_URL``) in the environment: an ``api_key`` written in a recipe is
-  echoed in Data-Juicer's config table and its recipe backup (a warning says so). One request per conversation; the
-  ``seed`` is sent with each request (servers that honour it are reproducible).
+  echoed in Data-Juicer's config table and its recipe backup (a warning says so). One request per
+  conversation; the ``seed`` is sent with each request (servers that honour it are reproducible).
 * ``"vllm"`` (optional, GPU): :class:`vllm.LLM` with ``llm.chat``; needs the ``vllm`` package.
 
 Seeding: the HF backend calls ``torch.manual_seed(seed + b)`` before batch ``b`` of a call, so the

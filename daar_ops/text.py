@@ -15,7 +15,7 @@ ALPACA_TEMPLATE = "{instruction} {input} {output}"
 def to_text(value: Any) -> str:
     """Any record value as clean text: None and NaN -> "", numbers -> str, lists/dicts -> JSON.
 
-    Lone UTF-16 surrogates (which tokenizers reject) become U+FFFD.
+    Lone UTF-16 surrogates (which tokenizers reject) become "?" (UTF-8 ``errors="replace"``).
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""

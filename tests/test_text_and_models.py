@@ -81,7 +81,7 @@ def test_template_rejects_bad_templates(bad):
 def test_to_text_cleans_values():
     assert to_text(None) == "" and to_text(float("nan")) == ""
     assert to_text(b"\xffab") == "\ufffdab"
-    assert to_text("x\ud800y") == "x?y" or "\ud800" not in to_text("x\ud800y")
+    assert to_text("x\ud800y") == "x?y"
     assert to_text({"a": 1}) == '{"a": 1}'
 
 
