@@ -114,9 +114,12 @@ class DomainContrastiveSelector(StatsSelector):
             self.centroid_domains = [str(d) for d in manifest["domains"]]
             self.centroid_manifest = manifest
 
+    def choose_fields(self):
+        return [self.label_key, *self.template.fields]
+
     def choose(self, dataset):
         n = len(dataset)
-        rows = column_records(dataset, [self.label_key, *self.template.fields])
+        rows = column_records(dataset, self.choose_fields())
         domains, label_idx = encode_labels(
             [lookup(r, self.label_key) for r in rows],
             self.centroid_domains if self.centroids_path else None)

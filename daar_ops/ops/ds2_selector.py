@@ -258,6 +258,12 @@ class DS2Selector(StatsSelector):
         return result
 
     # -- Data-Juicer entry point -------------------------------------------------------------
+    def choose_fields(self):
+        # a bare score_key is also looked up in the stats (_score)
+        stats = [f"{Fields.stats}.{self.score_key}"] if "." not in self.score_key else []
+        return [self.score_key, *stats, *self.template.fields,
+                *([self.embedding_key] if self.embedding_key else [])]
+
     def choose(self, dataset):
         n = len(dataset)
         fields = [self.score_key, Fields.stats, *self.template.fields]

@@ -217,13 +217,16 @@ class QditSelector(StatsSelector):
                            **self.select_kwargs)
 
     # -- Data-Juicer entry point -------------------------------------------------------------------
+    def choose_fields(self):
+        return list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
+
     def choose(self, dataset):
         n = len(dataset)
         k = budget(n, ratio=self.select_ratio, num=self.select_num)
         if self.select_num is not None and self.select_num > n:
             logger.warning(f"{self._name}: select_num={self.select_num} but the dataset has only "
                            f"{n} samples; all are selected (ranked)")
-        fields = list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
+        fields = self.choose_fields()
         missing = sorted({f.split(".")[0] for f in fields} - set(dataset.column_names))
         if missing:
             logger.warning(f"{self._name}: fields {missing} are absent from the dataset; they "
