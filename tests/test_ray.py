@@ -105,6 +105,43 @@ def test_per_sample_ops_give_the_same_stats_under_ray_and_default(artifacts, tmp
             assert r[field] == d[field]
 
 
+@pytest.mark.integration
+def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifacts, tmp_path):
+    """`dj-process` with executor_type: ray runs the global choices (Data-Juicer's preflight
+    accepts them, its RayDataset runs them as Pipelines) and exports the default executor's
+    rows; Data-Juicer's refusal message never appears."""
+    data = tmp_path / "in.jsonl"
+    rows = _records(30, label=False)
+    rows[4]["instruction"], rows[4]["output"] = rows[1]["instruction"], rows[1]["output"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    process = [
+        {"diversity_reward_filter": {"checkpoint": str(artifacts["probe"]), "top_ratio": 0.6,
+                                     "batch_size": 8, "feature_cache": False}},
+        {"qdit_selector": {"select_num": 8, "embedder": "daar_features",
+                           "embedding_model": str(artifacts["model"]),
+                           "text_template": "{instruction} {output}"}},
+    ]
+    base = {"dataset_path": str(data), "text_keys": "instruction", "np": 1, "use_cache": False,
+            "keep_stats_in_res_ds": True, "process": process}
+    outs = {}
+    for executor in ("default", "ray"):
+        recipe = dict(base, project_name=f"ray-select-{executor}", executor_type=executor,
+                      export_path=str(tmp_path / executor / "out.jsonl"),
+                      work_dir=str(tmp_path / executor))
+        if executor == "ray":
+            recipe["ray_address"] = "local"
+        proc = _run_dj(recipe, tmp_path / f"{executor}.yaml")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "does not support" not in proc.stdout + proc.stderr
+        outs[executor] = _read_rows(tmp_path / executor / "out.jsonl")
+    default, ray = outs["default"], outs["ray"]
+    assert len(default) == 8
+    assert [r["id"] for r in ray] == [r["id"] for r in default]
+    for d, r in zip(default, ray):
+        for key in ("daar_diversity_reward", "qdit_rank", "qdit_gain"):
+            _assert_close(d["__dj__stats__"][key], r["__dj__stats__"][key], f"id {d['id']} {key}")
+
+
 # -- whole-dataset choices under Ray: the same rows as the default executor -------------------------
 
 @pytest.fixture()
