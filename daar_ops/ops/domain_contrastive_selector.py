@@ -38,7 +38,8 @@ class DomainContrastiveSelector(StatsSelector):
     [``lower_percentile``, ``upper_percentile``) (80-100 = the top 20%, the paper's Table 1 pools).
     Unlabeled samples (missing/empty label, or a label absent from the centroid file) get NaN stats
     and are kept only with ``keep_unlabeled``. The global Phi_inter (Eq. 3) and per-domain
-    Phi_intra (Eq. 5) of the input are logged. Runs on the default executor only (global op).
+    Phi_intra (Eq. 5) of the input are logged. A global op; under ``executor_type: ray`` the label and text fields are gathered to the driver
+    and the same bands are chosen there.
     """
 
     def __init__(

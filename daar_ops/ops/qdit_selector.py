@@ -36,8 +36,9 @@ class QditSelector(StatsSelector):
 
     A Data-Juicer Selector (whole dataset): it embeds the whole dataset, runs the greedy once
     (exact lazy greedy, or stochastic greedy for very large N; similarity in memory-bounded
-    blocks, dense, or kNN-sparse) and keeps the selected samples in their original order. Default
-    executor only (Data-Juicer's preflight refuses it under Ray). ``qdit_filter`` is the same op
+    blocks, dense, or kNN-sparse) and keeps the selected samples in their original order. Under
+    ``executor_type: ray`` it gathers only the embedded fields and the quality to the driver and
+    runs the same greedy there (the same rows as the default executor). ``qdit_filter`` is the same op
     under the design card's name.
 
     Stats keys written for every sample:
