@@ -157,7 +157,7 @@ def run_on_ray(op: Any, dataset: Any) -> Any:
     row_ids = table.column(ROW_ID).to_numpy()
     local = Dataset(InMemoryTable(table.drop_columns([ROW_ID])))
     logger.info(f"{op._name}: gathered {n} rows of {sorted(local.column_names)} "
-                f"({table.nbytes / 2**20:.1f} MiB) to the driver")
+                f"({table.nbytes / 2**20:.2f} MiB) to the driver")
     columns, keep = op.choose(local)
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (n,):

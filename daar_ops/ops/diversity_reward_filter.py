@@ -71,7 +71,7 @@ class DiversityRewardFilter(Filter):
     The global choices (``top_ratio``, ``top_k``, ``domain_ratios``) are whole-dataset decisions:
     given here, the op is built as :class:`DiversityRewardSelector` (a Data-Juicer Selector that
     scores, then keeps the best), so recipes written with this name keep working and the op still
-    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray preflight.
+    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray (as a Pipeline).
     """
 
     _accelerator = "cuda"
