@@ -117,7 +117,8 @@ def test_per_sample_ops_give_the_same_stats_under_ray_and_default(artifacts, tmp
 def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifacts, tmp_path):
     """`dj-process` with executor_type: ray runs the global choices (Data-Juicer's preflight
     accepts them, its RayDataset runs them as Pipelines) and exports the default executor's
-    rows; Data-Juicer's refusal message never appears."""
+    rows and stats, also through a Mapper between them; Data-Juicer's refusal message never
+    appears."""
     data = tmp_path / "in.jsonl"
     rows = _records(30, label=False)
     rows[4]["instruction"], rows[4]["output"] = rows[1]["instruction"], rows[1]["output"]
@@ -125,6 +126,9 @@ def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifac
     process = [
         {"diversity_reward_filter": {"checkpoint": str(artifacts["probe"]), "top_ratio": 0.6,
                                      "batch_size": 8, "feature_cache": False}},
+        # a Mapper after a selector (as recipes/ray/daar.yaml): it labels the kept rows
+        {"domain_pseudo_label_mapper": {"centroids_path": str(artifacts["centroids"]),
+                                        "model": str(artifacts["model"]), "batch_size": 8}},
         {"qdit_selector": {"select_num": 8, "embedder": "daar_features",
                            "embedding_model": str(artifacts["model"]),
                            "text_template": "{instruction} {output}"}},
@@ -133,8 +137,9 @@ def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifac
     assert len(default) == 8
     assert [r["id"] for r in ray] == [r["id"] for r in default]
     for d, r in zip(default, ray):
-        for key in ("daar_diversity_reward", "qdit_rank", "qdit_gain"):
+        for key in ("daar_diversity_reward", "daar_domain_similarity", "qdit_rank", "qdit_gain"):
             _assert_close(d["__dj__stats__"][key], r["__dj__stats__"][key], f"id {d['id']} {key}")
+        assert r["__dj__meta__"]["daar_pseudo_domain"] == d["__dj__meta__"]["daar_pseudo_domain"]
 
 
 # -- whole-dataset choices under Ray: the same rows as the default executor -------------------------
