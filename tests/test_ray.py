@@ -316,6 +316,15 @@ def test_qdit_ds2_and_contrastive_under_ray_keep_the_default_executors_rows(arti
         _assert_same_selection(default, ray_rows, keys)
 
 
+def test_a_selector_over_an_emptied_ray_dataset_returns_it_empty(local_ray):
+    """An earlier op of the recipe may drop every row (Data-Juicer checks emptiness only once, at
+    the start): the choice then keeps nothing and does not fail."""
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
+
+    emptied = _ray_dataset(_scored_rows()).filter(lambda row: row["id"] < 0)
+    assert DiversityRewardFilter(top_ratio=0.5).run(emptied).take_all() == []
+
+
 def _package_op_classes():
     import daar_ops.ops  # noqa: F401  (registers the ops)
     from data_juicer.ops.base_op import OPERATORS

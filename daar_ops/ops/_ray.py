@@ -34,7 +34,8 @@ def is_ray_dataset(dataset: Any) -> bool:
 
 
 def with_row_ids(dataset: Any) -> Any:
-    """The dataset materialized in input order, with an int64 ``ROW_ID`` column 0..N-1.
+    """The dataset materialized in input order, with an int64 ``ROW_ID`` column 0..N-1 (None
+    for a dataset without blocks).
 
     Ray Data streams blocks in completion order unless ``preserve_order`` is set on the plan's
     context; without it the blocks (and any "earlier sample" rule) would follow the workers'
@@ -44,6 +45,8 @@ def with_row_ids(dataset: Any) -> Any:
     num_rows, add_row_ids = ray.remote(_num_rows_fn), ray.remote(_add_row_ids_fn)
     dataset.context.execution_options.preserve_order = True
     refs = dataset.materialize().to_arrow_refs()
+    if not refs:
+        return None
     counts = ray.get([num_rows.remote(ref) for ref in refs])
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     return ray.data.from_arrow_refs([add_row_ids.remote(ref, int(offset))
@@ -147,7 +150,11 @@ def run_on_ray(op: Any, dataset: Any) -> Any:
     from datasets.table import InMemoryTable
 
     dataset = op.ray_prepare(dataset)
-    dataset = with_row_ids(dataset)
+    with_ids = with_row_ids(dataset)
+    if with_ids is None:
+        logger.warning(f"{op._name}: empty dataset, nothing to select")
+        return dataset
+    dataset = with_ids
     fields = list(op.choose_fields())
     table = gather(dataset, fields)
     n = table.num_rows

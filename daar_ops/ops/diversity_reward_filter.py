@@ -390,7 +390,8 @@ class DiversityRewardSelector(StatsSelector):
 
     def ray_prepare(self, dataset):
         if not self.scores_itself:
-            if Fields.stats not in (dataset.columns() or []):
+            columns = dataset.columns()  # None: no rows (an earlier op dropped them all)
+            if columns is not None and Fields.stats not in columns:
                 raise ValueError(f"{self._name}: no {Fields.stats} column; put "
                                  f"{OP_NAME} (checkpoint: ...) before this op or give it a "
                                  f"checkpoint")
