@@ -129,18 +129,20 @@ def test_ds2_filter_is_a_selector_under_its_design_card_name():
     op = OPERATORS.modules["ds2_filter"](select_ratio=0.2)
     assert isinstance(op, Selector) and not isinstance(op, Filter)
     assert op._name == "ds2_filter"
-    assert "ray" not in op._supported_exec_modes  # Data-Juicer's preflight refuses it
+    # a Pipeline under Ray (tests/test_ray.py checks the rows), not the partitioned executor
+    assert op._supported_exec_modes == ("default", "ray")
 
 
-def test_ds2_filter_is_rejected_by_ray_preflight():
+def test_ds2_filter_passes_ray_preflight_and_refuses_partitioned():
     from types import SimpleNamespace
 
     from data_juicer.core.preflight import post_instantiation_check
 
     op = DS2Filter(select_ratio=0.2)
     post_instantiation_check([op], None, SimpleNamespace(executor_type="default"))
-    with pytest.raises(Exception, match="does not support executor mode 'ray'"):
-        post_instantiation_check([op], None, SimpleNamespace(executor_type="ray"))
+    post_instantiation_check([op], None, SimpleNamespace(executor_type="ray"))
+    with pytest.raises(Exception, match="does not support executor mode 'ray_partitioned'"):
+        post_instantiation_check([op], None, SimpleNamespace(executor_type="ray_partitioned"))
 
 
 # -- ds2_rating_filter -----------------------------------------------------------------------------

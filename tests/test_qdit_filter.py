@@ -150,16 +150,17 @@ def test_invalid_parameters_fail_at_construction(bad):
         _op(**bad)
 
 
-def test_is_a_selector_refused_by_ray_preflight():
+def test_is_a_selector_accepted_by_ray_preflight_as_a_pipeline():
     from types import SimpleNamespace
 
     from data_juicer.core.preflight import post_instantiation_check
-    from data_juicer.ops.base_op import Filter, Selector
+    from data_juicer.ops.base_op import Filter, Pipeline, Selector
 
     op = _op(select_ratio=0.2)
-    assert isinstance(op, Selector) and not isinstance(op, Filter)
-    with pytest.raises(Exception, match="does not support executor mode 'ray'"):
-        post_instantiation_check([op], None, SimpleNamespace(executor_type="ray"))
+    assert isinstance(op, Selector) and isinstance(op, Pipeline) and not isinstance(op, Filter)
+    post_instantiation_check([op], None, SimpleNamespace(executor_type="ray"))
+    with pytest.raises(Exception, match="does not support executor mode 'ray_partitioned'"):
+        post_instantiation_check([op], None, SimpleNamespace(executor_type="ray_partitioned"))
 
 
 def test_op_is_picklable(fake_encoder):

@@ -10,8 +10,13 @@ Being a Selector (not a Filter with a replaced ``run()``) is what makes the ops 
   never loses rows to a selection;
 * ``op_fusion`` only fuses and reorders consecutive Filters, and a Selector ends such a group, so a
   Filter placed before a selection still runs before it;
-* ``_supported_exec_modes = ("default",)`` (the base class's) makes Data-Juicer's Ray preflight
-  refuse the op before any work, with its own message;
+* it is also a Data-Juicer ``Pipeline`` and declares ``_supported_exec_modes = ("default",
+  "ray")``: under ``executor_type: ray`` Data-Juicer hands it the whole ``ray.data.Dataset``
+  (``op.run(dataset)``), and :func:`daar_ops.ops._ray.run_on_ray` scores per sample on the
+  workers, gathers only :meth:`StatsSelector.choose_fields` with a global row id, runs the same
+  :meth:`StatsSelector.choose` on the driver and keeps the chosen rows on the workers (the same
+  selection as the default executor). ``ray_partitioned`` is not declared (its partitions would
+  each choose alone), so Data-Juicer's preflight refuses that mode;
 * ``open_tracer``: Data-Juicer 1.6.1's Selector traces nothing; :meth:`run` here records the
   dropped samples through the tracer's sample-level filter API (``filter-<op>.jsonl``).
 """
@@ -22,7 +27,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from data_juicer.ops.base_op import OP, Selector
+from data_juicer.ops.base_op import OP, Pipeline, Selector
 from data_juicer.utils.constant import Fields
 from data_juicer.utils.model_utils import free_models
 from loguru import logger
@@ -31,11 +36,14 @@ from daar_ops.core import as_dict, uniform_dicts
 from daar_ops.ops._columns import feature_of, with_fields
 
 
-class StatsSelector(Selector):
-    """Base class: subclasses implement :meth:`choose` (stats columns + keep mask)."""
+class StatsSelector(Selector, Pipeline):
+    """Base class: subclasses implement :meth:`choose` (stats columns + keep mask) and
+    :meth:`choose_fields` (what ``choose`` reads, the only data gathered under Ray)."""
 
     # Data-Juicer's Analyzer runs an op only if it is a Filter or declares tagging ops
     _contains_tagging_ops = True
+    # a Pipeline under Ray (RayDataset runs ``op.run(ray_dataset)``); not "ray_partitioned"
+    _supported_exec_modes = ("default", "ray")
 
     def prepare(self, dataset: Any) -> Any:
         """Per-sample work the choice needs (e.g. scores a Filter would write); default none."""
@@ -45,11 +53,26 @@ class StatsSelector(Selector):
         """``({stats key: one value per sample}, keep mask)`` over the dataset's order."""
         raise NotImplementedError
 
+    def choose_fields(self) -> Sequence[str]:
+        """The fields :meth:`choose` reads (dotted ``top.key`` for one key of a struct column
+        such as ``__dj__stats__``): under Ray only these and a row id reach the driver."""
+        raise NotImplementedError
+
+    def ray_prepare(self, dataset: Any) -> Any:
+        """:meth:`prepare` for a ``ray.data.Dataset``: the per-sample work on the workers."""
+        return dataset
+
     def process(self, dataset: Any) -> Any:
         dataset, keep = self._scored(dataset)
         return dataset.select(np.flatnonzero(keep).tolist())
 
     def run(self, dataset, *, exporter=None, tracer=None):
+        from daar_ops.ops._ray import is_ray_dataset, run_on_ray
+
+        if is_ray_dataset(dataset):  # Data-Juicer's Ray executor: a Pipeline op
+            selected = run_on_ray(self, dataset)
+            free_models()
+            return selected
         dataset = OP.run(self, dataset)
         dataset, keep = self._scored(dataset)
         if called_by_analyzer():

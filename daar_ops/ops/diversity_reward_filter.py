@@ -71,7 +71,7 @@ class DiversityRewardFilter(Filter):
     The global choices (``top_ratio``, ``top_k``, ``domain_ratios``) are whole-dataset decisions:
     given here, the op is built as :class:`DiversityRewardSelector` (a Data-Juicer Selector that
     scores, then keeps the best), so recipes written with this name keep working and the op still
-    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray preflight.
+    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray (as a Pipeline).
     """
 
     _accelerator = "cuda"
@@ -273,7 +273,10 @@ class DiversityRewardSelector(StatsSelector):
     recipe. Ties go to the earlier sample; a sample without a valid score ranks last and passes
     no threshold. Counts follow :func:`daar_ops.core.budget` (``floor(ratio * N)``).
 
-    Stats: those of ``diversity_reward_filter`` (when it scores). Default executor only.
+    Stats: those of ``diversity_reward_filter`` (when it scores). Under ``executor_type: ray``
+    the scoring runs on the workers as ``diversity_reward_filter``'s stats pass (actors on GPU
+    when asked), and only each sample's reward, predicted domain and a row id are gathered to
+    the driver to choose (the same rows as the default executor).
     """
 
     _accelerator = "cuda"
@@ -339,6 +342,11 @@ class DiversityRewardSelector(StatsSelector):
                 raise ValueError(f"{name}: domain_ratios values must be in [0, 1], got {bad}")
         self.scores_itself = bool(checkpoint)
         self.domains: Optional[List[str]] = None
+        # under Ray the scoring is the Filter's own stats pass, built from these arguments
+        self.scorer_kwargs = dict(kwargs, checkpoint=checkpoint, model=model, dtype=dtype,
+                                  feature_batch_size=feature_batch_size,
+                                  max_batch_tokens=max_batch_tokens, feature_cache=feature_cache,
+                                  cache_dir=cache_dir)
         if checkpoint:
             setup_scorer(self, checkpoint, model, dtype, feature_batch_size, max_batch_tokens,
                          feature_cache, cache_dir)
@@ -379,6 +387,27 @@ class DiversityRewardSelector(StatsSelector):
         dataset = with_fields(dataset, Fields.stats, reward_fields())
         return dataset.map(lambda batch: score_samples(self, batch), batched=True,
                            batch_size=self.batch_size or 1000, desc=f"{self._name}_scores")
+
+    def ray_prepare(self, dataset):
+        if not self.scores_itself:
+            columns = dataset.columns()  # None: no rows (an earlier op dropped them all)
+            if columns is not None and Fields.stats not in columns:
+                raise ValueError(f"{self._name}: no {Fields.stats} column; put "
+                                 f"{OP_NAME} (checkpoint: ...) before this op or give it a "
+                                 f"checkpoint")
+            return dataset
+        from data_juicer.core.data.ray_dataset import RayDataset
+        from data_juicer.utils.process_utils import calculate_ray_np
+
+        # exactly what Data-Juicer runs for a diversity_reward_filter under Ray, stats only
+        scorer = DiversityRewardFilter(**self.scorer_kwargs)
+        calculate_ray_np([scorer])  # its concurrency, as RayDataset.process sets it for a Filter
+        runner = RayDataset(dataset)
+        runner._run_single_op(scorer, set(dataset.columns() or []), stats_only=True)
+        return runner.data
+
+    def choose_fields(self):
+        return [f"{Fields.stats}.{REWARD_KEY}", f"{Fields.stats}.{DOMAIN_KEY}"]
 
     def choose(self, dataset):
         values = stats_values(dataset, (REWARD_KEY, DOMAIN_KEY))

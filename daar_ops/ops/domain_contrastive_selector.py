@@ -38,7 +38,8 @@ class DomainContrastiveSelector(StatsSelector):
     [``lower_percentile``, ``upper_percentile``) (80-100 = the top 20%, the paper's Table 1 pools).
     Unlabeled samples (missing/empty label, or a label absent from the centroid file) get NaN stats
     and are kept only with ``keep_unlabeled``. The global Phi_inter (Eq. 3) and per-domain
-    Phi_intra (Eq. 5) of the input are logged. Runs on the default executor only (global op).
+    Phi_intra (Eq. 5) of the input are logged. A global op; under ``executor_type: ray`` the label and text fields are gathered to the driver
+    and the same bands are chosen there.
     """
 
     def __init__(
@@ -114,9 +115,12 @@ class DomainContrastiveSelector(StatsSelector):
             self.centroid_domains = [str(d) for d in manifest["domains"]]
             self.centroid_manifest = manifest
 
+    def choose_fields(self):
+        return [self.label_key, *self.template.fields]
+
     def choose(self, dataset):
         n = len(dataset)
-        rows = column_records(dataset, [self.label_key, *self.template.fields])
+        rows = column_records(dataset, self.choose_fields())
         domains, label_idx = encode_labels(
             [lookup(r, self.label_key) for r in rows],
             self.centroid_domains if self.centroids_path else None)

@@ -59,8 +59,8 @@ class DS2Selector(StatsSelector):
 
     With ``report_dir`` it also writes ``transition.json`` (T, prior, noise rates, class counts
     before/after), ``transition.png`` (T heatmap) and ``score_distribution.png``.
-    A Data-Juicer Selector (whole dataset; default executor only: Data-Juicer's preflight
-    refuses it under Ray). ``ds2_filter`` is the same op under the design card's name; the
+    A Data-Juicer Selector (whole dataset); under ``executor_type: ray`` a Pipeline that gathers
+    only :meth:`choose_fields` to the driver and curates there (the same rows). ``ds2_filter`` is the same op under the design card's name; the
     expensive per-sample rating (``ds2_rating_filter``) may run under Ray in a recipe before it.
     """
 
@@ -258,6 +258,12 @@ class DS2Selector(StatsSelector):
         return result
 
     # -- Data-Juicer entry point -------------------------------------------------------------
+    def choose_fields(self):
+        # a bare score_key is also looked up in the stats (_score)
+        stats = [f"{Fields.stats}.{self.score_key}"] if "." not in self.score_key else []
+        return [self.score_key, *stats, *self.template.fields,
+                *([self.embedding_key] if self.embedding_key else [])]
+
     def choose(self, dataset):
         n = len(dataset)
         fields = [self.score_key, Fields.stats, *self.template.fields]

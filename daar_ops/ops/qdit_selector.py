@@ -36,8 +36,9 @@ class QditSelector(StatsSelector):
 
     A Data-Juicer Selector (whole dataset): it embeds the whole dataset, runs the greedy once
     (exact lazy greedy, or stochastic greedy for very large N; similarity in memory-bounded
-    blocks, dense, or kNN-sparse) and keeps the selected samples in their original order. Default
-    executor only (Data-Juicer's preflight refuses it under Ray). ``qdit_filter`` is the same op
+    blocks, dense, or kNN-sparse) and keeps the selected samples in their original order. Under
+    ``executor_type: ray`` it gathers only the embedded fields and the quality to the driver and
+    runs the same greedy there (the same rows as the default executor). ``qdit_filter`` is the same op
     under the design card's name.
 
     Stats keys written for every sample:
@@ -217,13 +218,16 @@ class QditSelector(StatsSelector):
                            **self.select_kwargs)
 
     # -- Data-Juicer entry point -------------------------------------------------------------------
+    def choose_fields(self):
+        return list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
+
     def choose(self, dataset):
         n = len(dataset)
         k = budget(n, ratio=self.select_ratio, num=self.select_num)
         if self.select_num is not None and self.select_num > n:
             logger.warning(f"{self._name}: select_num={self.select_num} but the dataset has only "
                            f"{n} samples; all are selected (ranked)")
-        fields = list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
+        fields = self.choose_fields()
         missing = sorted({f.split(".")[0] for f in fields} - set(dataset.column_names))
         if missing:
             logger.warning(f"{self._name}: fields {missing} are absent from the dataset; they "
