@@ -319,18 +319,28 @@ def load_base_model(model: str, device: str = "cpu", dtype: Any = None):
     ``model``: a short name, local folder or hub id (nothing is downloaded when offline).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from daar_ops.models import resolve_model_path
 
-    path = resolve_model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(model)
+    lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model),
+                                              dtype=dtype or torch.float32).to(device)
+    return lm, tokenizer
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer with a pad token; one with no chat template is refused."""
+    from transformers import AutoTokenizer
+
+    from daar_ops.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model} has no chat template; response-only training needs one")
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
-    return lm, tokenizer
+    return tokenizer
 
 
 @dataclass
@@ -435,8 +445,18 @@ def _weights_dtype(device: str):
 
 
 def load_tuned(model: str, adapter_dir: str | Path | None, device: str = "cpu"):
-    """(base model + the saved LoRA adapter, tokenizer); no adapter: the base model."""
+    """(the tuned model, the base model's tokenizer): base + the saved LoRA adapter, or the saved
+    full fine-tune itself (a folder without ``adapter_config.json``); no folder: the base model."""
     device = resolve_eval_device(device)
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = load_tokenizer(model)
+        lm = AutoModelForCausalLM.from_pretrained(
+            str(adapter_dir), dtype=_weights_dtype(device) or torch.float32).to(device)
+        lm.eval()
+        return lm, tokenizer
     lm, tokenizer = load_base_model(model, device, _weights_dtype(device))
     if adapter_dir is not None:
         from peft import PeftModel
