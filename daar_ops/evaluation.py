@@ -33,6 +33,7 @@ import numpy as np
 from loguru import logger
 
 from daar_ops.core import default_pool, resolve_device, write_jsonl
+from daar_ops.models import SMOLLM2
 from daar_ops.text import to_text
 
 TEXT_FIELDS = ("instruction", "input", "output")
@@ -564,7 +565,7 @@ def seeded_order(records: Sequence[Mapping[str, Any]], seed: int) -> list[Mappin
 
 def evaluate_selections(selections: Mapping[str, Selection],
                         eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
-                        out_dir: str | Path, model: str = "smollm2-135m-instruct",
+                        out_dir: str | Path, model: str = SMOLLM2,
                         seeds: Sequence[int] = (0, 1, 2), settings: TrainSettings | None = None,
                         device: str = "cpu", held_hashes: set[str] | None = None,
                         include_base: bool = True, resume: bool = True, progress: bool = True,
@@ -952,7 +953,7 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path | None = None, n: i
                        ratio: float = 0.2, methods: Sequence[str] = DEFAULT_METHODS,
                        seeds: Sequence[int] = (0, 1, 2), slice_seed: int = 0,
                        held_out_fraction: float = 0.05, eval_per_domain: int = 50,
-                       model: str = "smollm2-135m-instruct",
+                       model: str = SMOLLM2,
                        daar_checkpoint: str | Path | None = None, daar_probe_size: int = 600,
                        selection_files: Mapping[str, str | Path] | None = None,
                        eval_files: Mapping[str, str | Path] | None = None,

@@ -38,7 +38,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from daar_ops.core import resolve_device, resolve_dtype
-from daar_ops.models import model_fingerprint, resolve_model_path
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2, model_fingerprint, resolve_model_path
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
@@ -97,8 +97,8 @@ class LayerFeatureExtractor:
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
-        layer: int = 3,
+        model: str = SMOLLM2,
+        layer: int = DEFAULT_LAYER,
         max_length: int = 512,
         batch_size: int = 32,
         max_batch_tokens: int = 2048,

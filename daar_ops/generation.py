@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 from loguru import logger
 from tqdm.auto import tqdm
 
+from daar_ops.models import SMOLLM2
+
 Conversation = list[dict[str, str]]
 StopRule = Callable[[int, str], bool]
 
@@ -91,7 +93,7 @@ class HFGenerator(TextGenerator):
 
     backend = "hf"
 
-    def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = "cpu",
+    def __init__(self, model: str = SMOLLM2, device: str | None = "cpu",
                  dtype: str = "float32", batch_size: int = 8, max_prompt_tokens: int = 2048):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +262,7 @@ class VLLMGenerator(TextGenerator):
 
     backend = "vllm"
 
-    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32",
+    def __init__(self, model: str = SMOLLM2, dtype: str = "float32",
                  **llm_kwargs: Any):
         try:
             import vllm
@@ -290,7 +292,7 @@ class VLLMGenerator(TextGenerator):
         return [r.outputs[0].text if r.outputs else "" for r in results]
 
 
-def load_generator(backend: str = "hf", model: str = "smollm2-135m-instruct",
+def load_generator(backend: str = "hf", model: str = SMOLLM2,
                    device: str | None = "cpu", dtype: str = "float32", batch_size: int = 8,
                    **backend_kwargs: Any) -> TextGenerator:
     """Build a generator. ``backend_kwargs`` go to the backend (e.g. ``base_url`` for ``api``)."""

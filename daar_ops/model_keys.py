@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2
 
-def _layer_features(model: str, layer: int = 3, max_length: int = 512, batch_size: int = 32,
+
+def _layer_features(model: str, layer: int = DEFAULT_LAYER, max_length: int = 512, batch_size: int = 32,
                     dtype: str = "float32", device: str = "cpu"):
     from daar_ops.features import LayerFeatureExtractor
 
@@ -23,7 +25,7 @@ def _layer_features(model: str, layer: int = 3, max_length: int = 512, batch_siz
                                  batch_size=batch_size, dtype=dtype, device=device)
 
 
-def _generator(backend: str = "hf", model: str = "smollm2-135m-instruct", dtype: str = "float32",
+def _generator(backend: str = "hf", model: str = SMOLLM2, dtype: str = "float32",
                batch_size: int = 8, backend_kwargs: tuple = (), device: str = "cpu"):
     from daar_ops.generation import load_generator
 

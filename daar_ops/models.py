@@ -23,6 +23,8 @@ from loguru import logger
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
+# the decoder layer k whose output the DaaR probes read (the paper's early layer), everywhere
+DEFAULT_LAYER = 3
 
 
 @dataclass(frozen=True)

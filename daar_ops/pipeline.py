@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from daar_ops.core import (DOMAIN_SIMILARITY_KEY, default_pool, META_FIELD, PROBE_DOMAIN_KEY, PROBS_KEY,
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
                            iter_jsonl, write_jsonl)
-from daar_ops.models import SMOLLM2
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2
 from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, SYNTHESIS_DEFAULTS
 from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split_by_digest
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
@@ -69,7 +69,7 @@ class SelectConfig:
     domains: Any = None  # None: the paper's four domains; else names / dicts
     synthetic: str | None = None  # reuse synthetic samples (JSONL with `domain`): no generation
     template: str = ALPACA_TEMPLATE
-    layer: int = 3
+    layer: int = DEFAULT_LAYER
     max_length: int = 512
     samples_per_domain: int = SYNTHESIS_DEFAULTS["samples_per_domain"]
     max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"]

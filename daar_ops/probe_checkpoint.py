@@ -25,6 +25,7 @@ import numpy as np
 from daar_ops.artifacts import (ArtifactError, check_compatible, load_artifact, recorded_model,
                                 save_artifact)
 from daar_ops.defaults import FEATURE_DTYPE
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2
 
 if TYPE_CHECKING:  # torch and the probes are imported where used (the ops import this module)
     import torch
@@ -228,7 +229,7 @@ def read_label(record: Mapping[str, Any], label_key: str) -> str | None:
 
 
 def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.PathLike, *,
-                           model: str = "smollm2-135m-instruct", layer: int = 3,
+                           model: str = SMOLLM2, layer: int = DEFAULT_LAYER,
                            max_length: int = 512, template: str = "{instruction} {input} {output}",
                            label_key: str = "__dj__meta__.daar_pseudo_domain",
                            domains: list[str] | None = None, config: Any = None,

@@ -10,6 +10,7 @@ import numpy as np
 
 from daar_ops.algorithms.rating import (PROBABILITY_ANSWER_PREFIX, PROBABILITY_PROMPT,
                                         build_prompt)
+from daar_ops.models import SMOLLM2
 
 
 class ScoreTokenRater:
@@ -26,7 +27,7 @@ class ScoreTokenRater:
         resort the prompt keeps its last ``max_length`` tokens (the answer prefix).
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", scores: Sequence[int] = range(6),
+    def __init__(self, model: str = SMOLLM2, scores: Sequence[int] = range(6),
                  device: str | None = "cpu", dtype: str = "float32", batch_size: int = 8,
                  max_length: int = 2048, prompt: str = PROBABILITY_PROMPT,
                  answer_prefix: str = PROBABILITY_ANSWER_PREFIX):

@@ -31,6 +31,7 @@ from loguru import logger
 
 from daar_ops import evaluation as ev
 from daar_ops.core import default_pool
+from daar_ops.models import SMOLLM2
 
 
 def _options(extra: Any) -> dict[str, Any]:
@@ -57,12 +58,12 @@ class DaarPrepareHook(sandbox_hooks.BaseHook):
             methods=[], slice_seed=int(opts.get("slice_seed", 0)),
             held_out_fraction=float(opts.get("held_out_fraction", 0.05)),
             eval_per_domain=int(opts.get("eval_per_domain", 12)),
-            model=opts.get("model", "smollm2-135m-instruct"), progress=False)
+            model=opts.get("model", SMOLLM2), progress=False)
         checkpoint = ""
         if opts.get("daar_probe"):
             checkpoint = str(ev.ensure_daar_checkpoint(
                 work_dir / "selection_pool.jsonl", work_dir,
-                opts.get("model", "smollm2-135m-instruct"),
+                opts.get("model", SMOLLM2),
                 int(opts.get("daar_probe_size", 600)), progress=False))
         self.watcher.watch(comparison.context["eval_records"], self.meta_name)
         return comparison.context["slice_path"], str(work_dir / "eval_sets"), checkpoint
@@ -84,7 +85,7 @@ class DaarTrainModelHook(sandbox_hooks.BaseHook):
         opts = _options(self.extra_cfg)
         work_dir = Path(opts.get("work_dir", "outputs/sandbox"))
         method = opts["method"]
-        model = opts.get("model", "smollm2-135m-instruct")
+        model = opts.get("model", SMOLLM2)
         settings = _settings(opts)
         records = [{k: v for k, v in r.items() if not k.startswith("__dj__")}
                    for r in ev.read_jsonl(opts["train_dataset"])]
@@ -114,7 +115,7 @@ class DaarEvaluateModelHook(sandbox_hooks.BaseHook):
     def hook(self, **kwargs):
         opts = _options(self.extra_cfg)
         work_dir = Path(opts.get("work_dir", "outputs/sandbox"))
-        method, model = opts["method"], opts.get("model", "smollm2-135m-instruct")
+        method, model = opts["method"], opts.get("model", SMOLLM2)
         settings = _settings(opts)
         eval_sets = ev.read_eval_sets(work_dir / "eval_sets")
         device = ev.resolve_eval_device(opts.get("device", "cpu"))

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from daar_ops.models import DEFAULT_LAYER
+
 METHODS = ("fixed", "kmeans", "cluster", "spread")
 
 # Anchor texts for the paper's four default domains: the domain's name and description plus a few
@@ -140,7 +142,7 @@ class Stage1Config:
 
     method: str = "cluster"
     space: str = "sentence"
-    layer: int = 3
+    layer: int = DEFAULT_LAYER
     use_descriptions: bool = True
     description_weight: float = 0.75
     purity: bool = True

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from daar_ops.models import SMOLLM2
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared with ``tools/eval_downstream.py``; defaults are the CPU-sized comparison."""
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DaaR probe checkpoint (default: `daar-ops select --quick` on the "
                         "selection pool, once)")
     t = p.add_argument_group("fine-tuning (identical for every selection)")
-    t.add_argument("--model", default="smollm2-135m-instruct",
+    t.add_argument("--model", default=SMOLLM2,
                    help="model tuned: short name, local folder or hub id")
     t.add_argument("--seeds", default="0,1,2,3,4",
                    help="training seeds (and random's sampling)")

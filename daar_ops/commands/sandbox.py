@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from daar_ops.models import SMOLLM2
+
 # The vendored snapshot beside the repository (never copied into it; see docs/sandbox.md).
 DEFAULT_SANDBOX_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / \
     "data-juicer-sandbox"
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     small.add_argument("--n", type=int, default=250, help="slice size the methods select from")
     small.add_argument("--eval-per-domain", type=int, default=12,
                        help="held-out records per domain evaluated")
-    small.add_argument("--model", default="smollm2-135m-instruct",
+    small.add_argument("--model", default=SMOLLM2,
                        help="model fine-tuned (short name or local folder)")
     small.add_argument("--pool", default=None, help="pool (default: the shared pool)")
     small.add_argument("--work-dir", default="outputs/sandbox",
@@ -52,7 +54,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "sandbox"  # pack
 
 def build_sandbox_config(work_dir: str | os.PathLike = "outputs/sandbox",
                          methods: tuple[str, ...] | list[str] = METHOD_RECIPES,
-                         model: str = "smollm2-135m-instruct", seeds: tuple[int, ...] = (0, 1, 2),
+                         model: str = SMOLLM2, seeds: tuple[int, ...] = (0, 1, 2),
                          pool: str | None = None, n: int = 250, eval_per_domain: int = 12,
                          held_out_fraction: float = 0.05, settings: dict | None = None,
                          device: str = "cpu", write_recipes: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from daar_ops.defaults import FEATURE_DTYPE
+from daar_ops.models import SMOLLM2
 
 DEFAULT_LABEL_KEY = "__dj__meta__.daar_pseudo_domain"
 
@@ -20,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pseudo-labelled JSONL / JSONL.gz (a Data-Juicer export), or a directory "
                         "of .json/.jsonl shards")
     p.add_argument("--output", required=True, help="checkpoint directory to write")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="LM short name or folder")
+    p.add_argument("--model", default=SMOLLM2, help="LM short name or folder")
     p.add_argument("--layer", type=int, default=3, help="decoder layer k of the features")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
     p.add_argument("--template", default="{instruction} {input} {output}",

@@ -16,6 +16,7 @@ from daar_ops.core import SYNTHESIS_META_KEY, as_dict
 from daar_ops.defaults import FEATURE_DTYPE, SYNTHESIS_DEFAULTS  # noqa: F401 (also importable from here)
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2
 from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -65,7 +66,7 @@ class CentroidSynthesisMapper(Mapper):
         n_counterexamples: int = 3,
         candidates_per_round: PositiveInt = 4,
         backend: str = "hf",
-        model: str = "smollm2-135m-instruct",
+        model: str = SMOLLM2,
         backend_kwargs: Optional[Dict[str, Any]] = None,
         generation_batch_size: PositiveInt = SYNTHESIS_DEFAULTS["generation_batch_size"],
         max_new_tokens: PositiveInt = SYNTHESIS_DEFAULTS["max_new_tokens"],
@@ -76,7 +77,7 @@ class CentroidSynthesisMapper(Mapper):
         seed: int = 0,
         feature_model: Optional[str] = None,
         feature: str = "embedding",
-        layer: int = 3,
+        layer: int = DEFAULT_LAYER,
         max_length: PositiveInt = 512,
         feature_dtype: str = FEATURE_DTYPE,
         centroids_path: Optional[str] = None,
@@ -159,7 +160,7 @@ class CentroidSynthesisMapper(Mapper):
         self.dtype = dtype
         self.seed = int(seed)
         self.feature_model = feature_model or (model if backend != "api"
-                                               else "smollm2-135m-instruct")
+                                               else SMOLLM2)
         self.feature = feature
         self._feature_layer = check_feature(feature, layer)
         self.max_length = max_length

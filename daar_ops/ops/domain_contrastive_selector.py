@@ -15,6 +15,7 @@ from daar_ops.defaults import FEATURE_DTYPE
 from daar_ops.core import PHI_INTER_KEY as STAT_INTER
 from daar_ops.core import PHI_INTRA_KEY as STAT_INTRA
 from daar_ops.model_keys import load, model_key
+from daar_ops.models import SMOLLM2
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.ops._types import Percentile, PositiveInt
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup
@@ -48,7 +49,7 @@ class DomainContrastiveSelector(StatsSelector):
         metric: str = "inter",
         lower_percentile: Percentile = 80.0,
         upper_percentile: Percentile = 100.0,
-        hf_model: str = "smollm2-135m-instruct",
+        hf_model: str = SMOLLM2,
         text_template: str = ALPACA_TEMPLATE,
         centroids_path: Optional[str] = None,
         keep_unlabeled: bool = False,

@@ -28,7 +28,7 @@ from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMA
 from daar_ops.model_keys import load, model_key
 from daar_ops.ops._columns import (check_template_columns, float_list_feature, render_rows,
                                    string_feature, with_fields)
-from daar_ops.models import describe_model
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2, describe_model
 from daar_ops.ops._types import NonNegativeInt, PositiveInt
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
@@ -75,7 +75,7 @@ class DomainPseudoLabelMapper(Mapper):
         samples_path: Optional[str] = None,
         model: Optional[str] = None,
         feature: Optional[str] = None,
-        layer: int = 3,
+        layer: int = DEFAULT_LAYER,
         template: Optional[str] = None,
         method: str = PSEUDO_LABEL_DEFAULTS["method"],
         use_descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"],
@@ -191,7 +191,7 @@ class DomainPseudoLabelMapper(Mapper):
             self.anchor_is_description = np.zeros(len(self.domains), dtype=bool)
         else:
             self.feature = feature or PSEUDO_LABEL_DEFAULTS["feature"]
-            self.model = model or "smollm2-135m-instruct"
+            self.model = model or SMOLLM2
             self.template = TextTemplate(template or ALPACA_TEMPLATE)
             self._feature_layer = (0 if self.feature == SENTENCE
                                    else check_feature(self.feature, layer))

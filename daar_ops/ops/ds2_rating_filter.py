@@ -15,6 +15,7 @@ from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_ra
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
                            DS2_SCORE_KEY, as_dict, uniform_dicts)
 from daar_ops.model_keys import load, model_key
+from daar_ops.models import SMOLLM2
 from daar_ops.ops._columns import (check_template_columns, float_feature, render_rows,
                                    with_fields)
 from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
@@ -66,7 +67,7 @@ class DS2RatingFilter(Filter):
     def __init__(
         self,
         mode: str = "probability",
-        model: str = "smollm2-135m-instruct",
+        model: str = SMOLLM2,
         backend: str = "hf",
         text_template: Optional[str] = None,
         min_score: Optional[float] = None,

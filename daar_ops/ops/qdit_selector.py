@@ -18,6 +18,7 @@ from daar_ops.core import QDIT_GAIN_KEY as GAIN_KEY
 from daar_ops.core import QDIT_RANK_KEY as RANK_KEY
 from daar_ops.core import budget
 from daar_ops.model_keys import load, model_key
+from daar_ops.models import DEFAULT_LAYER, SMOLLM2
 from daar_ops.ops._selector import StatsSelector, column_records
 from daar_ops.ops._types import NonNegativeFloat, NonNegativeInt, PositiveInt, Ratio
 from daar_ops.text import TextTemplate, lookup
@@ -69,7 +70,7 @@ class QditSelector(StatsSelector):
                  embedder: str = "sentence_transformers",
                  embedding_model: Optional[str] = None,
                  feature: str = "layer",
-                 feature_layer: int = 3,
+                 feature_layer: int = DEFAULT_LAYER,
                  max_length: PositiveInt = 512,
                  embed_batch_size: PositiveInt = 64,
                  *args, **kwargs):
@@ -170,7 +171,7 @@ class QditSelector(StatsSelector):
         self.quality_sign = 1.0 if quality_higher_is_better else -1.0
         self.embedder = embedder
         self.embedding_model = embedding_model or (
-            "all-minilm-l6-v2" if embedder == "sentence_transformers" else "smollm2-135m-instruct")
+            "all-minilm-l6-v2" if embedder == "sentence_transformers" else SMOLLM2)
         self.feature = feature
         self.feature_layer = int(feature_layer) if feature == "layer" else 0
         self.max_length = int(max_length)
