@@ -82,11 +82,13 @@ class SelectConfig:
     probe_size: int = 5000
     pool_size: int | None = None  # None: every record not in the probe pool
     # stage 1 (docs/daar_stage1.md): the space the probe pool is labelled in and the method;
-    # --pseudo-label-space embedding --pseudo-label-method fixed --no-descriptions is the paper's
+    # the paper's procedure is pseudo_label_preset="paper" (Stage1Config.paper())
     pseudo_label_space: str = PSEUDO_LABEL_DEFAULTS["feature"]
     pseudo_label_method: str = PSEUDO_LABEL_DEFAULTS["method"]
     descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"]
     refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"]
+    # "paper": stage 1 exactly as the DaaR paper (Stage1Config.paper()); sets the three above
+    pseudo_label_preset: str | None = None
     select_ratio: float = 0.2
     # Keep the top select_ratio within each predicted pseudo-domain (the paper's "customized"
     # quota selection with equal ratios) instead of over the whole pool.
@@ -123,6 +125,9 @@ class SelectConfig:
                      "max_length", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pseudo_label_preset not in (None, "paper"):
+            raise ValueError(f"pseudo_label_preset must be 'paper' or unset, got "
+                             f"{self.pseudo_label_preset!r}")
         if self.refine_iters < 0:
             raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
         if self.pool_size is not None and self.pool_size < 1:
@@ -297,7 +302,8 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
             feature=cfg.pseudo_label_space, method=cfg.pseudo_label_method,
             use_descriptions=cfg.descriptions, seed=cfg.seed,
             domains=[{"name": d.name, "description": d.description} for d in domains],
-            refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1)
+            refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1,
+            preset=cfg.pseudo_label_preset)
         order = [labeller.domains.index(n) for n in names]
         labelled = labeller.run(_view(probe_rows, tpl))
         metas = labelled[META_FIELD]

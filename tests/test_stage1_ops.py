@@ -343,3 +343,30 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
     assert all(len(r["__dj__stats__"]["daar_domain_similarity"]) == 2 for r in out)
     # the default clusters in the joint space: the LM's embedding-layer features were passed
     assert op.stage1_info["cluster_space"] == "joint" and "consensus" in op.stage1_info
+
+
+def test_paper_preset_is_exactly_the_papers_stage1(tiny_llama, tmp_path):
+    """`preset: paper` (`select --pseudo-label-preset paper`) is Stage1Config.paper(): the three
+    flags the README used to give for it left the purity filter and hubness correction on."""
+    from daar_ops.algorithms.pseudo_labels import Stage1Config
+    from daar_ops.cli import build_parser
+    from daar_ops.pipeline import SelectConfig
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n"
+                            for name, texts in TOPIC_TEXTS.items() for t in texts))
+    op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                 template="{instruction}", preset="paper")
+    paper = Stage1Config.paper()
+    assert op.stage1.to_dict() == paper.to_dict()
+    assert (op.feature, op.method) == ("embedding", "fixed")
+    flags = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                    template="{instruction}", feature="embedding",
+                                    method="fixed", use_descriptions=False)
+    assert flags.stage1.to_dict() != paper.to_dict()  # what the three flags alone give
+    args = build_parser().parse_args(["select", "--pseudo-label-preset", "paper"])
+    assert args.pseudo_label_preset == "paper"
+    with pytest.raises(ValueError, match="pseudo_label_preset"):
+        SelectConfig(pool=str(path), pseudo_label_preset="papr").validate()
+    with pytest.raises(ValueError, match="preset"):
+        DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama), preset="papr")

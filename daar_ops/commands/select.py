@@ -29,6 +29,10 @@ _HELP = {
                           "or layer (the LM)",
     "pseudo_label_method": "stage-1 labelling: cluster (k-means clusters labelled by prototype), "
                            "kmeans or fixed (nearest prototype, the paper's)",
+    "pseudo_label_preset": "paper: stage 1 exactly as the DaaR paper (fixed prototypes in the "
+                           "LM's embedding space, no descriptions, no purity filter, no hubness "
+                           "correction); overrides the pseudo-label space, method and "
+                           "descriptions",
     "select_ratio": "fraction of the selection pool kept",
     "epochs": "probe training epochs (default: the trainer's)",
     "threads": "torch CPU threads per process (results are reproducible for a fixed value)",

@@ -92,6 +92,7 @@ class DomainPseudoLabelMapper(Mapper):
         similarity_key: str = DOMAIN_SIMILARITY_KEY,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
+        preset: Optional[str] = None,
         *args,
         **kwargs,
     ):
@@ -136,6 +137,10 @@ class DomainPseudoLabelMapper(Mapper):
             feature cache (keyed by the sentence model's identity, its truncation and the text's
             SHA-256), so a rerun or another recipe over the same texts does not embed them again.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
+        :param preset: with ``samples_path``: ``paper`` labels exactly as the DaaR paper
+            (:meth:`Stage1Config.paper`: fixed nearest prototypes of the synthetic samples in the
+            LM's embedding space, no descriptions, no purity filter, no hubness correction); it
+            sets ``feature``, ``method``, ``use_descriptions`` and ``purity``.
         :param args: extra args
         :param kwargs: extra args
         """
@@ -153,6 +158,12 @@ class DomainPseudoLabelMapper(Mapper):
             raise ValueError("label_key and similarity_key must be non-empty")
         if method not in ("fixed", "kmeans", "cluster"):
             raise ValueError(f"method must be 'fixed', 'kmeans' or 'cluster', got {method!r}")
+        if preset not in (None, "paper"):
+            raise ValueError(f"preset must be 'paper' or unset, got {preset!r}")
+        if preset == "paper":
+            paper = Stage1Config.paper()
+            feature, method = paper.space, paper.method
+            use_descriptions, purity = paper.use_descriptions, paper.purity
         self.metric = metric
         self.refine_iters = refine_iters
         self.max_length = max_length
@@ -196,11 +207,12 @@ class DomainPseudoLabelMapper(Mapper):
             self._feature_layer = (0 if self.feature == SENTENCE
                                    else check_feature(self.feature, layer))
             self.method = "kmeans" if refine_iters > 0 else method
-            self.stage1 = replace(STAGE1, method=self.method, space=self.feature, layer=layer,
+            base = Stage1Config.paper() if preset == "paper" else STAGE1
+            self.stage1 = replace(base, method=self.method, space=self.feature, layer=layer,
                                   use_descriptions=bool(use_descriptions),
                                   purity=bool(purity), seed=int(seed),
                                   sentence_model=sentence_model,
-                                  refine_iters=refine_iters or STAGE1.refine_iters)
+                                  refine_iters=refine_iters or base.refine_iters)
             self._load_anchors(samples_path, domains)
             config = json.dumps(self.stage1.to_dict(), sort_keys=True)
             self.source_sha = hashlib.sha256(
