@@ -17,8 +17,9 @@ SmolLM2 with the defaults' sampling settings and ``max_new_tokens``:
 Decoding a 135M model on CPU reads every weight for each token, so a batch of 16 costs little
 more than one of 1; the stop rule ends a call when every row has written its pairs.
 
-**Scoring** (``diversity_reward_filter``): the first ``--score-n`` pool records scored with a probe checkpoint: the float32 extractor in this process with one thread (the
-obvious way, and the former pipeline path) against the filter run by Data-Juicer with
+**Scoring** (``diversity_reward_filter``): ``--score-n`` pool records (after the first
+``--score-skip``) scored with a probe checkpoint: the float32 extractor in this process with one
+thread (the obvious way, and the former pipeline path) against the filter run by Data-Juicer with
 ``num_proc=--workers`` (the pipeline's path now; each worker one thread, a fresh feature cache).
 Their rewards must be identical (rank correlation 1). For reference, dynamic int8 quantisation
 of the extractor's linear layers (``torch.ao``) is timed and its reward rank correlation printed;
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-convs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=SYNTHESIS_DEFAULTS["max_new_tokens"])
     parser.add_argument("--score-n", type=int, default=512)
+    parser.add_argument("--score-skip", type=int, default=0,
+                        help="score the pool records after the first this many")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-synthesis", action="store_true")
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint / "manifest.json").exists():
         raise SystemExit(f"no probe checkpoint at {args.checkpoint}: run `daar-ops select` "
                          f"(or --quick) first, or pass --checkpoint")
-    records = pool_records(args.pool, args.score_n, skip=0)
+    records = pool_records(args.pool, args.score_n, skip=args.score_skip)
     synth = float("nan") if args.skip_synthesis else bench_synthesis(args, records[:60])
     score, corr, base, texts, cpu_base = bench_scoring(args, records)
     precision = bench_precision(args, texts, base, cpu_base)
