@@ -33,8 +33,8 @@ STAGE1 = Stage1Config()
 # is bfloat16 where the device has it natively (CUDA with bf16, CPUs with AMX / AVX512-BF16),
 # float32 elsewhere, so a CPU without native bf16 runs exactly as before (daar_ops.core.
 # resolve_dtype). Adopted on tools/bench_select.py's ranking check (README "Speed and scale"):
-# 4,000 pool records, a probe checkpoint trained on 5,000: bf16 against fp32 rewards rank
-# correlation 0.99998, top-20% overlap 0.996 (797 of 800), 3.0x less CPU on a Zen 4 core.
+# two slices of 4,000 pool records, a probe checkpoint trained on 5,000: bf16 against fp32 rewards
+# rank correlation 0.99998, top-20% overlap 0.996 / 0.998, 3.0x less CPU on a Zen 4 core.
 # $DAAR_OPS_FEATURE_DTYPE overrides it (the test suite pins float32, so tests behave the same on
 # CPUs with and without native bf16).
 FEATURE_DTYPE = os.environ.get("DAAR_OPS_FEATURE_DTYPE", "auto")
