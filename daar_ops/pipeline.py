@@ -128,6 +128,10 @@ class SelectConfig:
         if self.pseudo_label_preset not in (None, "paper"):
             raise ValueError(f"pseudo_label_preset must be 'paper' or unset, got "
                              f"{self.pseudo_label_preset!r}")
+        if self.refine_iters > 0 and self.pseudo_label_method != "kmeans":
+            raise ValueError(f"refine_iters ({self.refine_iters}) are the iterations of "
+                             f"--pseudo-label-method kmeans, but the method is "
+                             f"{self.pseudo_label_method!r}: pass --pseudo-label-method kmeans")
         if self.refine_iters < 0:
             raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
         if self.pool_size is not None and self.pool_size < 1:

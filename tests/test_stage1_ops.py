@@ -370,3 +370,19 @@ def test_paper_preset_is_exactly_the_papers_stage1(tiny_llama, tmp_path):
         SelectConfig(pool=str(path), pseudo_label_preset="papr").validate()
     with pytest.raises(ValueError, match="preset"):
         DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama), preset="papr")
+
+
+def test_refine_iters_never_switches_the_method_silently(tiny_llama, tmp_path):
+    from daar_ops.pipeline import SelectConfig
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n"
+                            for name, texts in TOPIC_TEXTS.items() for t in texts))
+    with pytest.raises(ValueError, match="method 'kmeans', but method is 'cluster'"):
+        DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                template="{instruction}", refine_iters=3)
+    op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                 template="{instruction}", method="kmeans", refine_iters=3)
+    assert op.method == "kmeans" and op.stage1.refine_iters == 3
+    with pytest.raises(ValueError, match="--pseudo-label-method kmeans"):
+        SelectConfig(pool=str(path), refine_iters=2).validate()

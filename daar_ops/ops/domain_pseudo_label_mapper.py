@@ -127,7 +127,8 @@ class DomainPseudoLabelMapper(Mapper):
         :param seed: seed of the clustering.
         :param metric: ``cosine`` (default) or ``euclidean``.
         :param refine_iters: k-means iterations over this dataset, initialised at the centroids
-            (0 = fixed prototypes, the paper's "constrained k-means").
+            (0 = fixed prototypes, the paper's "constrained k-means"). With ``samples_path`` they
+            need ``method: kmeans`` (anything else is an error, not a silent switch).
         :param max_length: tokens kept per text (longer texts are truncated and counted).
         :param model_batch_size: texts per forward pass.
         :param dtype: ``float32``, ``bfloat16`` or ``float16`` for the feature model.
@@ -206,7 +207,11 @@ class DomainPseudoLabelMapper(Mapper):
             self.template = TextTemplate(template or ALPACA_TEMPLATE)
             self._feature_layer = (0 if self.feature == SENTENCE
                                    else check_feature(self.feature, layer))
-            self.method = "kmeans" if refine_iters > 0 else method
+            if refine_iters > 0 and method != "kmeans":
+                raise ValueError(f"{OP_NAME}: refine_iters ({refine_iters}) are the iterations of "
+                                 f"method 'kmeans', but method is {method!r}: pass method: kmeans "
+                                 f"(refine_iters no longer switches the method silently)")
+            self.method = method
             base = Stage1Config.paper() if preset == "paper" else STAGE1
             self.stage1 = replace(base, method=self.method, space=self.feature, layer=layer,
                                   use_descriptions=bool(use_descriptions),
