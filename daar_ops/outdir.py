@@ -112,15 +112,16 @@ def clean_stale(final: Path) -> list[Path]:
     parent = final.parent
     if not parent.is_dir():
         return removed
-    for prefix in (f"{final.name}.partial-", f"{final.name}.old-"):
-        for entry in parent.iterdir():
-            if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
-                continue
-            pid = entry.name[len(prefix):].split("-")[0]
-            if not pid.isdigit() or _alive(int(pid)) or _read_marker(entry) is None:
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    prefixes = (f"{final.name}.partial-", f"{final.name}.old-")
+    for entry in sorted(parent.iterdir()):
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)) or _read_marker(entry) is None:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
     return removed
 
 
