@@ -7,21 +7,26 @@ from typing import Any, Sequence
 import numpy as np
 
 from daar_ops.core import resolve_device
-from daar_ops.models import resolve_model_path
+from daar_ops.models import MINILM, SENTENCE_MAX_TOKENS, resolve_model_path
 from daar_ops.text import to_text
 
-def load_sentence_encoder(model: str = "all-minilm-l6-v2", device: str | None = "cpu"):
-    """A ``SentenceTransformer`` for a short name or a local sentence-transformers folder.
+def load_sentence_encoder(model: str = MINILM, device: str | None = "cpu",
+                          max_seq_length: int | None = SENTENCE_MAX_TOKENS):
+    """A ``SentenceTransformer`` for a short name or a local sentence-transformers folder, reading
+    at most ``max_seq_length`` tokens per text (``None``: the model's own setting).
 
     Not cached here: operators hold it through Data-Juicer's ``get_model``
     (:func:`daar_ops.model_keys.model_key`, kind ``sentence_encoder``)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model_path(model), device=resolve_device(device),
-                               local_files_only=True)
+    encoder = SentenceTransformer(resolve_model_path(model), device=resolve_device(device),
+                                  local_files_only=True)
+    if max_seq_length is not None:
+        encoder.max_seq_length = int(max_seq_length)
+    return encoder
 
 
-def encode_sentences(texts: Sequence[Any], model: str = "all-minilm-l6-v2",
+def encode_sentences(texts: Sequence[Any], model: str = MINILM,
                      batch_size: int = 64, device: str | None = "cpu",
                      normalize: bool = True, progress: bool = True, encoder: Any = None
                      ) -> np.ndarray:

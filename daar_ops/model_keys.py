@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from daar_ops.models import DEFAULT_LAYER, SMOLLM2
+from daar_ops.models import DEFAULT_LAYER, MINILM, SENTENCE_MAX_TOKENS, SMOLLM2
 
 
 def _layer_features(model: str, layer: int = DEFAULT_LAYER, max_length: int = 512, batch_size: int = 32,
@@ -36,14 +36,11 @@ def _generator(backend: str = "hf", model: str = SMOLLM2, dtype: str = "float32"
                           **kwargs)
 
 
-def _sentence_encoder(model: str = "all-minilm-l6-v2", max_seq_length: int | None = None,
+def _sentence_encoder(model: str = MINILM, max_seq_length: int | None = SENTENCE_MAX_TOKENS,
                       device: str = "cpu"):
     from daar_ops.encoders import load_sentence_encoder
 
-    encoder = load_sentence_encoder(model, device)
-    if max_seq_length is not None:
-        encoder.max_seq_length = int(max_seq_length)
-    return encoder
+    return load_sentence_encoder(model, device, max_seq_length)
 
 
 def _score_rater(model: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 2048,

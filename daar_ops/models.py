@@ -23,6 +23,10 @@ from loguru import logger
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
+# tokens per text the sentence encoder reads, in every embedding space of the package (stage 1,
+# QDIT, DS2, the report): all-MiniLM-L6-v2 was trained on 128; its own default of 256 doubles the
+# cost on long records and would make QDIT optimise another space than coverage is measured in
+SENTENCE_MAX_TOKENS = 128
 # the decoder layer k whose output the DaaR probes read (the paper's early layer), everywhere
 DEFAULT_LAYER = 3
 

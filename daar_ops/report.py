@@ -40,6 +40,7 @@ from daar_ops.algorithms.coverage import (entropy_from_counts, facility_location
                                           label_distribution, mean_nearest_selected_cosine,
                                           mean_pairwise_similarity)
 from daar_ops.core import STATS_FIELD, read_jsonl
+from daar_ops.models import MINILM, SENTENCE_MAX_TOKENS
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup, present_fields
 
 DEFAULT_LABEL_KEYS = ("domain", "__dj__meta__.daar_pseudo_domain")
@@ -104,14 +105,15 @@ def numeric_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
 # embeddings
 
 
-def embed_texts(texts: Sequence[str], model: str = "all-minilm-l6-v2",
+def embed_texts(texts: Sequence[str], model: str = MINILM,
                 cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
                 device: str = "cpu", progress: bool = True,
-                max_seq_length: int | None = 128) -> np.ndarray:
+                max_seq_length: int | None = SENTENCE_MAX_TOKENS) -> np.ndarray:
     """L2-normalised sentence embeddings of texts, cached as an artifact under ``cache_dir``.
 
-    ``max_seq_length`` caps the encoder's tokens per text (all-MiniLM-L6-v2 was trained on 128;
-    its default of 256 doubles the cost on long records); ``None`` keeps the model's setting.
+    ``max_seq_length`` caps the encoder's tokens per text (default: the package's one truncation,
+    :data:`daar_ops.models.SENTENCE_MAX_TOKENS`, as stage 1, QDIT and DS2 embed); ``None`` keeps
+    the model's setting.
     """
     from daar_ops.encoders import encode_sentences, load_sentence_encoder
     from daar_ops.models import model_fingerprint, resolve_model_path
@@ -136,15 +138,9 @@ def embed_texts(texts: Sequence[str], model: str = "all-minilm-l6-v2",
                     return tensors["embeddings"]
             except ArtifactError as err:
                 logger.warning(f"report: ignoring bad embedding cache {entry}: {err}")
-    encoder = load_sentence_encoder(model, device)
-    previous = encoder.max_seq_length
-    if max_seq_length is not None:
-        encoder.max_seq_length = min(previous or max_seq_length, max_seq_length)
-    try:
-        emb = encode_sentences(list(texts), encoder=encoder, batch_size=batch_size,
-                               normalize=True, progress=progress)
-    finally:
-        encoder.max_seq_length = previous
+    encoder = load_sentence_encoder(model, device, max_seq_length)
+    emb = encode_sentences(list(texts), encoder=encoder, batch_size=batch_size, normalize=True,
+                           progress=progress)
     if cache_dir is not None:
         from daar_ops.artifacts import save_artifact
 
@@ -388,7 +384,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
                  out_dir: str | os.PathLike,
                  label_keys: Sequence[str] = DEFAULT_LABEL_KEYS,
                  template: str = ALPACA_TEMPLATE,
-                 model: str = "all-minilm-l6-v2",
+                 model: str = MINILM,
                  projection: str = "pca",
                  max_points: int = 5000,
                  seed: int = 0,
@@ -397,7 +393,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
                  batch_size: int = 64,
                  device: str = "cpu",
                  progress: bool = True,
-                 max_seq_length: int | None = 128,
+                 max_seq_length: int | None = SENTENCE_MAX_TOKENS,
                  require_labels: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``metrics.json`` and PNGs into ``out_dir``; return the metrics.
 

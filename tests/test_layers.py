@@ -68,3 +68,13 @@ def test_algorithms_import_no_data_juicer_and_load_no_model():
         text = path.read_text()
         assert "data_juicer" not in text, path
         assert "from_pretrained" not in text, path
+
+
+def test_product_never_imports_research_code():
+    """tools/daar_research holds the research variants; no module of the package may import it."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n.split(".")[0] in ("daar_research", "tools") for n in names), path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from daar_ops.models import MINILM, SENTENCE_MAX_TOKENS
 from daar_ops.report import DEFAULT_LABEL_KEYS, PROJECTIONS
 
 
@@ -19,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"(default: {', '.join(DEFAULT_LABEL_KEYS)})")
     parser.add_argument("--template", default="{instruction} {input} {output}",
                         help="record fields rendered into the embedded text")
-    parser.add_argument("--model", default="all-minilm-l6-v2",
+    parser.add_argument("--model", default=MINILM,
                         help="sentence encoder (short name or local folder)")
-    parser.add_argument("--max-seq-length", type=int, default=128,
+    parser.add_argument("--max-seq-length", type=int, default=SENTENCE_MAX_TOKENS,
                         help="encoder tokens per text (0: the encoder's own limit)")
     parser.add_argument("--projection", choices=PROJECTIONS, default="pca")
     parser.add_argument("--max-points", type=int, default=5000,
