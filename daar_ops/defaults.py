@@ -49,7 +49,4 @@ PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
     method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
     use_descriptions=STAGE1.use_descriptions,
     metric="cosine",
-    # k-means refinement of the centroids (the reference code): it helped on the shared pool
-    # (0.34 -> 0.60) but hurt on a held-out pool (0.50 -> 0.37); 0 keeps it off.
-    refine_iters=0,
 )

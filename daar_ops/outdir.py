@@ -28,7 +28,9 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 MARKER = ".daar-ops-output.json"
 _WRITER = "daar-ops"
@@ -206,3 +208,20 @@ def discard(staging: Path) -> None:
     """Remove a staging folder of this process (a failed run)."""
     if _read_marker(staging) is not None:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_folder(path: str | os.PathLike, command: str, write: Callable[[Path], T]) -> T:
+    """The whole rule for one output folder: refuse a target this package may not replace before
+    any work, clean stale staging folders, let ``write`` fill a fresh staging folder, publish it
+    (or discard it when ``write`` raises). Returns what ``write`` returns."""
+    final = resolve_target(path)
+    check_target(final, command)
+    clean_stale(final)
+    staging = new_staging(final, command)
+    try:
+        result = write(staging)
+        publish(staging, final, command)
+    except BaseException:
+        discard(staging)
+        raise
+    return result

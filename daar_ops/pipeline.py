@@ -50,7 +50,7 @@ from daar_ops.core import (DOMAIN_SIMILARITY_KEY, default_pool, META_FIELD, PROB
                            PSEUDO_DOMAIN_KEY, REWARD_KEY, STATS_FIELD, JsonlReport, as_dict,
                            iter_jsonl, write_jsonl)
 from daar_ops.models import DEFAULT_LAYER, SMOLLM2
-from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, SYNTHESIS_DEFAULTS
+from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, STAGE1, SYNTHESIS_DEFAULTS
 from daar_ops.pool import PoolScan, iter_row_chunks, iter_rows, scan_pool, split_by_digest
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
@@ -86,7 +86,7 @@ class SelectConfig:
     pseudo_label_space: str = PSEUDO_LABEL_DEFAULTS["feature"]
     pseudo_label_method: str = PSEUDO_LABEL_DEFAULTS["method"]
     descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"]
-    refine_iters: int = PSEUDO_LABEL_DEFAULTS["refine_iters"]
+    refine_iters: int | None = None  # method kmeans: Lloyd iterations (None: Stage1Config's)
     # "paper": stage 1 exactly as the DaaR paper (Stage1Config.paper()); sets the three above
     pseudo_label_preset: str | None = None
     select_ratio: float = 0.2
@@ -128,11 +128,11 @@ class SelectConfig:
         if self.pseudo_label_preset not in (None, "paper"):
             raise ValueError(f"pseudo_label_preset must be 'paper' or unset, got "
                              f"{self.pseudo_label_preset!r}")
-        if self.refine_iters > 0 and self.pseudo_label_method != "kmeans":
+        if self.refine_iters is not None and self.pseudo_label_method != "kmeans":
             raise ValueError(f"refine_iters ({self.refine_iters}) are the iterations of "
                              f"--pseudo-label-method kmeans, but the method is "
                              f"{self.pseudo_label_method!r}: pass --pseudo-label-method kmeans")
-        if self.refine_iters < 0:
+        if self.refine_iters is not None and self.refine_iters < 0:
             raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
         if self.pool_size is not None and self.pool_size < 1:
             raise ValueError(f"pool_size must be >= 1 or None, got {self.pool_size}")
@@ -207,16 +207,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
 
     cfg.validate()
     final = outdir.resolve_target(cfg.output_dir)
-    outdir.check_target(final, "daar-ops select")
-    outdir.clean_stale(final)
     torch.set_num_threads(cfg.threads)
-    staging = outdir.new_staging(final, "daar-ops select")
-    try:
-        summary = _run(cfg, staging)
-        outdir.publish(staging, final, "daar-ops select")
-    except BaseException:
-        outdir.discard(staging)
-        raise
+    summary = outdir.write_folder(final, "daar-ops select", lambda staging: _run(cfg, staging))
     logger.info(f"[daar select] {summary['selected']} of {summary['selection_pool']} selected; "
                 f"outputs in {final}")
     return SelectResult(final, summary)
@@ -302,11 +294,13 @@ def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
 
     with timer("pseudo_label"):
         labeller = DomainPseudoLabelMapper(
-            samples_path=str(out / "synthetic.jsonl"), model=cfg.model, template=cfg.template,
+            samples_path=str(out / "synthetic.jsonl"), save_stage1=str(out / "stage1"),
+            model=cfg.model, text_template=cfg.template,
             feature=cfg.pseudo_label_space, method=cfg.pseudo_label_method,
             use_descriptions=cfg.descriptions, seed=cfg.seed,
             domains=[{"name": d.name, "description": d.description} for d in domains],
-            refine_iters=cfg.refine_iters, max_length=cfg.max_length, num_proc=1,
+            refine_iters=STAGE1.refine_iters if cfg.refine_iters is None else cfg.refine_iters,
+            max_length=cfg.max_length, num_proc=1,
             preset=cfg.pseudo_label_preset)
         order = [labeller.domains.index(n) for n in names]
         labelled = labeller.run(_view(probe_rows, tpl))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +109,18 @@ def tiny_artifacts(tiny_llama, tmp_path_factory) -> dict:
     save_centroids(root / "centroids", feats, [DomainSpec(d) for d in TINY_DOMAINS],
                    ext.describe(), "embedding", "{instruction} {input} {output}",
                    [1] * len(TINY_DOMAINS))
-    return {"probe": root / "probe", "centroids": root / "centroids", "model": tiny_llama}
+    samples = root / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"instruction": f"{TINY_WORDS[d]} {i}", "input": "",
+                                           "output": "", "domain": d}) + "\n"
+                               for d in TINY_DOMAINS for i in range(4)))
+    from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
+    from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
+
+    fit = DomainPseudoLabelMapper(samples_path=str(samples), model=str(tiny_llama),
+                                  feature="embedding", save_stage1=str(root / "stage1"))
+    fit.fit_texts(TextTemplate(ALPACA_TEMPLATE).render_all(tiny_records(60, label=False)))
+    return {"probe": root / "probe", "centroids": root / "centroids", "model": tiny_llama,
+            "stage1": root / "stage1"}
 
 
 @pytest.fixture

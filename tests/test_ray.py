@@ -36,8 +36,8 @@ def _per_sample_process(artifacts: dict) -> list[dict]:
         {"ds2_rating_filter": {"mode": "probability", "model": str(artifacts["model"]),
                                "text_template": "{instruction} {input} {output}",
                                "max_length": 128, "batch_size": 8}},
-        {"domain_pseudo_label_mapper": {"centroids_path": str(artifacts["centroids"]),
-                                        "model": str(artifacts["model"]), "batch_size": 8}},
+        {"domain_pseudo_label_mapper": {"stage1_path": str(artifacts["stage1"]),
+                                        "batch_size": 8}},
     ]
 
 
@@ -404,23 +404,24 @@ def test_global_selectors_pass_ray_preflight_and_refuse_partitioned(case, artifa
         _preflight_ray([op], "ray_partitioned")
 
 
-def test_whole_dataset_mappers_are_rejected_by_preflight_under_ray(artifacts):
-    """centroid_synthesis_mapper and k-means refinement of the pseudo-labeller need the whole
-    dataset: DJ's preflight (and RayDataset.process) reject them instead of skipping them."""
+def test_whole_dataset_mappers_are_rejected_by_preflight_under_ray(artifacts, tmp_path):
+    """centroid_synthesis_mapper and the stage-1 fit of the pseudo-labeller (samples_path with
+    method cluster / kmeans) need the whole dataset: DJ's preflight rejects them instead of
+    skipping them; the fitted stage 1 (stage1_path) and a centroid file label per sample."""
     from data_juicer.core.preflight import PipelineRuntimeError
 
     from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
     from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
 
-    refine = DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
-                                     model=str(artifacts["model"]), refine_iters=2)
+    fit = DomainPseudoLabelMapper(samples_path=str(artifacts["stage1"].parent / "samples.jsonl"),
+                                  model=str(artifacts["model"]), feature="embedding")
     synth = CentroidSynthesisMapper(model=str(artifacts["model"]))
-    for op in (refine, synth):
+    for op in (fit, synth):
         with pytest.raises(PipelineRuntimeError, match="(?i)ray"):
             _preflight_ray([op])
-    fixed = DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
-                                    model=str(artifacts["model"]), refine_iters=0)
-    _preflight_ray([fixed])  # per-sample: accepted
+    _preflight_ray([DomainPseudoLabelMapper(stage1_path=str(artifacts["stage1"])),
+                    DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
+                                            model=str(artifacts["model"]))])
 
 
 def test_per_sample_ops_are_accepted_under_ray(artifacts, ray_mode):
@@ -450,7 +451,7 @@ def test_ray_recipes_are_valid_and_use_only_ray_capable_ops(recipe_path):
     for item in recipe["process"]:
         (name, args), = item.items()
         assert "ray" in OPERATORS.modules[name]._supported_exec_modes, name
-        assert not (args or {}).get("refine_iters"), "k-means refinement is default-only"
+        assert "samples_path" not in (args or {}), "the stage-1 fit is default-only"
 
 
 @pytest.mark.parametrize("name", ["qdit", "ds2"])

@@ -95,7 +95,7 @@ def test_pseudo_label_rerun_reads_the_cache_and_labels_identically(minilm_path, 
 
     def run():
         op = DomainPseudoLabelMapper(samples_path=str(samples), cache_dir=str(tmp_path / "c"),
-                                     template="{instruction}")
+                                     text_template="{instruction}")
         assert op.feature == "sentence"
         out = op.run(NestedDataset.from_list(rows)).to_list()
         return [(r["__dj__meta__"]["daar_pseudo_domain"],
@@ -108,7 +108,7 @@ def test_pseudo_label_rerun_reads_the_cache_and_labels_identically(minilm_path, 
     assert counting.texts == encoded  # the rerun embedded nothing
     # feature_cache=False: nothing read or written, same labels
     op = DomainPseudoLabelMapper(samples_path=str(samples), feature_cache=False,
-                                 template="{instruction}",
+                                 text_template="{instruction}",
                                  cache_dir=str(tmp_path / "off"))
     out = op.run(NestedDataset.from_list(rows)).to_list()
     assert [(r["__dj__meta__"]["daar_pseudo_domain"],

@@ -125,7 +125,9 @@ def test_pseudo_label_op_validates_parameters(cfile, tmp_path):
     with pytest.raises(ValueError, match="metric"):
         DomainPseudoLabelMapper(centroids_path=str(cfile), metric="l1")
     with pytest.raises(ValueError, match="refine_iters"):
-        DomainPseudoLabelMapper(centroids_path=str(cfile), refine_iters=-1)
+        DomainPseudoLabelMapper(centroids_path=str(cfile), refine_iters=5)
+    with pytest.raises(ValueError, match="save_stage1"):
+        DomainPseudoLabelMapper(centroids_path=str(cfile), save_stage1=str(tmp_path / "s"))
     with pytest.raises(ArtifactError, match="does not exist"):
         DomainPseudoLabelMapper(centroids_path=str(tmp_path / "missing"))
 
@@ -137,7 +139,7 @@ def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
     op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
-                                 template="{instruction}",
+                                 text_template="{instruction}",
                                  feature="embedding", method="fixed", use_descriptions=False,
                                  purity=False)  # the paper's: plain mean per domain
     assert op.domains == ["mathematics", "coding"] and op.centroids.shape == (2, 32)
@@ -145,23 +147,53 @@ def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
     assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"
 
 
-def test_pseudo_label_refinement_moves_centroids_and_is_default_executor_only(cfile, tiny_llama):
+def _samples_file(tmp_path: Path) -> Path:
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n"
+                            for name, texts in TOPIC_TEXTS.items() for t in texts))
+    return path
+
+
+def _probe_rows() -> list[dict]:
     rows = [{"instruction": t} for texts in TOPIC_TEXTS.values() for t in texts]
-    rows += [{"instruction": t} for t in ("The cat sat on the mat.", "Plants turn light into "
-                                          "sugar.", "Paris is the capital of France.")]
-    fixed = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama))
-    refined = DomainPseudoLabelMapper(centroids_path=str(cfile), model=str(tiny_llama),
-                                      refine_iters=3, num_proc=1)
-    assert "ray" in fixed._supported_exec_modes
-    assert "ray" not in refined._supported_exec_modes
-    out = refined.run(NestedDataset.from_list(rows))
-    assert len(out) == len(rows)
-    # the labels are the whole-dataset k-means labels (spherical Lloyd from the file's centroids)
-    assert refined.method == "kmeans" and len(refined._fitted) == len(rows)
-    assert "prototype_agreement" in refined.stage1_info
-    assert [r[Fields.meta]["daar_pseudo_domain"] for r in out] == [
-        refined.domains[refined._fitted[t][0]] for t in (r["instruction"] for r in rows)]
-    assert all(len(r[Fields.stats]["daar_domain_similarity"]) == 2 for r in out)
+    return rows + [{"instruction": t} for t in ("The cat sat on the mat.", "Plants turn light "
+                                                "into sugar.", "Paris is the capital of France.")]
+
+
+@pytest.mark.parametrize("method", ["cluster", "kmeans"])
+def test_a_fitted_stage1_file_labels_per_sample_as_the_fit_did(method, tiny_llama, tmp_path):
+    """samples_path fits on the dataset (default executor); save_stage1 writes the fit;
+    stage1_path labels every sample on its own (Ray-safe) with the same labels."""
+    rows = _probe_rows()
+    fit = DomainPseudoLabelMapper(
+        samples_path=str(_samples_file(tmp_path)), model=str(tiny_llama),
+        text_template="{instruction}", feature="embedding", method=method,
+        save_stage1=str(tmp_path / "stage1"), num_proc=1)
+    assert "ray" not in fit._supported_exec_modes
+    fitted = fit.run(NestedDataset.from_list(rows)).to_list()
+    assert (tmp_path / "stage1" / "manifest.json").is_file()
+    per_sample = DomainPseudoLabelMapper(stage1_path=str(tmp_path / "stage1"))
+    assert "ray" in per_sample._supported_exec_modes and per_sample.method == method
+    assert per_sample.domains == fit.domains and per_sample.model == str(tiny_llama)
+    one_by_one = [per_sample.process_batched({"instruction": [r["instruction"]]})[Fields.meta][0]
+                  for r in reversed(rows)][::-1]
+    assert [m["daar_pseudo_domain"] for m in one_by_one] == \
+        [r[Fields.meta]["daar_pseudo_domain"] for r in fitted]
+
+
+def test_a_stage1_file_is_checked_against_the_model(tiny_llama, tiny_qwen2, tmp_path):
+    fit = DomainPseudoLabelMapper(samples_path=str(_samples_file(tmp_path)),
+                                  model=str(tiny_llama), text_template="{instruction}",
+                                  feature="embedding", save_stage1=str(tmp_path / "s1"))
+    fit.run(NestedDataset.from_list(_probe_rows()))
+    with pytest.raises(ArtifactError, match="another model"):
+        DomainPseudoLabelMapper(stage1_path=str(tmp_path / "s1"), model=str(tiny_qwen2))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write"):
+        DomainPseudoLabelMapper(samples_path=str(_samples_file(tmp_path)),
+                                model=str(tiny_llama), save_stage1=str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------- synthesis op
@@ -330,7 +362,7 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
         for name, texts in TOPIC_TEXTS.items():
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
-    op = DomainPseudoLabelMapper(samples_path=str(path), template="{instruction}")
+    op = DomainPseudoLabelMapper(samples_path=str(path), text_template="{instruction}")
     assert op.feature == "sentence" and op.method == "cluster"
     assert op._supported_exec_modes == ("default",)
     rows = ([{"instruction": f"Compute {i} * {i + 3} and give the sum of the digits."}
@@ -356,12 +388,12 @@ def test_paper_preset_is_exactly_the_papers_stage1(tiny_llama, tmp_path):
     path.write_text("".join(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n"
                             for name, texts in TOPIC_TEXTS.items() for t in texts))
     op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
-                                 template="{instruction}", preset="paper")
+                                 text_template="{instruction}", preset="paper")
     paper = Stage1Config.paper()
     assert op.stage1.to_dict() == paper.to_dict()
     assert (op.feature, op.method) == ("embedding", "fixed")
     flags = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
-                                    template="{instruction}", feature="embedding",
+                                    text_template="{instruction}", feature="embedding",
                                     method="fixed", use_descriptions=False)
     assert flags.stage1.to_dict() != paper.to_dict()  # what the three flags alone give
     args = build_parser().parse_args(["select", "--pseudo-label-preset", "paper"])
@@ -380,9 +412,9 @@ def test_refine_iters_never_switches_the_method_silently(tiny_llama, tmp_path):
                             for name, texts in TOPIC_TEXTS.items() for t in texts))
     with pytest.raises(ValueError, match="method 'kmeans', but method is 'cluster'"):
         DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
-                                template="{instruction}", refine_iters=3)
+                                text_template="{instruction}", refine_iters=5)
     op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
-                                 template="{instruction}", method="kmeans", refine_iters=3)
+                                 text_template="{instruction}", method="kmeans", refine_iters=3)
     assert op.method == "kmeans" and op.stage1.refine_iters == 3
     with pytest.raises(ValueError, match="--pseudo-label-method kmeans"):
         SelectConfig(pool=str(path), refine_iters=2).validate()

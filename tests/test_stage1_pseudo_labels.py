@@ -34,7 +34,7 @@ def _world(seed=0, d=16, k=4, offset_scale=0.0):
 @pytest.mark.parametrize("method", ["fixed", "kmeans", "cluster"])
 def test_methods_recover_separated_domains(method):
     pool, truth, anchors, labels, is_desc = _world()
-    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, method=method)
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, Stage1Config(method=method))
     assert pred.shape == truth.shape and margins.shape == truth.shape
     assert (margins >= 0).all()
     assert (pred == truth).mean() > 0.95
@@ -43,8 +43,8 @@ def test_methods_recover_separated_domains(method):
 
 def test_deterministic_for_a_seed():
     pool, _, anchors, labels, is_desc = _world(1)
-    a = pseudo_label(pool, anchors, labels, 4, is_desc, seed=5)
-    b = pseudo_label(pool, anchors, labels, 4, is_desc, seed=5)
+    a = pseudo_label(pool, anchors, labels, 4, is_desc, Stage1Config(seed=5))
+    b = pseudo_label(pool, anchors, labels, 4, is_desc, Stage1Config(seed=5))
     assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
 
 
@@ -77,8 +77,8 @@ def test_prototypes_need_every_domain():
 
 def test_descriptions_ignored_when_disabled():
     pool, truth, anchors, labels, is_desc = _world(2)
-    _, _, info = pseudo_label(pool, anchors, labels, 4, is_desc, use_descriptions=False,
-                              purity=False, method="fixed")
+    _, _, info = pseudo_label(pool, anchors, labels, 4, is_desc,
+                              Stage1Config(use_descriptions=False, purity=False, method="fixed"))
     assert info["anchors_kept"] == [6, 6, 6, 6]
 
 
@@ -88,8 +88,8 @@ def test_bad_inputs_are_refused():
         pseudo_label(pool[:, :3], anchors, labels, 4, is_desc)
     with pytest.raises(ValueError):
         pseudo_label(pool, anchors, labels + 10, 4, is_desc)
-    with pytest.raises(ValueError):
-        pseudo_label(pool, anchors, labels, 4, is_desc, method="nope")
+    with pytest.raises(ValueError, match="method must be one of"):
+        Stage1Config(method="nope")
 
 
 def test_paper_preset():
@@ -109,22 +109,6 @@ def test_health_tracks_disagreement():
     assert np.isnan(single.cross_seed_agreement) and not single.reliable
 
 
-def test_kmeans_fully_anchored_equals_fixed_prototypes():
-    pool, _, anchors, labels, is_desc = _world(4, offset_scale=1.0)
-    fixed, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="fixed")
-    tied, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, method="kmeans",
-                              refine_iters=5, anchor_strength=1.0)
-    assert np.array_equal(fixed, tied)
-
-
-@pytest.mark.parametrize("overrides", [dict(method="spread"), dict(self_train_rounds=1)])
-def test_other_options_label_every_record(overrides):
-    pool, truth, anchors, labels, is_desc = _world(5)
-    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, **overrides)
-    assert pred.shape == truth.shape and np.isfinite(margins).all()
-    assert (pred == truth).mean() > 0.8
-
-
 def test_domain_anchor_texts_paraphrase_default_domains_only():
     from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, DomainSpec
     from daar_ops.algorithms.pseudo_labels import DEFAULT_ANCHOR_TEXTS, domain_anchor_texts
@@ -141,30 +125,18 @@ def test_half_split_health_separates_good_and_broken_anchors():
     from daar_ops.algorithms.pseudo_labels import half_split_health
 
     pool, _, anchors, labels, is_desc = _world(6)
-    good = half_split_health(pool, anchors, labels, 4, is_desc, method="fixed")
+    good = half_split_health(pool, anchors, labels, 4, is_desc, Stage1Config(method="fixed"))
     assert good.reliable and good.cross_seed_agreement > 0.95
     rng = np.random.default_rng(0)
     junk = rng.standard_normal(anchors.shape)  # anchors unrelated to the pool
-    bad = half_split_health(pool, junk, labels, 4, None, method="fixed")
+    bad = half_split_health(pool, junk, labels, 4, None, Stage1Config(method="fixed"))
     assert bad.cross_seed_agreement < good.cross_seed_agreement
-
-
-def test_single_cluster_preset_is_a_consensus_of_one():
-    pool, _, anchors, labels, is_desc = _world(7)
-    old = Stage1Config.single_cluster()
-    assert (old.consensus_clusters_per_domain, old.consensus_seeds, old.cluster_space) == \
-        ((), 1, "label")
-    single, _, info = pseudo_label(pool, anchors, labels, 4, is_desc, old, seed=3)
-    one, _, one_info = pseudo_label(pool, anchors, labels, 4, is_desc, old, seed=3,
-                                    consensus_clusters_per_domain=(8,))
-    assert np.array_equal(single, one)
-    assert info["n_clusters"] == 32 and one_info["consensus"] == [{"n_clusters": 32, "seed": 3}]
 
 
 def test_consensus_runs_every_size_and_seed():
     pool, truth, anchors, labels, is_desc = _world(8)
-    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc, seed=2,
-                                       cluster_space="label")
+    pred, margins, info = pseudo_label(pool, anchors, labels, 4, is_desc,
+                                       Stage1Config(seed=2, cluster_space="label"))
     assert [r["n_clusters"] for r in info["consensus"]] == [16] * 3 + [32] * 3 + [64] * 3
     assert [r["seed"] for r in info["consensus"][:3]] == [2, 2001, 2002]
     assert (pred == truth).mean() > 0.95 and ((margins >= 0) & (margins <= 1)).all()
@@ -198,21 +170,73 @@ def test_joint_space_clusters_what_the_labelling_space_merges():
 
 
 def test_joint_space_rows_and_weights():
-    from daar_ops.algorithms.pseudo_labels import joint_space
+    from daar_ops.algorithms.pseudo_labels import JointTransform
 
     pool, other, *_ = _overlapping_world(1, n=20)
-    x = joint_space(pool, other, 0.7, 8)
+    x = JointTransform.fit(other, 0.7, 8).apply(pool, other)
     assert x.shape == (len(pool), pool.shape[1] + 8)
     assert np.allclose(np.linalg.norm(x[:, :pool.shape[1]], axis=1) ** 2, 0.3)
     assert np.allclose(np.linalg.norm(x[:, pool.shape[1]:], axis=1) ** 2, 0.7)
-    with pytest.raises(ValueError, match="one row per pool record"):
-        joint_space(pool, other[:-1], 0.7, 8)
+    with pytest.raises(ValueError, match="one row per record"):
+        JointTransform.fit(other, 0.7, 8).apply(pool, other[:-1])
 
 
 @pytest.mark.parametrize("bad", [dict(cluster_space="lm"), dict(joint_weight=1.5),
                                  dict(joint_whiten_dim=0), dict(consensus_seeds=0),
-                                 dict(consensus_clusters_per_domain=(8, 0))])
+                                 dict(consensus_clusters_per_domain=(8, 0)),
+                                 dict(consensus_clusters_per_domain=()), dict(refine_iters=-1)])
 def test_bad_consensus_and_joint_settings_are_refused(bad):
-    pool, _, anchors, labels, is_desc = _world(9)
-    with pytest.raises(ValueError):
-        pseudo_label(pool, anchors, labels, 4, is_desc, **bad)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Stage1Config(**bad)
+
+
+# ------------------------------------------------------------- fitting apart from labelling
+
+@pytest.mark.parametrize("cfg", [Stage1Config(method="fixed"), Stage1Config(method="kmeans"),
+                                 Stage1Config(seed=4),
+                                 Stage1Config(seed=1, consensus_clusters_per_domain=(2, 4))])
+def test_a_fitted_stage1_labels_each_record_on_its_own(cfg):
+    """The whole-dataset run equals fitting once and labelling record by record, in any order and
+    any batch: what lets the labelling run per sample (under Ray, on unseen records)."""
+    from daar_ops.algorithms.pseudo_labels import fit_stage1, label_stage1
+
+    pool, other, truth, anchors, labels, is_desc = _overlapping_world(2, n=80)
+    whole, _, _ = pseudo_label(pool, anchors, labels, 4, is_desc, cfg, cluster_features=other)
+    model, _ = fit_stage1(pool, anchors, labels, 4, is_desc, cfg, cluster_features=other)
+    joint = other if model.needs_cluster_features else None
+    assert model.needs_cluster_features == (cfg.method == "cluster")
+    order = np.random.default_rng(0).permutation(len(pool))
+    one_by_one = np.empty(len(pool), np.int64)
+    for i in order:
+        rows = slice(i, i + 1)
+        one_by_one[i] = label_stage1(model, pool[rows], None if joint is None
+                                     else joint[rows])[0][0]
+    assert np.array_equal(one_by_one, whole)
+
+
+def test_cluster_labels_follow_the_kmeans_assignment_of_the_fit_pool():
+    """Each clustering's nearest centre of a fit-pool record is k-means' own assignment."""
+    from sklearn.cluster import KMeans
+
+    from daar_ops.algorithms.pseudo_labels import _nearest_centre, fit_stage1
+
+    pool, other, truth, anchors, labels, is_desc = _overlapping_world(3, n=60)
+    cfg = Stage1Config(seed=7, consensus_clusters_per_domain=(3,), consensus_seeds=2)
+    model, info = fit_stage1(pool, anchors, labels, 4, is_desc, cfg, cluster_features=other)
+    x = model.joint.apply(pool, other)
+    for centres, run in zip(model.centres, info["consensus"]):
+        km = KMeans(n_clusters=run["n_clusters"], n_init=cfg.cluster_restarts,
+                    random_state=run["seed"], max_iter=100).fit(x)
+        assert np.array_equal(_nearest_centre(x, centres), km.labels_)
+
+
+def test_a_joint_stage1_needs_the_records_lm_features():
+    from daar_ops.algorithms.pseudo_labels import fit_stage1, label_stage1
+
+    pool, other, truth, anchors, labels, is_desc = _overlapping_world(4, n=30)
+    model, _ = fit_stage1(pool, anchors, labels, 4, is_desc, Stage1Config(),
+                          cluster_features=other)
+    with pytest.raises(ValueError, match="cluster_features"):
+        label_stage1(model, pool)
+    with pytest.raises(ValueError, match="do not match"):
+        label_stage1(model, pool[:, :3], other)

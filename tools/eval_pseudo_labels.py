@@ -39,9 +39,10 @@ import torch  # noqa: E402
 
 from daar_ops.algorithms.centroids import DEFAULT_DOMAINS  # noqa: E402
 from daar_ops.algorithms.pseudo_labels import (Stage1Config,  # noqa: E402
-                                               domain_anchor_texts, health, pseudo_label,
+                                               domain_anchor_texts, health,
                                                unit_rows)
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate  # noqa: E402
+from daar_research.stage1 import ResearchConfig, research_pseudo_label  # noqa: E402
 from stage1_synthetic import SynthSettings, synthetic_samples  # noqa: E402
 
 HOME = Path(os.environ.get("DAAR_OPS_HOME", Path.home() / ".cache" / "daar_ops"))
@@ -52,11 +53,10 @@ POOLS = ("shared", "shared_lso", "shared_lso2", "bigbench")
 METHODS: dict[str, Stage1Config] = {
     "default": Stage1Config(),
     # the default before issue 11: one 32-cluster k-means of the MiniLM features
-    "single_cluster": Stage1Config.single_cluster(),
+    "single_cluster": ResearchConfig.single_cluster(),
     # issue 11 research: consensus alone (sentence space), joint space alone, variants
     "consensus_sentence": Stage1Config(cluster_space="label"),
-    "joint_single": Stage1Config(consensus_clusters_per_domain=(), consensus_seeds=1,
-                                 joint_weight=0.7),
+    "joint_single": ResearchConfig.single_cluster(cluster_space="joint", joint_weight=0.7),
     "joint_w70": Stage1Config(joint_weight=0.7),
     "joint_w65": Stage1Config(joint_weight=0.65),
     "joint_w50": Stage1Config(joint_weight=0.5),
@@ -73,21 +73,21 @@ METHODS: dict[str, Stage1Config] = {
     "sent_kmeans10_both25": Stage1Config(method="kmeans", refine_iters=10,
                                          description_weight=0.25),
     "sent_kmeans10_both_nopurity": Stage1Config(method="kmeans", refine_iters=10, purity=False),
-    "sent_cluster_both": Stage1Config.single_cluster(method="cluster"),
+    "sent_cluster_both": ResearchConfig.single_cluster(method="cluster"),
     "sent_fixed_both": Stage1Config(method="fixed"),
     "emb_kmeans10_both": Stage1Config(method="kmeans", refine_iters=10, space="embedding"),
-    "sent_kmeans10s3_desc": Stage1Config(method="kmeans", refine_iters=10, anchor_strength=0.3,
+    "sent_kmeans10s3_desc": ResearchConfig(method="kmeans", refine_iters=10, anchor_strength=0.3,
                                          description_weight=1.0),
-    "sent_kmeans10s3_both75": Stage1Config(method="kmeans", refine_iters=10,
+    "sent_kmeans10s3_both75": ResearchConfig(method="kmeans", refine_iters=10,
                                            anchor_strength=0.3, description_weight=0.75),
-    "sent_cluster_desc": Stage1Config.single_cluster(method="cluster", description_weight=1.0),
-    "sent_cluster16_desc": Stage1Config.single_cluster(method="cluster", description_weight=1.0,
+    "sent_cluster_desc": ResearchConfig.single_cluster(method="cluster", description_weight=1.0),
+    "sent_cluster16_desc": ResearchConfig.single_cluster(method="cluster", description_weight=1.0,
                                         clusters_per_domain=16),
-    "sent_cluster16_both75": Stage1Config.single_cluster(method="cluster", clusters_per_domain=16),
-    "sent_cluster4_both75": Stage1Config.single_cluster(method="cluster", clusters_per_domain=4),
-    "sent_cluster_both90": Stage1Config.single_cluster(method="cluster", description_weight=0.9),
-    "sent_cluster_both75": Stage1Config.single_cluster(method="cluster", description_weight=0.75),
-    "sent_kmeans10_both75_st": Stage1Config(method="kmeans", refine_iters=10,
+    "sent_cluster16_both75": ResearchConfig.single_cluster(method="cluster", clusters_per_domain=16),
+    "sent_cluster4_both75": ResearchConfig.single_cluster(method="cluster", clusters_per_domain=4),
+    "sent_cluster_both90": ResearchConfig.single_cluster(method="cluster", description_weight=0.9),
+    "sent_cluster_both75": ResearchConfig.single_cluster(method="cluster", description_weight=0.75),
+    "sent_kmeans10_both75_st": ResearchConfig(method="kmeans", refine_iters=10,
                                             description_weight=0.75, self_train_rounds=1),
 }
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 anchor_texts, labels, is_desc = anchor_set(synth[seed], domains, tpl)
                 anchors = spaces.get(cfg.space, anchor_texts)
-                pred, margins, info = pseudo_label(feats, anchors, labels, k, is_desc,
+                pred, margins, info = research_pseudo_label(feats, anchors, labels, k, is_desc,
                                                    replace(cfg, seed=seed),
                                                    cluster_features=joint_feats)
                 labelings.append(pred)

@@ -10,14 +10,13 @@ the model's synthetic samples and, optionally, the embedded domain descriptions.
   synthetic anchors only and the LM's embedding layer this is the paper's "constrained k-means with
   fixed prototypes" (:meth:`Stage1Config.paper`).
 * ``kmeans``: Lloyd iterations over the pool initialised at the prototypes (the reference code's
-  refinement). Clusters can drift away from their domain: a default chosen on one pool.
-* ``cluster``: "cluster then label": k-means with many clusters (``clusters_per_domain`` x K) on
-  the pool, then each cluster takes the domain of the prototype nearest to its mean, after a
+  refinement). Clusters can drift away from their domain.
+* ``cluster``: "cluster then label": k-means with many clusters (e.g. 8 x K) on the pool, then each cluster takes the domain of the prototype nearest to its mean, after a
   hubness correction (each domain's similarity column is centred over the clusters, so one
   prototype that is close to everything cannot take every cluster). Clusters of a k-means with
   many centres are nearly pure, and a cluster's mean is far less noisy than one record, so labels
   do not flip between basins the way 4-cluster k-means does (seed std 0.01-0.03 against up to
-  0.16 on the evaluation pools). The default. Two options of it (defaults since issue 11):
+  0.16 on the evaluation pools). The default, with
   a **consensus** over several clusterings (``consensus_clusters_per_domain`` sizes x
   ``consensus_seeds`` k-means seeds, each labelled as above, a record takes its majority label),
   and a **joint clustering space** (``cluster_space="joint"``): the clusters come from the
@@ -26,10 +25,13 @@ the model's synthetic samples and, optionally, the embedded domain descriptions.
   labelling space. The LM space separates the domains well but its synthetic prototypes are bad;
   the sentence space has good prototypes: clustering in both and labelling in one uses each for
   what it does well.
-* ``spread``: label spreading over a kNN graph of pool + anchor rows (not adopted: unbalanced).
 
-Every method returns labels, a margin per record (best minus second-best score: a label-free
-confidence) and an info dict. :func:`purity_filter` removes anchors nearer another domain's
+Fitting and labelling are apart: :func:`fit_stage1` fits a :class:`Stage1Model` on a pool (the
+probe pool), :func:`label_stage1` labels any record on its own with it (per sample: under Ray, on
+records the fit never saw); :func:`pseudo_label` is the two on one pool, giving labels, a margin
+per record (best minus second-best score: a label-free confidence) and an info dict. Research
+variants (label spreading, self-training, anchored k-means, one clustering) live in
+``tools/daar_research/stage1.py``. :func:`purity_filter` removes anchors nearer another domain's
 prototype than their own (leave-one-out) before prototypes are built. :func:`health` gives a
 label-free signal of how reliable the labels are.
 """
@@ -41,9 +43,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from daar_ops.models import DEFAULT_LAYER
+from daar_ops.models import DEFAULT_LAYER, MINILM
 
-METHODS = ("fixed", "kmeans", "cluster", "spread")
+METHODS = ("fixed", "kmeans", "cluster")
 
 # Anchor texts for the paper's four default domains: the domain's name and description plus a few
 # plain paraphrases of what its records look like (question style, answer style). Generic on
@@ -96,9 +98,11 @@ CLUSTER_SPACES = ("label", "joint")
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Settings of stage 1. Defaults: chosen on the worst of the evaluation pools
-    (``tools/eval_pseudo_labels.py``, docs/daar_stage1.md).
+    """Settings of stage 1, validated once when built. Defaults: chosen on the worst of the
+    evaluation pools (``tools/eval_pseudo_labels.py``, docs/daar_stage1.md); the research
+    variants that lost to them live in ``tools/daar_research/stage1.py``.
 
+    :param method: ``cluster`` (default), ``kmeans`` or ``fixed`` (:data:`METHODS`).
     :param space: where the pool is labelled: ``sentence`` (all-MiniLM-L6-v2 sentence
         embeddings of the rendered record), ``embedding`` (the LM's embedding layer, the paper) or
         ``layer`` (raw output of LM decoder layer ``layer``).
@@ -107,24 +111,17 @@ class Stage1Config:
     :param description_weight: share of a prototype that comes from its descriptions (the rest
         from its synthetic samples), in [0, 1].
     :param purity: drop synthetic anchors nearer another domain's prototype (leave-one-out).
-    :param clusters_per_domain: ``cluster`` method: k-means clusters per domain.
     :param refine_iters: ``kmeans`` method: Lloyd iterations.
     :param cluster_restarts: ``cluster`` method: k-means restarts (n_init); 1 gave seed std
         0.054 on one pool, 4 gave 0.029.
-    :param anchor_strength: ``kmeans`` method: ties each centre to its prototype (0 = plain).
     :param hubness_correction: ``cluster`` method: centre each domain's score column.
-    :param self_train_rounds: after labelling, this many rounds of: fit a linear probe
-        (logistic regression) on the ``confident_fraction`` highest-margin records of each
-        predicted domain, relabel every record with it.
-    :param spread_neighbors, spread_alpha: ``spread`` method: kNN graph size, propagation weight.
-    :param sentence_model, sentence_max_tokens: the encoder of the ``sentence`` space (read by the
-        caller that embeds the texts; this module never loads a model).
+    :param sentence_model: the encoder of the ``sentence`` space (read by the caller that embeds
+        the texts, at :data:`daar_ops.models.SENTENCE_MAX_TOKENS`; this module loads no model).
     :param consensus_clusters_per_domain: ``cluster`` method: clusters per domain of each
         clustering of the consensus (e.g. (4, 8, 16) = 16, 32 and 64 clusters for 4 domains); a
         record takes the label most of the clusterings give it (ties: the lower domain index).
-        Empty: one clustering with ``clusters_per_domain`` (the default before issue 11).
-    :param consensus_seeds: ``cluster`` method with a consensus: k-means seeds per size
-        (``seed``, then ``seed * 1000 + r``).
+    :param consensus_seeds: ``cluster`` method: k-means seeds per size (``seed``, then
+        ``seed * 1000 + r``).
     :param cluster_space: ``cluster`` method: ``label`` clusters the labelling features;
         ``joint`` clusters [sqrt(1 - w) * unit(labelling features), sqrt(w) *
         unit(whitened cluster_features)] (w = ``joint_weight``; the whitening is a PCA to
@@ -146,17 +143,10 @@ class Stage1Config:
     use_descriptions: bool = True
     description_weight: float = 0.75
     purity: bool = True
-    clusters_per_domain: int = 8
-    cluster_restarts: int = 4
     refine_iters: int = 3
-    anchor_strength: float = 0.0
+    cluster_restarts: int = 4
     hubness_correction: bool = True
-    self_train_rounds: int = 0
-    spread_neighbors: int = 10
-    spread_alpha: float = 0.9
-    confident_fraction: float = 0.5
-    sentence_model: str = "all-minilm-l6-v2"
-    sentence_max_tokens: int = 128
+    sentence_model: str = MINILM
     consensus_clusters_per_domain: tuple[int, ...] = (4, 8, 16)
     consensus_seeds: int = 3
     cluster_space: str = "joint"
@@ -165,6 +155,11 @@ class Stage1Config:
     joint_whiten_dim: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consensus_clusters_per_domain",
+                           tuple(int(c) for c in self.consensus_clusters_per_domain))
+        self.validate()
+
     @classmethod
     def paper(cls, **overrides: Any) -> "Stage1Config":
         """The paper's procedure: fixed prototypes from the synthetic samples, embedding layer."""
@@ -172,32 +167,24 @@ class Stage1Config:
                    hubness_correction=False)
         return replace(base, **overrides)
 
-    @classmethod
-    def single_cluster(cls, **overrides: Any) -> "Stage1Config":
-        """The default before issue 11: one k-means clustering (``clusters_per_domain`` x K) of
-        the sentence features, no consensus, no joint space."""
-        return replace(cls(consensus_clusters_per_domain=(), consensus_seeds=1,
-                           cluster_space="label"), **overrides)
-
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
-        if not 0.0 <= self.description_weight <= 1.0:
-            raise ValueError(f"description_weight must be in [0, 1], got "
-                             f"{self.description_weight}")
-        if self.clusters_per_domain < 1 or self.refine_iters < 0:
-            raise ValueError("clusters_per_domain must be >= 1 and refine_iters >= 0")
-        if any(int(c) < 1 for c in self.consensus_clusters_per_domain) or \
-                self.consensus_seeds < 1:
-            raise ValueError("consensus_clusters_per_domain entries and consensus_seeds must "
-                             "be >= 1")
-        if self.cluster_space not in CLUSTER_SPACES:
-            raise ValueError(f"cluster_space must be one of {CLUSTER_SPACES}, got "
-                             f"{self.cluster_space!r}")
-        if not 0.0 <= self.joint_weight <= 1.0 or self.joint_whiten_dim < 1:
-            raise ValueError("joint_weight must be in [0, 1] and joint_whiten_dim >= 1")
+        """Raise ValueError naming the first field out of its range."""
+        choices = {"method": METHODS, "space": SPACES, "cluster_space": CLUSTER_SPACES,
+                   "joint_feature": ("embedding", "layer")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("description_weight", "joint_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, low in (("refine_iters", 0), ("cluster_restarts", 1), ("consensus_seeds", 1),
+                          ("joint_whiten_dim", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not self.consensus_clusters_per_domain or \
+                any(c < 1 for c in self.consensus_clusters_per_domain):
+            raise ValueError("consensus_clusters_per_domain needs at least one entry, each >= 1, "
+                             f"got {self.consensus_clusters_per_domain}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,11 +277,9 @@ def label_fixed(pool: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.argmax(scores, 1).astype(np.int64), scores
 
 
-def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int, anchor_strength: float = 0.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical Lloyd iterations from the prototypes. ``anchor_strength`` s in [0, 1] keeps
-    each centre tied to its prototype: centre = unit((1 - s) * members' mean + s * prototype)
-    (0: plain k-means, 1: fixed prototypes)."""
+def kmeans_centres(pool: np.ndarray, protos: np.ndarray, iters: int) -> np.ndarray:
+    """[K, d] centres after ``iters`` spherical Lloyd iterations over the pool from the
+    prototypes (a centre with no member keeps its place)."""
     x = unit_rows(pool)
     c = protos.copy()
     for _ in range(iters):
@@ -302,116 +287,177 @@ def label_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int, anchor_streng
         for k in range(len(c)):
             members = x[labels == k]
             if len(members):
-                c[k] = (1 - anchor_strength) * unit_rows(members.mean(0)) + \
-                    anchor_strength * protos[k]
+                c[k] = unit_rows(members.mean(0))
         c = unit_rows(c)
-    scores = x @ c.T
-    return np.argmax(scores, 1).astype(np.int64), scores
+    return c
 
 
-def label_spreading(pool: np.ndarray, anchors: np.ndarray, anchor_labels: np.ndarray,
-                    weights: np.ndarray, n_domains: int, n_neighbors: int, alpha: float
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Label spreading (Zhou et al. 2004) over a symmetric kNN graph of pool + anchor rows, the
-    anchors clamped softly to their domain (initial mass = their prototype weight): labels flow
-    along the pool's own neighbourhoods instead of towards off-manifold prototypes."""
-    from scipy.sparse import csr_matrix, diags
-    from sklearn.neighbors import NearestNeighbors
+@dataclass(frozen=True)
+class JointTransform:
+    """The label-free map of a record's (labelling features, LM features) into the joint
+    clustering space, fitted on the pool: a PCA whitening of the LM part (``components`` None:
+    no PCA, the pool was too small) weighted against the unit labelling part."""
 
-    x = np.concatenate([unit_rows(pool), unit_rows(anchors)])
-    n, m = len(pool), len(anchors)
-    nn = NearestNeighbors(n_neighbors=min(n_neighbors + 1, len(x)), metric="cosine").fit(x)
-    dist, idx = nn.kneighbors(x)
-    rows = np.repeat(np.arange(len(x)), idx.shape[1] - 1)
-    sim = np.clip(1.0 - dist[:, 1:].ravel(), 0.0, None)
-    w = csr_matrix((sim, (rows, idx[:, 1:].ravel())), shape=(len(x), len(x)))
-    w = w.maximum(w.T)
-    deg = np.asarray(w.sum(1)).ravel()
-    d_inv = diags(1.0 / np.sqrt(np.maximum(deg, 1e-12)))
-    s = d_inv @ w @ d_inv
-    y0 = np.zeros((len(x), n_domains))
-    y0[n + np.arange(m), anchor_labels] = weights / max(weights.max(), 1e-12)
-    f = y0.copy()
-    for _ in range(50):
-        f = alpha * (s @ f) + (1 - alpha) * y0
-    f = f[:n]
-    f = f / np.maximum(f.sum(1, keepdims=True), 1e-12)
-    return np.argmax(f, 1).astype(np.int64), f
+    weight: float
+    mean: np.ndarray
+    components: np.ndarray | None
+    scale: np.ndarray | None
+
+    @classmethod
+    def fit(cls, other_features: np.ndarray, weight: float, whiten_dim: int) -> "JointTransform":
+        """Whitening (label-free) because the LM's raw features share one large common direction
+        that hides the domain structure (true-label centroids: 0.71-0.87 agreement raw,
+        0.89-0.97 whitened to 64 dimensions, on the evaluation pools)."""
+        from sklearn.decomposition import PCA
+
+        b = _finite(other_features)
+        dim = int(min(whiten_dim, b.shape[1], max(len(b) - 1, 1)))
+        if dim < 1 or len(b) <= 2:
+            return cls(float(weight), np.zeros(b.shape[1]), None, None)
+        pca = PCA(n_components=dim, whiten=True, svd_solver="full").fit(b)
+        return cls(float(weight), pca.mean_, pca.components_,
+                   np.sqrt(np.maximum(pca.explained_variance_, 1e-12)))
+
+    def apply(self, label_features: np.ndarray, other_features: np.ndarray) -> np.ndarray:
+        """[N, d1 + p] rows sqrt(1 - w) * unit(label) beside sqrt(w) * unit(whitened other), so
+        each part's share of a squared distance is its weight."""
+        a = unit_rows(label_features)
+        b = _finite(other_features)
+        if len(b) != len(a):
+            raise ValueError(f"cluster features {b.shape} need one row per record ({len(a)})")
+        if self.components is not None:
+            if b.shape[1] != self.components.shape[1]:
+                raise ValueError(f"cluster features have {b.shape[1]} columns, the fitted "
+                                 f"whitening {self.components.shape[1]}")
+            b = (b - self.mean) @ self.components.T / self.scale
+        return np.hstack([np.sqrt(1.0 - self.weight) * a, np.sqrt(self.weight) * unit_rows(b)])
 
 
-def label_clusters(pool: np.ndarray, protos: np.ndarray, n_clusters: int, seed: int,
-                   hubness_correction: bool = True, restarts: int = 4,
-                   cluster_x: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Cluster the pool (k-means via sklearn on unit rows of ``cluster_x``, default the pool
-    itself), label each cluster by the prototype nearest to the mean of its members' pool
-    features; a record's scores are its cluster's scores."""
+def _finite(x: np.ndarray) -> np.ndarray:
+    b = np.asarray(x, dtype=np.float64)
+    if b.ndim != 2:
+        raise ValueError(f"cluster features must be [N, d], got {b.shape}")
+    return np.where(np.isfinite(b), b, 0.0)
+
+
+@dataclass(frozen=True)
+class Stage1Model:
+    """A fitted stage 1: everything needed to label any record on its own (per sample, so it runs
+    under Ray and on records the fit never saw).
+
+    ``fixed``: nearest prototype. ``kmeans``: nearest of the ``centres[0]`` Lloyd centres.
+    ``cluster``: in each clustering, the nearest centre (squared euclidean in the clustering
+    space, as k-means assigns) gives its cluster's domain; a record takes the majority
+    (ties: the lower domain index), scores are the vote shares.
+    """
+
+    method: str
+    prototypes: np.ndarray
+    centres: tuple[np.ndarray, ...] = ()
+    centre_labels: tuple[np.ndarray, ...] = ()
+    joint: JointTransform | None = None
+
+    @property
+    def n_domains(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    @property
+    def needs_cluster_features(self) -> bool:
+        return self.joint is not None
+
+
+def _nearest_centre(x: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Index of the nearest centre (squared euclidean) per row, in chunks of rows."""
+    c2 = (centres ** 2).sum(1)
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), chunk):
+        out[s:s + chunk] = np.argmin(c2[None, :] - 2.0 * x[s:s + chunk] @ centres.T, 1)
+    return out
+
+
+def fit_clusterings(pool: np.ndarray, protos: np.ndarray, cfg: Stage1Config,
+                    cluster_x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list]:
+    """The consensus clusterings of ``cluster_x``: per (cluster count, seed) the k-means centres
+    and each cluster's domain (the prototype nearest to its members' mean labelling features,
+    after the hubness correction: each domain's column is centred over the clusters, so a
+    prototype close to everything cannot take every cluster)."""
     from sklearn.cluster import KMeans
 
     x = unit_rows(pool)
-    xc = x if cluster_x is None else np.asarray(cluster_x, dtype=np.float64)
-    if len(xc) != len(x):
-        raise ValueError(f"cluster features have {len(xc)} rows, the pool {len(x)}")
-    n_clusters = int(min(n_clusters, len(x)))
-    km = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed, max_iter=100).fit(xc)
-    assign = km.labels_
-    # an empty cluster (possible only in degenerate data) gets the nearest record's features
-    means = unit_rows(np.stack([x[assign == c].mean(0) if (assign == c).any()
-                                else x[int(np.argmin(((xc - km.cluster_centers_[c]) ** 2)
-                                                     .sum(1)))]
-                                for c in range(n_clusters)]))
-    cluster_scores = means @ protos.T
-    if hubness_correction:
-        # Centre each domain's column over the clusters: a prototype close to everything (a hub)
-        # loses its advantage, what remains is which clusters it is *relatively* close to.
-        cluster_scores = cluster_scores - cluster_scores.mean(0, keepdims=True)
-    cluster_label = np.argmax(cluster_scores, 1)
-    sizes = np.bincount(assign, minlength=n_clusters)
-    return (cluster_label[assign].astype(np.int64), cluster_scores[assign],
-            {"n_clusters": n_clusters, "cluster_sizes": sizes.tolist(),
-             "cluster_labels": cluster_label.tolist()})
-
-
-def label_cluster_consensus(pool: np.ndarray, protos: np.ndarray, cluster_counts: Sequence[int],
-                            seeds: Sequence[int], hubness_correction: bool = True,
-                            restarts: int = 4, cluster_x: np.ndarray | None = None
-                            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """:func:`label_clusters` for every (cluster count, seed) pair; a record takes the label most
-    clusterings give it (ties: the lower domain index). Scores = the share of votes per domain.
-    Why: one clustering puts a few mixed clusters on the wrong side of a domain boundary, and
-    which ones depends on the count and seed; the majority over clusterings averages that out."""
     n_domains = protos.shape[0]
-    votes = np.zeros((len(pool), n_domains))
-    rows = np.arange(len(pool))
-    runs = []
-    for count in cluster_counts:
+    seeds = [cfg.seed] + [cfg.seed * 1000 + r for r in range(1, cfg.consensus_seeds)]
+    centres, labels, runs = [], [], []
+    for per_domain in cfg.consensus_clusters_per_domain:
+        n_clusters = int(min(per_domain * n_domains, len(x)))
         for seed in seeds:
-            pred, _, extra = label_clusters(pool, protos, int(count), int(seed),
-                                            hubness_correction, restarts, cluster_x)
-            votes[rows, pred] += 1
-            runs.append({"n_clusters": extra["n_clusters"], "seed": int(seed)})
-    votes /= max(len(runs), 1)
-    return np.argmax(votes, 1).astype(np.int64), votes, {"consensus": runs}
+            km = KMeans(n_clusters=n_clusters, n_init=cfg.cluster_restarts, random_state=seed,
+                        max_iter=100).fit(cluster_x)
+            assign = km.labels_
+            # an empty cluster (degenerate data only) gets the nearest record's features
+            means = unit_rows(np.stack([
+                x[assign == c].mean(0) if (assign == c).any()
+                else x[int(np.argmin(((cluster_x - km.cluster_centers_[c]) ** 2).sum(1)))]
+                for c in range(n_clusters)]))
+            scores = means @ protos.T
+            if cfg.hubness_correction:
+                scores = scores - scores.mean(0, keepdims=True)
+            centres.append(np.asarray(km.cluster_centers_, dtype=np.float64))
+            labels.append(np.argmax(scores, 1).astype(np.int64))
+            runs.append({"n_clusters": n_clusters, "seed": int(seed)})
+    return centres, labels, runs
 
 
-def joint_space(label_features: np.ndarray, other_features: np.ndarray, weight: float,
-                whiten_dim: int) -> np.ndarray:
-    """[N, d1 + min(whiten_dim, ...)] rows: sqrt(1 - weight) * unit(label_features) beside
-    sqrt(weight) * unit(PCA-whitened other_features), so each part's share of a squared distance
-    is its weight. Whitening (label-free, fitted on these rows) because the LM's raw features
-    share one large common direction that hides the domain structure (true-label centroids:
-    0.71-0.87 agreement raw, 0.89-0.97 whitened to 64 dimensions, on the evaluation pools)."""
-    from sklearn.decomposition import PCA
+def fit_stage1(pool_features: np.ndarray, anchor_features: np.ndarray,
+               anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
+               is_description: Sequence[bool] | np.ndarray | None = None,
+               config: Stage1Config | None = None,
+               cluster_features: np.ndarray | None = None) -> tuple[Stage1Model, dict[str, Any]]:
+    """Fit stage 1 on a pool: prototypes from the anchors, then the method's centres over the
+    pool. Arguments as :func:`pseudo_label`. Returns (model, info)."""
+    cfg = config or Stage1Config()
+    pool = np.asarray(pool_features, dtype=np.float64)
+    anchors = np.asarray(anchor_features, dtype=np.float64)
+    if pool.ndim != 2 or anchors.ndim != 2 or pool.shape[1] != anchors.shape[1]:
+        raise ValueError(f"pool {pool.shape} and anchors {anchors.shape} must be [*, d] alike")
+    protos, _, _, _, info = build_prototypes(anchors, anchor_labels, n_domains, is_description,
+                                             cfg)
+    if cfg.method == "fixed" or len(pool) == 0:
+        return Stage1Model(cfg.method, protos), info
+    if cfg.method == "kmeans":
+        return Stage1Model("kmeans", protos, (kmeans_centres(pool, protos, cfg.refine_iters),)), \
+            info
+    joint = None
+    if cfg.cluster_space == "joint" and cluster_features is not None:
+        joint = JointTransform.fit(cluster_features, cfg.joint_weight, cfg.joint_whiten_dim)
+    cluster_x = unit_rows(pool) if joint is None else joint.apply(pool, cluster_features)
+    centres, labels, runs = fit_clusterings(pool, protos, cfg, cluster_x)
+    info.update(cluster_space="label" if joint is None else "joint", consensus=runs)
+    return Stage1Model("cluster", protos, tuple(centres), tuple(labels), joint), info
 
-    a = unit_rows(label_features)
-    b = np.asarray(other_features, dtype=np.float64)
-    if b.ndim != 2 or len(b) != len(a):
-        raise ValueError(f"cluster features {b.shape} need one row per pool record ({len(a)})")
-    b = np.where(np.isfinite(b), b, 0.0)
-    dim = int(min(whiten_dim, b.shape[1], max(len(b) - 1, 1)))
-    if dim >= 1 and len(b) > 2:
-        b = PCA(n_components=dim, whiten=True, svd_solver="full").fit_transform(b)
-    return np.hstack([np.sqrt(1.0 - weight) * a, np.sqrt(weight) * unit_rows(b)])
+
+def label_stage1(model: Stage1Model, features: np.ndarray,
+                 cluster_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N] int64, scores [N, K]) of records by a fitted stage 1, each record on its own.
+    ``cluster_features``: the records' LM features, required when the model clusters in the
+    joint space (:attr:`Stage1Model.needs_cluster_features`)."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != model.prototypes.shape[1]:
+        raise ValueError(f"features {x.shape} do not match the fitted stage 1 "
+                         f"(d = {model.prototypes.shape[1]})")
+    if model.method == "fixed":
+        return label_fixed(x, model.prototypes)
+    if model.method == "kmeans":
+        return label_fixed(x, model.centres[0])
+    if model.joint is not None and cluster_features is None:
+        raise ValueError("this stage 1 clusters in the joint space: pass the records' LM "
+                         "features as cluster_features")
+    cluster_x = unit_rows(x) if model.joint is None else model.joint.apply(x, cluster_features)
+    votes = np.zeros((len(x), model.n_domains))
+    rows = np.arange(len(x))
+    for centres, labels in zip(model.centres, model.centre_labels):
+        votes[rows, labels[_nearest_centre(cluster_x, centres)]] += 1
+    votes /= max(len(model.centres), 1)
+    return np.argmax(votes, 1).astype(np.int64), votes
 
 
 def build_prototypes(anchor_features: np.ndarray, anchor_labels: Sequence[int] | np.ndarray,
@@ -451,14 +497,16 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
                  anchor_labels: Sequence[int] | np.ndarray, n_domains: int,
                  is_description: Sequence[bool] | np.ndarray | None = None,
                  config: Stage1Config | None = None,
-                 cluster_features: np.ndarray | None = None, **overrides: Any
+                 cluster_features: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Pseudo-label ``pool_features`` [N, d] from anchors [M, d] (domain index each).
+    """Pseudo-label ``pool_features`` [N, d] from anchors [M, d] (domain index each): fit stage
+    1 on the pool (:func:`fit_stage1`), then label every record of it with the fitted model
+    (:func:`label_stage1`), exactly as a per-sample labeller with that model would.
 
     :param is_description: [M] bool, True for rows that embed a domain description rather than a
         synthetic sample (they get ``description_weight`` of the prototype and are never filtered).
-        Ignored rows: with ``use_descriptions=False`` description rows are dropped.
-    :param config: :class:`Stage1Config` (default: its defaults); ``overrides`` replace fields.
+        With ``use_descriptions=False`` description rows are dropped.
+    :param config: :class:`Stage1Config` (default: its defaults).
     :param cluster_features: [N, d2] second features of the same pool records (the LM's
         ``config.joint_feature`` features) for ``cluster_space="joint"``; ignored otherwise.
         Without them a joint config clusters the labelling features (``info["cluster_space"]``
@@ -466,71 +514,18 @@ def pseudo_label(pool_features: np.ndarray, anchor_features: np.ndarray,
     :returns: (labels [N] int64, margins [N] float64 (best minus second-best score),
         info: kept anchors per domain, the prototypes' pairwise cosine, method details).
     """
-    cfg = replace(config or Stage1Config(), **overrides)
-    cfg.validate()
+    model, info = fit_stage1(pool_features, anchor_features, anchor_labels, n_domains,
+                             is_description, config, cluster_features)
     pool = np.asarray(pool_features, dtype=np.float64)
-    anchors = np.asarray(anchor_features, dtype=np.float64)
-    if pool.ndim != 2 or anchors.ndim != 2 or pool.shape[1] != anchors.shape[1]:
-        raise ValueError(f"pool {pool.shape} and anchors {anchors.shape} must be [*, d] alike")
-    protos, anchors, labels, weights, info = build_prototypes(anchors, anchor_labels, n_domains,
-                                                              is_description, cfg)
     if len(pool) == 0:
         return np.zeros(0, np.int64), np.zeros(0), info
-    if cfg.method == "fixed":
-        pred, scores = label_fixed(pool, protos)
-    elif cfg.method == "kmeans":
-        pred, scores = label_kmeans(pool, protos, cfg.refine_iters, cfg.anchor_strength)
-    elif cfg.method == "spread":
-        pred, scores = label_spreading(pool, anchors, labels, weights, n_domains,
-                                       cfg.spread_neighbors, cfg.spread_alpha)
-    else:
-        joint = cfg.cluster_space == "joint" and cluster_features is not None
-        cluster_x = (joint_space(pool, cluster_features, cfg.joint_weight, cfg.joint_whiten_dim)
-                     if joint else None)
-        info["cluster_space"] = "joint" if joint else "label"
-        if cfg.consensus_clusters_per_domain:
-            seeds = [cfg.seed] + [cfg.seed * 1000 + r for r in range(1, cfg.consensus_seeds)]
-            pred, scores, extra = label_cluster_consensus(
-                pool, protos, [c * n_domains for c in cfg.consensus_clusters_per_domain], seeds,
-                cfg.hubness_correction, cfg.cluster_restarts, cluster_x)
-        else:
-            pred, scores, extra = label_clusters(pool, protos,
-                                                 cfg.clusters_per_domain * n_domains, cfg.seed,
-                                                 cfg.hubness_correction, cfg.cluster_restarts,
-                                                 cluster_x)
-        info.update(extra)
+    pred, scores = label_stage1(model, pool, cluster_features if model.joint else None)
     margins = _margins(scores)
-    for _ in range(cfg.self_train_rounds):
-        pred, scores = self_train(pool, pred, margins, n_domains, cfg.confident_fraction,
-                                  cfg.seed)
-        margins = _margins(scores)
     info["label_counts"] = np.bincount(pred, minlength=n_domains).tolist()
-    # Label-free drift: how many records the refinement moved away from their nearest prototype.
-    info["prototype_agreement"] = agreement_between(pred, label_fixed(pool, protos)[0])
+    # Label-free drift: how many records the method moved away from their nearest prototype.
+    info["prototype_agreement"] = agreement_between(pred, label_fixed(pool, model.prototypes)[0])
     info["mean_margin"] = float(margins.mean())
     return pred, margins, info
-
-
-def self_train(pool: np.ndarray, labels: np.ndarray, margins: np.ndarray, n_domains: int,
-               confident_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel with a logistic regression fitted on each predicted domain's most confident
-    records (a domain with no record keeps none: it cannot come back)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = unit_rows(pool)
-    train = []
-    for k in range(n_domains):
-        rows = np.flatnonzero(labels == k)
-        if len(rows):
-            top = rows[np.argsort(-margins[rows], kind="stable")]
-            train.extend(top[:max(1, int(round(confident_fraction * len(rows))))])
-    train = np.sort(np.asarray(train))
-    if len(np.unique(labels[train])) < 2:
-        return labels, np.eye(n_domains)[labels]
-    clf = LogisticRegression(C=1.0, max_iter=300, random_state=seed).fit(x[train], labels[train])
-    proba = np.zeros((len(x), n_domains))
-    proba[:, clf.classes_] = clf.predict_proba(x)
-    return np.argmax(proba, 1).astype(np.int64), proba
 
 
 # ------------------------------------------------------------------------- label-free health
@@ -586,8 +581,7 @@ def half_split_health(pool_features: np.ndarray, anchor_features: np.ndarray,
                       is_description: Sequence[bool] | np.ndarray | None = None,
                       config: Stage1Config | None = None,
                       threshold: float = HEALTH_THRESHOLD,
-                      cluster_features: np.ndarray | None = None,
-                      **overrides: Any) -> Stage1Health:
+                      cluster_features: np.ndarray | None = None) -> Stage1Health:
     """Health without a second synthesis run: label the pool twice, once from the even- and once
     from the odd-numbered synthetic samples of each domain (descriptions in both; a domain with
     one sample keeps it in both halves), and report how often the two labelings agree.
@@ -610,6 +604,6 @@ def half_split_health(pool_features: np.ndarray, anchor_features: np.ndarray,
     for mask in halves:
         keep = mask | desc
         pred, _, _ = pseudo_label(pool_features, anchors[keep], labels[keep], n_domains,
-                                  desc[keep], config, cluster_features, **overrides)
+                                  desc[keep], config, cluster_features)
         labelings.append(pred)
     return health(labelings, n_domains, threshold, signal="half_split")

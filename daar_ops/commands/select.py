@@ -24,7 +24,8 @@ _HELP = {
            "domain's accepted ones is below tau",
     "probe_size": "records pseudo-labelled to train the probes (disjoint from the selection pool)",
     "pool_size": "records scored for selection (default: all the rest)",
-    "refine_iters": "k-means iterations moving the prototypes on the probe pool (method kmeans)",
+    "refine_iters": "k-means iterations moving the prototypes on the probe pool (method kmeans; "
+                    "default: Stage1Config's)",
     "pseudo_label_space": "space the probe pool is labelled in: sentence (MiniLM), embedding "
                           "or layer (the LM)",
     "pseudo_label_method": "stage-1 labelling: cluster (k-means clusters labelled by prototype), "
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             continue
         default = getattr(defaults, f.name)
         kind = type(default) if default is not None else (
-            int if f.name in ("pool_size", "epochs") else str)
+            int if f.name in ("pool_size", "epochs", "refine_iters") else str)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
                             help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} "
                                  f"(default: {default}"
