@@ -39,3 +39,19 @@ def test_readme_names_both_output_dirs():
     readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
     assert f"default `{SelectConfig().output_dir}`" in readme
     assert f"with `--quick`, `{SelectConfig.quick().output_dir}`" in readme
+
+
+def test_every_path_and_command_the_readme_names_exists():
+    """The README is run as written on a fresh clone: its files, recipes, tools and docs exist, and
+    every `daar-ops <command>` is a command of the CLI."""
+    from daar_ops.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    paths = set(re.findall(r"(?<![\w/.])((?:recipes|docs|tools|scripts|daar_ops)/[\w./-]+\w)",
+                           readme))
+    assert len(paths) > 15
+    missing = [p for p in sorted(paths) if not (REPO / p).exists()]
+    assert not missing, missing
+    commands = set(re.findall(r"daar-ops ([a-z][a-z0-9-]+)", readme))
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert commands and not commands - set(sub.choices), commands - set(sub.choices)
