@@ -48,5 +48,4 @@ PSEUDO_LABEL_DEFAULTS: Dict[str, Any] = dict(
     feature=STAGE1.space,      # "sentence": MiniLM; "embedding"/"layer": the LM (the paper)
     method=STAGE1.method,      # "cluster": label k-means clusters of the dataset by prototype
     use_descriptions=STAGE1.use_descriptions,
-    metric="cosine",
 )

@@ -122,8 +122,11 @@ def test_pseudo_label_op_refuses_mismatched_centroids(cfile, tiny_qwen2, tmp_pat
 def test_pseudo_label_op_validates_parameters(cfile, tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         DomainPseudoLabelMapper()
-    with pytest.raises(ValueError, match="metric"):
-        DomainPseudoLabelMapper(centroids_path=str(cfile), metric="l1")
+    from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
+
+    with pytest.raises(PipelineConfigError, match="metric"):  # cosine only, caught at recipe load
+        pre_instantiation_check([{"domain_pseudo_label_mapper": {"centroids_path": str(cfile),
+                                                                 "metric": "euclidean"}}])
     with pytest.raises(ValueError, match="refine_iters"):
         DomainPseudoLabelMapper(centroids_path=str(cfile), refine_iters=5)
     with pytest.raises(ValueError, match="save_stage1"):
@@ -140,8 +143,7 @@ def test_pseudo_label_op_from_samples_file(tiny_llama, tmp_path):
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
     op = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
                                  text_template="{instruction}",
-                                 feature="embedding", method="fixed", use_descriptions=False,
-                                 purity=False)  # the paper's: plain mean per domain
+                                 preset="paper")  # the paper's: plain mean per domain
     assert op.domains == ["mathematics", "coding"] and op.centroids.shape == (2, 32)
     out = op.process_batched({"instruction": ["def f(x): return sorted(x)"]})
     assert out[Fields.meta][0]["daar_pseudo_domain"] == "coding"

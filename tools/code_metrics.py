@@ -2,10 +2,11 @@
 
     .venv/bin/python tools/code_metrics.py [ROOT]        # ROOT defaults to this checkout
 
-Prints: lines in ``daar_ops/`` (all and non-blank), the largest functions (with their
-line counts, decorators and docstrings included), every function over the limit, and the
-number of parameters each registered operator's ``__init__`` exposes (``*args``/``**kwargs``
-and ``self`` not counted). Reads the source with ``ast`` only; imports nothing of the package.
+Prints: lines in ``daar_ops/`` (all and non-blank), the largest functions by code lines (the
+function's lines, decorators and signature included, its docstring not: an operator documents
+each recipe parameter there), every function over the limit, and the number of parameters each
+registered operator's ``__init__`` exposes (``*args``/``**kwargs`` and ``self`` not counted).
+Reads the source with ``ast`` only; imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ def functions(root: Path):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     first = min([child.lineno] + [d.lineno for d in child.decorator_list])
                     name = f"{prefix}{child.name}"
-                    yield path.relative_to(root), name, child.end_lineno - first + 1, child
+                    doc = 0
+                    if child.body and isinstance(child.body[0], ast.Expr) and \
+                            isinstance(getattr(child.body[0], "value", None), ast.Constant) and \
+                            isinstance(child.body[0].value.value, str):
+                        doc = child.body[0].end_lineno - child.body[0].lineno + 1
+                    yield path.relative_to(root), name, child.end_lineno - first + 1 - doc, child
                     stack.append((child, name + "."))
                 elif isinstance(child, ast.ClassDef):
                     stack.append((child, f"{prefix}{child.name}."))
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
     print(f"daar_ops: {len(files)} modules, {len(lines)} lines "
           f"({sum(1 for ln in lines if ln.strip())} non-blank)")
     funcs = sorted(functions(root), key=lambda t: -t[2])
-    print(f"largest functions (of {len(funcs)}):")
+    print(f"largest functions (of {len(funcs)}), in code lines (docstrings not counted):")
     for path, name, n, _ in funcs[:args.top]:
         print(f"  {n:4d}  {path}:{name}")
     over = [(path, name, n, fn) for path, name, n, fn in funcs if n > LIMIT]

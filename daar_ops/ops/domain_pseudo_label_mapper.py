@@ -18,7 +18,7 @@ from daar_ops.algorithms.pseudo_labels import (Stage1Config, Stage1Model, agreem
                                                build_prototypes, domain_anchor_texts,
                                                fit_stage1, half_split_health, label_fixed,
                                                label_stage1)
-from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, METRICS, DomainSpec, assign_nearest,
+from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, DomainSpec, assign_nearest,
                                            check_feature, parse_domains,
                                            compatibility_keys, embed_texts, feature_description,
                                            load_centroids)
@@ -77,8 +77,7 @@ class DomainPseudoLabelMapper(Mapper):
 
     - meta ``daar_pseudo_domain`` (str): the domain's name;
     - stats ``daar_domain_similarity`` (list[float], one per domain in the stage 1's order):
-      cosine similarity to each domain's prototype, or the negative euclidean distance with
-      ``metric: euclidean``;
+      cosine similarity to each domain's prototype;
     - stats ``daar_centroids_sha256`` (str): what produced the label.
 
     Empty or missing text is embedded as a single EOS token (so it still gets a label) and
@@ -102,11 +101,9 @@ class DomainPseudoLabelMapper(Mapper):
         text_template: Optional[str] = None,
         method: str = PSEUDO_LABEL_DEFAULTS["method"],
         use_descriptions: bool = PSEUDO_LABEL_DEFAULTS["use_descriptions"],
-        purity: bool = STAGE1.purity,
         domains: Optional[List[Dict[str, str]]] = None,
         sentence_model: str = STAGE1.sentence_model,
         seed: int = 0,
-        metric: str = PSEUDO_LABEL_DEFAULTS["metric"],
         refine_iters: NonNegativeInt = STAGE1.refine_iters,
         max_length: PositiveInt = 512,
         model_batch_size: PositiveInt = 64,
@@ -145,14 +142,10 @@ class DomainPseudoLabelMapper(Mapper):
             prototype, the paper's fixed prototypes).
         :param use_descriptions: with ``samples_path``: the domains' descriptions (and a few
             paraphrases of the paper's four) join the synthetic samples as anchors.
-        :param purity: with ``samples_path``: drop synthetic samples nearer another domain's
-            prototype (leave-one-out) before building the prototypes.
         :param domains: ``[{"name", "description"}]`` for the descriptions; default: the paper's
             descriptions of the domains named in ``samples_path``.
         :param sentence_model: sentence encoder of ``feature: sentence``.
         :param seed: seed of the clustering.
-        :param metric: ``cosine`` (default) or ``euclidean``: the similarity stats and the
-            nearest centroid of ``centroids_path``.
         :param refine_iters: ``method: kmeans``: Lloyd iterations over the dataset.
         :param max_length: LM tokens kept per text (longer texts are truncated and counted).
         :param model_batch_size: texts per forward pass.
@@ -166,7 +159,7 @@ class DomainPseudoLabelMapper(Mapper):
         :param preset: with ``samples_path``: ``paper`` labels exactly as the DaaR paper
             (:meth:`Stage1Config.paper`: fixed nearest prototypes of the synthetic samples in the
             LM's embedding space, no descriptions, no purity filter, no hubness correction); it
-            sets ``feature``, ``method``, ``use_descriptions`` and ``purity``.
+            sets ``feature``, ``method`` and ``use_descriptions``.
         :param args: extra args
         :param kwargs: extra args
         """
@@ -176,8 +169,6 @@ class DomainPseudoLabelMapper(Mapper):
             raise ValueError(f"{OP_NAME}: give exactly one of stage1_path (a fitted stage 1), "
                              f"centroids_path (a centroid file) and samples_path (synthesized "
                              f"samples with a 'domain' field)")
-        if metric not in METRICS:
-            raise ValueError(f"{OP_NAME}: metric must be one of {METRICS}, got {metric!r}")
         if not label_key or not similarity_key:
             raise ValueError(f"{OP_NAME}: label_key and similarity_key must be non-empty")
         if preset not in (None, "paper"):
@@ -192,7 +183,7 @@ class DomainPseudoLabelMapper(Mapper):
         if samples_path is None and refine_iters != STAGE1.refine_iters:
             raise ValueError(f"{OP_NAME}: refine_iters are the iterations of method 'kmeans' "
                              f"fitted from samples_path; a stage-1 or centroid file is not refitted")
-        self.metric, self.max_length, self.model_batch_size = metric, max_length, model_batch_size
+        self.max_length, self.model_batch_size = max_length, model_batch_size
         self.dtype, self.label_key, self.similarity_key = dtype, label_key, similarity_key
         self.sentence_model = sentence_model
         self.feature_cache = bool(feature_cache)
@@ -215,7 +206,7 @@ class DomainPseudoLabelMapper(Mapper):
                                  f"kmeans")
             base = Stage1Config.paper(seed=int(seed)) if preset == "paper" else replace(
                 STAGE1, method=method, space=feature or STAGE1.space,
-                use_descriptions=bool(use_descriptions), purity=bool(purity), seed=int(seed),
+                use_descriptions=bool(use_descriptions), seed=int(seed),
                 refine_iters=int(refine_iters), sentence_model=sentence_model)
             self.stage1 = replace(base, layer=layer)
             self._open_samples(samples_path, model, text_template, domains)
@@ -396,7 +387,7 @@ class DomainPseudoLabelMapper(Mapper):
         self._write_stage1(joint)
         labels, _ = label_stage1(self.stage1_model, feats,
                                  joint if self.stage1_model.needs_cluster_features else None)
-        _, sims = assign_nearest(feats, self.centroids, self.metric)
+        _, sims = assign_nearest(feats, self.centroids, "cosine")
         self._memo = {t: (int(lab), row) for t, lab, row in zip(distinct, labels.tolist(),
                                                                sims.tolist())}
         if self.method != "fixed" and len(distinct):
@@ -492,8 +483,8 @@ class DomainPseudoLabelMapper(Mapper):
             feats = self._embed(new, rank)
             joint = (self._joint_features(new, rank)
                      if self.stage1_model.needs_cluster_features else None)
-            nearest, sims[unseen] = assign_nearest(feats, self.centroids, self.metric)
-            # a centroid file labels by its metric's nearest centroid; a stage 1 by its model
+            nearest, sims[unseen] = assign_nearest(feats, self.centroids, "cosine")
+            # a centroid file labels by its nearest centroid; a stage 1 by its model
             labels[unseen] = nearest if self._by_centroid else \
                 label_stage1(self.stage1_model, feats, joint)[0]
         for j, t in enumerate(texts):
