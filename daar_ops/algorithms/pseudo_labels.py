@@ -39,7 +39,7 @@ label-free signal of how reliable the labels are.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -277,9 +277,11 @@ def label_fixed(pool: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.argmax(scores, 1).astype(np.int64), scores
 
 
-def kmeans_centres(pool: np.ndarray, protos: np.ndarray, iters: int) -> np.ndarray:
+def kmeans_centres(pool: np.ndarray, protos: np.ndarray, iters: int,
+                   move: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
     """[K, d] centres after ``iters`` spherical Lloyd iterations over the pool from the
-    prototypes (a centre with no member keeps its place)."""
+    prototypes (a centre with no member keeps its place). ``move(members_mean, k)``: the new
+    centre k before normalisation (default: the unit mean of its members)."""
     x = unit_rows(pool)
     c = protos.copy()
     for _ in range(iters):
@@ -287,7 +289,8 @@ def kmeans_centres(pool: np.ndarray, protos: np.ndarray, iters: int) -> np.ndarr
         for k in range(len(c)):
             members = x[labels == k]
             if len(members):
-                c[k] = unit_rows(members.mean(0))
+                mean = unit_rows(members.mean(0))
+                c[k] = mean if move is None else move(mean, k)
         c = unit_rows(c)
     return c
 

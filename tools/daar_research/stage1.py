@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from daar_ops.algorithms.pseudo_labels import (Stage1Config, _margins, agreement_between,
-                                               build_prototypes, health, label_fixed,
-                                               pseudo_label, unit_rows)
+                                               build_prototypes, health, kmeans_centres,
+                                               label_fixed, pseudo_label, unit_rows)
 
 RESEARCH_METHODS = ("fixed", "kmeans", "cluster", "spread")
 
@@ -66,18 +66,10 @@ def anchored_kmeans(pool: np.ndarray, protos: np.ndarray, iters: int, anchor_str
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Spherical Lloyd iterations from the prototypes; centre = unit((1 - s) * members' mean +
     s * prototype) (s = 0: plain k-means, 1: fixed prototypes)."""
-    x = unit_rows(pool)
-    c = protos.copy()
-    for _ in range(iters):
-        labels = np.argmax(x @ c.T, 1)
-        for k in range(len(c)):
-            members = x[labels == k]
-            if len(members):
-                c[k] = (1 - anchor_strength) * unit_rows(members.mean(0)) + \
-                    anchor_strength * protos[k]
-        c = unit_rows(c)
-    scores = x @ c.T
-    return np.argmax(scores, 1).astype(np.int64), scores
+    s = anchor_strength
+    centres = kmeans_centres(pool, protos, iters,
+                             move=lambda mean, k: (1 - s) * mean + s * protos[k])
+    return label_fixed(pool, centres)
 
 
 def label_spreading(pool: np.ndarray, anchors: np.ndarray, anchor_labels: np.ndarray,
