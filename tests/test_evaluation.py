@@ -308,3 +308,61 @@ def test_report_only_on_no_runs_prints_pending(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT controls_passed=0/4 mde=nan movement=nan")
     assert "best_method=pending" in last
+
+
+# Identities of the committed downstream runs (docs/results/downstream): a run is reused only when
+# its fingerprint matches, so a change to any of these values silently retrains every finished
+# run. The literals were computed by the code that produced the committed runs; change them only
+# together with a deliberate rerun of the measurement.
+PINNED_FINGERPRINTS = {
+    "base/None": "ce243977d54dc5f8312a17ae6facc741aade5336a7605688790c8fca0a810cfb",
+    "a/0": "6c6be3675d0ef66dfe07bdab09850355e61b5c412fc313c09ba3bc876fb2e1b9",
+    "a/1": "39d8c170f9191cdb22f752f8156082ff060896255352919cd199f3a7104fb47a",
+    "random/0": "7d4fd9f11fdf14f07a08443c065e45755e29f5a2b1480c2928370d59c2210e61",
+    "random/1": "48415d49a8e5d4bdc4bd1558144a7d0f7362164c355177a3cbdae9bb5a8434a7",
+}
+PINNED_CONFIG_KEY = "a59d03afbf2d4667"
+PINNED_EVAL_DIGEST = "29825dee4542441bab79b0aed1a3a2bb40bfe89953b7ddc5cf9daafd0b309d2b"
+
+
+def test_run_fingerprints_of_a_fixed_config_are_pinned(tmp_path, monkeypatch):
+    """The resume identity (model id, settings and what "auto" resolved to, seed, selection and
+    evaluation digests) of a fixed small comparison equals what the code that wrote the committed
+    runs computed: a finished run is still found after any refactor."""
+    import daar_ops.models
+
+    monkeypatch.setattr(daar_ops.models, "model_fingerprint", lambda path: "model-x")
+    monkeypatch.setattr(daar_ops.models, "resolve_model_path", lambda name: str(name))
+    monkeypatch.setattr(ev, "resolved_settings", lambda settings, model, device: {
+        "bf16": False, "finetune": "full", "device_type": "cpu"})
+    monkeypatch.setattr(ev, "_run_one", lambda name, seed, *args, **kwargs: {
+        "method": name, "seed": seed, "n_selected": 0, "losses": {}, "avg_loss": 0.0})
+    recs = tiny_records(6)
+    out = ev.evaluate_selections(
+        {"a": recs[8:16], "random": {0: recs[16:24], 1: recs[0:8]}},
+        {"coding": recs[:4], "mathematics": recs[4:8]}, tmp_path, model="m", seeds=(0, 1),
+        settings=ev.TrainSettings(), device="cpu", progress=False,
+        held_hashes={ev.text_hash(recs[8])})
+    assert {f"{r['method']}/{r['seed']}": r["fingerprint"] for r in out} == PINNED_FINGERPRINTS
+    assert {r["config_key"] for r in out} == {PINNED_CONFIG_KEY}
+    assert {r["eval_digest"] for r in out} == {PINNED_EVAL_DIGEST}
+
+
+def test_comparison_inputs_of_a_fixed_pool_are_pinned(tmp_path):
+    """Held-out split, slice, random's draws and the controls of a fixed tiny pool select the
+    records they selected when the committed runs were made (their digests feed the
+    fingerprints)."""
+    pool = write_tiny_pool(tmp_path / "pool.jsonl", per_domain=40)
+    c = ev.prepare_comparison(tmp_path / "c", pool=pool, n=100, ratio=0.2, methods=["random"],
+                              seeds=(0, 1), held_out_fraction=0.1, eval_per_domain=3,
+                              controls=True, progress=False)
+    digests = {f"{name}/{seed}": ev.records_digest(ev.selection_for_seed(sel, seed))[:16]
+               for name, sel in c.selections.items()
+               for seed in ((0, 1) if isinstance(sel, dict) else (0,))}
+    assert digests == {"ctl_mathematics/0": "ed3eb27233c2de1d", "ctl_random/0": "b4245820c7dfb762",
+                       "ctl_random_2x/0": "af70b129b9d3dc91", "ctl_skew/0": "fd62f611e61c184d",
+                       "random/0": "34f9c437813955e7", "random/1": "2f60c95e4b72d790"}
+    assert {d: ev.records_digest(r)[:16] for d, r in c.eval_sets.items()} == {
+        "coding": "ab1d8de89e11d63c", "common_sense": "db32a30c4bfc20bd",
+        "mathematics": "919c211994cd6a28", "reasoning": "5aacf0c9b29436c7"}
+    assert len(c.held_hashes) == 21
