@@ -86,7 +86,8 @@ class HFGenerator(TextGenerator):
 
     :param model: short name, local folder or hub id.
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-    :param dtype: ``float32``, ``bfloat16`` or ``float16``.
+    :param dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 where the device
+        has it natively; :func:`daar_ops.causal_lm.load_causal_lm`).
     :param batch_size: conversations per ``model.generate`` call.
     :param max_prompt_tokens: longer prompts keep their last tokens (the generation prompt).
     """
@@ -96,13 +97,11 @@ class HFGenerator(TextGenerator):
     def __init__(self, model: str = SMOLLM2, device: str | None = "cpu",
                  dtype: str = "float32", batch_size: int = 8, max_prompt_tokens: int = 2048):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from daar_ops.features import DTYPES, resolve_device
+        from daar_ops.causal_lm import load_causal_lm
+        from daar_ops.core import resolve_device
         from daar_ops.models import model_fingerprint, resolve_model_path
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.model_name = str(model)
@@ -111,15 +110,9 @@ class HFGenerator(TextGenerator):
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.fingerprint = model_fingerprint(self.model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model '{model}' has no chat template; use an instruct/chat model")
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=DTYPES[dtype])
-        self.model.to(self.device).eval()
-        self.model.requires_grad_(False)
+        self.model, self.tokenizer = load_causal_lm(
+            model, self.device, dtype, padding_side="left",
+            chat_template_for="chat generation")
         self._torch = torch
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)

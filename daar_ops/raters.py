@@ -20,7 +20,8 @@ class ScoreTokenRater:
     :param scores: the integer scores whose tokens are read (default 0..5); each must be a single
         token of the tokenizer, otherwise ``ValueError``.
     :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-    :param dtype: ``float32``, ``bfloat16`` or ``float16``.
+    :param dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 where the device
+        has it natively; :func:`daar_ops.causal_lm.load_causal_lm`).
     :param batch_size: prompts per forward pass (left-padded).
     :param max_length: prompt tokens kept; longer prompts lose tokens from the left of the sample
         text only in the sense that the sample was already cut by :func:`build_prompt`; as a last
@@ -32,21 +33,16 @@ class ScoreTokenRater:
                  max_length: int = 2048, prompt: str = PROBABILITY_PROMPT,
                  answer_prefix: str = PROBABILITY_ANSWER_PREFIX):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from daar_ops.causal_lm import load_causal_lm
         from daar_ops.core import resolve_device
-        from daar_ops.features import DTYPES
         from daar_ops.models import resolve_model_path
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.model_path = resolve_model_path(model)
         self.device = resolve_device(device)
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.prompt, self.answer_prefix = prompt, answer_prefix
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model, self.tokenizer = load_causal_lm(model, self.device, dtype)
         self.scores = np.asarray(list(scores), dtype=np.float64)
         ids = []
         for s in scores:
@@ -57,9 +53,6 @@ class ScoreTokenRater:
             ids.append(tok[0])
         self.token_ids = ids
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=DTYPES[dtype])
-        self.model.to(self.device).eval()
-        self.model.requires_grad_(False)
         self._torch = torch
 
     def prompt_ids(self, sample_text: str, max_chars: int = 6000) -> list[int]:

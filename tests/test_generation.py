@@ -8,6 +8,7 @@ import pytest
 
 from daar_ops.generation import (APIGenerator, HFGenerator, TextGenerator,
                                  load_generator)
+from daar_ops.models import SMOLLM2
 
 CONV = [{"role": "user", "content": "Write an instruction pair about math."}]
 
@@ -131,7 +132,7 @@ def test_api_backend_without_openai_is_a_clear_error_not_an_install():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed")
 def test_vllm_backend_without_vllm_is_a_clear_error():
     with pytest.raises(ImportError, match="vllm"):
-        load_generator("vllm", "smollm2-135m-instruct")
+        load_generator("vllm", SMOLLM2)
 
 
 def test_assistant_last_turn_is_continued_not_answered(tiny_gen):
@@ -143,3 +144,34 @@ def test_assistant_last_turn_is_continued_not_answered(tiny_gen):
     plain = tiny_gen.tokenizer.decode(tiny_gen._prompts([CONV])[0])
     assert plain.endswith("<|im_start|>assistant\n")
     assert len(tiny_gen.generate([prefill], max_new_tokens=4)) == 1
+
+
+def test_one_causal_lm_loader(tiny_llama, tmp_path):
+    """load_causal_lm: precision, device, frozen or trainable, weights from another folder with
+    the model's tokenizer, and the chat-template requirement."""
+    import torch
+
+    from daar_ops.causal_lm import load_causal_lm, load_tokenizer
+
+    lm, tok = load_causal_lm(str(tiny_llama), "auto", "bf16", padding_side="left",
+                             chat_template_for="chat generation")
+    assert next(lm.parameters()).dtype == torch.bfloat16 and not lm.training
+    assert not any(p.requires_grad for p in lm.parameters())
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+    tuned, _ = load_causal_lm(str(tiny_llama), trainable=True)
+    assert next(tuned.parameters()).dtype == torch.float32
+    assert all(p.requires_grad for p in tuned.parameters())
+    with torch.no_grad():
+        next(tuned.parameters()).fill_(0.5)
+    tuned.save_pretrained(tmp_path / "weights")
+    again, tok2 = load_causal_lm(str(tiny_llama), weights=tmp_path / "weights")
+    assert torch.all(next(again.parameters()) == 0.5)
+    assert tok2.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="dtype"):
+        load_causal_lm(str(tiny_llama), dtype="int3")
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "plain")
+    assert load_tokenizer(tmp_path / "plain").pad_token_id is not None
+    with pytest.raises(ValueError, match="no chat template; chat generation needs one"):
+        load_tokenizer(tmp_path / "plain", chat_template_for="chat generation")
+

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "daar_ops"
 FLOORS = [
     ("ground", ["core", "text", "pool", "artifacts", "models", "outdir", "__init__"]),
     ("algorithms", ["algorithms", "defaults"]),
-    ("models", ["features", "feature_cache", "generation", "encoders", "raters"]),
+    ("models", ["features", "feature_cache", "generation", "encoders", "raters", "causal_lm"]),
     ("artifacts", ["probe_checkpoint", "report", "stage1_artifact"]),
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
