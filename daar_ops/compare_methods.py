@@ -12,8 +12,8 @@ Methods are Data-Juicer recipes run with ``dj-process`` (one subprocess each, ti
 registered in ``data_juicer.ops.OPERATORS``. ``--recipe NAME=PATH`` adds more. For each method a
 copy of the recipe is written with the slice as ``dataset_path``, its own ``export_path``, every
 ``select_ratio``/``top_ratio`` set to the ratio, every ``topk``/``select_num`` set to
-``core.budget`` (floor(ratio * n)), and short model names (``smollm2-135m-instruct``) replaced by
-the prepared local folders.
+``core.budget`` (floor(ratio * n)), and short model names (:data:`daar_ops.models.KNOWN_MODELS`)
+replaced by the prepared local folders.
 
 The slice given to the methods has the evaluation-only fields (``domain``, ``source``) removed, so
 no method can read them. The evaluation (``daar_ops.report``) joins them back by text, then writes
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import gzip
 import json
 import math
 import os
@@ -45,13 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from daar_ops.core import budget, default_pool
+from daar_ops.core import EVAL_ONLY_FIELDS, budget, default_pool, read_jsonl, write_jsonl
 
 # The recipes ship inside the package (package data), so an installed wheel has them too.
 RECIPES = Path(__file__).resolve().parent / "recipes"
 BASELINES = ("random", "instruction_length", "ifd", "alpagasus", "qdit", "ds2")
 LLM_METHODS = ("ifd", "alpagasus", "ds2")
-EVAL_ONLY_FIELDS = ("domain", "source")
 RATIO_KEYS = ("select_ratio", "top_ratio")
 COUNT_KEYS = ("topk", "select_num")
 MODEL_KEYS = ("hf_model", "api_or_hf_model", "model", "embedding_model", "hf_model_path",
@@ -127,21 +125,15 @@ def write_slice(pool: Path, n: int | None, seed: int, out_dir: Path) -> tuple[Pa
     ``n`` records drawn uniformly without replacement with ``seed`` (kept in pool order);
     ``None`` = the whole pool.
     """
-    opener = gzip.open if pool.suffix == ".gz" else open
-    with opener(pool, "rt", encoding="utf-8") as handle:
-        lines = [line for line in handle if line.strip()]
-    if n is not None and n < len(lines):
-        idx = np.sort(np.random.default_rng(seed).choice(len(lines), n, replace=False))
-        lines = [lines[i] for i in idx]
+    records = read_jsonl(pool, strict=True)[0]
+    if n is not None and n < len(records):
+        idx = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+        records = [records[i] for i in idx]
     eval_path, input_path = out_dir / "slice_eval.jsonl", out_dir / "slice_input.jsonl"
-    with open(eval_path, "w") as ev, open(input_path, "w") as inp:
-        for line in lines:
-            rec = json.loads(line)
-            ev.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            for field in EVAL_ONLY_FIELDS:
-                rec.pop(field, None)
-            inp.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return input_path, eval_path, len(lines)
+    write_jsonl(eval_path, records)
+    write_jsonl(input_path, ({k: v for k, v in rec.items() if k not in EVAL_ONLY_FIELDS}
+                             for rec in records))
+    return input_path, eval_path, len(records)
 
 
 def missing_inputs(recipe: dict) -> list[str]:
@@ -293,7 +285,7 @@ def result_line(rows: list[dict]) -> str:
             f"daar_domain_entropy={entropy('daar')} random_domain_entropy={entropy('random')}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", type=Path, default=None,
                         help="default: $DAAR_OPS_POOL, else the shared pool beside a checkout")
@@ -317,28 +309,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs") / "compare")
     parser.add_argument("--projection", choices=("pca", "tsne"), default="pca")
     parser.add_argument("--max-points", type=int, default=5000)
-    args = parser.parse_args(argv)
-    if not 0 < args.ratio < 1:
-        parser.error("--ratio must be in (0, 1)")
-    if not args.full and args.n < 2:
-        parser.error("--n must be >= 2")
+    return parser
 
-    import torch
 
-    torch.set_num_threads(1)
-    from daar_ops.report import build_report
-
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, dict]:
+    """``--set OP.PARAM=VALUE`` items as {op: {param: value}} (values parsed as YAML)."""
     import yaml
 
     overrides: dict[str, dict] = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         op, dot, param = key.partition(".")
         if not (sep and dot and op and param):
             parser.error(f"--set expects OP.PARAM=VALUE, got {item!r}")
         overrides.setdefault(op, {})[param] = yaml.safe_load(value)
-    extra = dict(r.split("=", 1) for r in args.recipe)
-    methods = discover_methods(extra)
+    return overrides
+
+
+def chosen_methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Path]:
+    """name -> recipe of the methods the options ask for."""
+    methods = discover_methods(dict(r.split("=", 1) for r in args.recipe))
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in methods]
@@ -347,18 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         methods = {m: methods[m] for m in wanted}
     if args.skip_llm:
         methods = {m: p for m, p in methods.items() if m not in LLM_METHODS}
+    return methods
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.pool = Path(args.pool or default_pool())
-    input_path, eval_path, n = write_slice(args.pool, None if args.full else args.n, args.seed,
-                                           args.out)
-    print(f"slice: {n} records (seed {args.seed}), selecting {args.ratio:.0%} with "
-          f"{len(methods)} methods: {', '.join(methods)}", flush=True)
-    results = [run_method(name, path, input_path, args.out, args.ratio, n, args.timeout,
-                          overrides, args.reuse) for name, path in methods.items()]
-    for res in results:
-        print(f"[{res['method']}] {res['status']}"
-              + (f" in {res['runtime_s']:.1f} s" if "runtime_s" in res else ""), flush=True)
+
+def write_comparison(args: argparse.Namespace, results: list[dict], eval_path: Path,
+                     n: int) -> str:
+    """The report of every successful selection and the comparison table; returns the RESULT
+    line (also written to RESULT.txt)."""
+    from daar_ops.models import MINILM
+    from daar_ops.report import build_report
 
     ok = {r["method"]: r["export"] for r in results if r["status"] == "ok"}
     metrics = None
@@ -373,11 +360,38 @@ def main(argv: list[str] | None = None) -> int:
         if metrics else float("nan")
     header = (f"Selection of {args.ratio:.0%} of a {n}-record slice (seed {args.seed}) of "
               f"`{args.pool.name}`; slice domain entropy {pool_h:.4f} nats (max ln 4 = 1.3863). "
-              f"Coverage in the all-MiniLM-L6-v2 space. Report: `{args.out / 'report'}`.")
+              f"Coverage in the {MINILM} space. Report: `{args.out / 'report'}`.")
     print(write_table(rows, domains, args.out, header))
     line = result_line(rows)
     (args.out / "RESULT.txt").write_text(line + "\n")
-    print(line)
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.ratio < 1:
+        parser.error("--ratio must be in (0, 1)")
+    if not args.full and args.n < 2:
+        parser.error("--n must be >= 2")
+
+    import torch
+
+    torch.set_num_threads(1)
+    overrides = parse_overrides(parser, args.set)
+    methods = chosen_methods(parser, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.pool = Path(args.pool or default_pool())
+    input_path, eval_path, n = write_slice(args.pool, None if args.full else args.n, args.seed,
+                                           args.out)
+    print(f"slice: {n} records (seed {args.seed}), selecting {args.ratio:.0%} with "
+          f"{len(methods)} methods: {', '.join(methods)}", flush=True)
+    results = [run_method(name, path, input_path, args.out, args.ratio, n, args.timeout,
+                          overrides, args.reuse) for name, path in methods.items()]
+    for res in results:
+        print(f"[{res['method']}] {res['status']}"
+              + (f" in {res['runtime_s']:.1f} s" if "runtime_s" in res else ""), flush=True)
+    print(write_comparison(args, results, eval_path, n))
     return 0
 
 

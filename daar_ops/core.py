@@ -53,6 +53,8 @@ DS2_SELECTED_KEY = "ds2_selected"
 
 # Ground truth of the example pools: evaluation tools may read it, selection never does.
 GROUND_TRUTH_DOMAIN_FIELD = "domain"
+# fields of the example pools that only evaluation reads: removed from what selection methods get
+EVAL_ONLY_FIELDS = (GROUND_TRUTH_DOMAIN_FIELD, "source")
 
 
 def as_dict(value: Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from jsonargparse import Namespace, namespace_to_dict
 from loguru import logger
 
 from daar_ops import evaluation as ev
-from daar_ops.core import default_pool
+from daar_ops.core import default_pool, resolve_device
 from daar_ops.models import SMOLLM2
 
 
@@ -88,7 +88,7 @@ class DaarTrainModelHook(sandbox_hooks.BaseHook):
         model = opts.get("model", SMOLLM2)
         settings = _settings(opts)
         records = [{k: v for k, v in r.items() if not k.startswith("__dj__")}
-                   for r in ev.read_jsonl(opts["train_dataset"])]
+                   for r in ev.read_records(opts["train_dataset"])]
         records, dropped = ev.drop_held_out(records, _held_hashes(work_dir))
         if dropped:
             logger.warning(f"{method}: dropped {dropped} evaluation records from the training data")
@@ -118,7 +118,7 @@ class DaarEvaluateModelHook(sandbox_hooks.BaseHook):
         method, model = opts["method"], opts.get("model", SMOLLM2)
         settings = _settings(opts)
         eval_sets = ev.read_eval_sets(work_dir / "eval_sets")
-        device = ev.resolve_eval_device(opts.get("device", "cpu"))
+        device = resolve_device(opts.get("device", "cpu"))
         per_seed = []
         for adapter in opts["adapters"]:
             run_dir = Path(adapter).parent

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from daar_ops import evaluation as ev
+from daar_ops.causal_lm import load_causal_lm
+from daar_ops.evaluation import finetune, runs
 
 DOMAINS = ("coding", "common_sense", "mathematics", "reasoning")
 _TOPIC = {"coding": "Write a function that sorts a list of {k} numbers.",
@@ -75,8 +77,7 @@ def test_examples_carry_loss_on_the_answer_only(tiny_llama):
 
 def test_fine_tuning_lowers_the_loss_on_its_data(tiny_llama, tmp_path):
     recs = tiny_records(4)
-    _, tok = ev.load_base_model(str(tiny_llama))
-    base, _ = ev.load_base_model(str(tiny_llama))
+    base, tok = load_causal_lm(str(tiny_llama))
     before = ev.held_out_loss(base, tok, {"train": recs}, 64)["train"]["loss"]
     settings = ev.TrainSettings(max_length=64, epochs=5, batch_size=8, lr=2e-2, warmup_fraction=0,
                                 finetune="lora")
@@ -103,7 +104,7 @@ def test_runs_resume_and_refit_when_settings_change(tiny_llama, tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ev, "fine_tune", no_training)
+    monkeypatch.setattr(runs, "fine_tune", no_training)
     second = ev.evaluate_selections(selections, eval_sets, tmp_path, model=str(tiny_llama),
                                     seeds=(0,), settings=settings, include_base=False,
                                     progress=False)
@@ -112,6 +113,15 @@ def test_runs_resume_and_refit_when_settings_change(tiny_llama, tmp_path, monkey
         ev.evaluate_selections(selections, eval_sets, tmp_path, model=str(tiny_llama),
                                seeds=(0,), settings=ev.TrainSettings(max_length=48, lr=1e-3),
                                include_base=False, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", 0), ("batch_size", 0), ("max_length", 12.5), ("epochs", -1.0), ("finetune", "half"),
+    ("bf16", "maybe"), ("scheduler", "zigzag"), ("warmup_fraction", 1.5), ("lora_dropout", 1.0),
+    ("group_by_length", "yes"), ("eval_max_length", -1)])
+def test_train_settings_check_every_field_once_naming_it(field, value):
+    with pytest.raises(ValueError, match=f"TrainSettings.{field} must be"):
+        ev.TrainSettings(**{field: value})
 
 
 def test_summary_pairs_seeds_and_gives_a_t_interval():
@@ -165,7 +175,9 @@ def test_lm_eval_wiring():
     assert ev.parse_tasks("paper", allow_code_execution=True) == list(ev.PAPER_BENCHMARKS)
     assert ev.parse_tasks("gsm8k, mbpp", allow_code_execution=True) == ["gsm8k", "mbpp"]
     assert ev.lm_eval_model_args("/m", "/a", "bfloat16") == "pretrained=/m,dtype=bfloat16,peft=/a"
-    assert ev._main_metric({"acc,none": 0.5, "acc_stderr,none": 0.1}) == 0.5
+    from daar_ops.evaluation.summary import _main_metric
+
+    assert _main_metric({"acc,none": 0.5, "acc_stderr,none": 0.1}) == 0.5
 
 
 def test_final_answer_span_rules():
@@ -234,14 +246,14 @@ def test_full_fine_tune_is_the_cpu_default_and_resolved_settings_split_runs(tiny
     assert (tmp_path / "r" / "runs" / "a" / "seed-0" / "result.json").exists()
     assert not (tmp_path / "w" / "runs" / "a" / "seed-0" / "result.json").exists()
     # another resolved precision is another run: never paired with the fp32 one
-    monkeypatch.setattr(ev, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(finetune, "native_bf16", lambda device: True)
     auto = ev.TrainSettings(**{**settings.to_dict(), "bf16": "auto"})
     assert ev.resolved_settings(auto, str(tiny_llama), "cpu")["bf16"] is True
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained")
 
-    monkeypatch.setattr(ev, "fine_tune", no_training)
+    monkeypatch.setattr(runs, "fine_tune", no_training)
     with pytest.raises(AssertionError, match="trained"):
         ev.evaluate_selections({"a": recs}, {"x": recs[:6], "y": recs[6:10]}, tmp_path / "w",
                                model=str(tiny_llama), seeds=(0,), settings=auto, progress=False,
@@ -333,9 +345,9 @@ def test_run_fingerprints_of_a_fixed_config_are_pinned(tmp_path, monkeypatch):
 
     monkeypatch.setattr(daar_ops.models, "model_fingerprint", lambda path: "model-x")
     monkeypatch.setattr(daar_ops.models, "resolve_model_path", lambda name: str(name))
-    monkeypatch.setattr(ev, "resolved_settings", lambda settings, model, device: {
+    monkeypatch.setattr(runs, "resolved_settings", lambda settings, model, device: {
         "bf16": False, "finetune": "full", "device_type": "cpu"})
-    monkeypatch.setattr(ev, "_run_one", lambda name, seed, *args, **kwargs: {
+    monkeypatch.setattr(runs, "_run_one", lambda name, seed, *args, **kwargs: {
         "method": name, "seed": seed, "n_selected": 0, "losses": {}, "avg_loss": 0.0})
     recs = tiny_records(6)
     out = ev.evaluate_selections(

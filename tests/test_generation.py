@@ -175,3 +175,17 @@ def test_one_causal_lm_loader(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="no chat template; chat generation needs one"):
         load_tokenizer(tmp_path / "plain", chat_template_for="chat generation")
 
+
+def test_causal_lms_are_loaded_in_one_place():
+    """Generation, the rater and the evaluation load through daar_ops.causal_lm (models.py only
+    builds the prepared folder from its GGUF)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "daar_ops"
+    sources = {str(p.relative_to(package)): p.read_text() for p in package.rglob("*.py")}
+    assert sorted(name for name, text in sources.items()
+                  if "AutoModelForCausalLM.from_pretrained" in text) == ["causal_lm.py",
+                                                                          "models.py"]
+    users = [n for n in sources if n.startswith("evaluation") or n in ("generation.py",
+                                                                        "raters.py")]
+    assert len(users) > 3 and not [n for n in users if "AutoTokenizer" in sources[n]]

@@ -57,8 +57,8 @@ def test_sandbox_experiment_runs_hooks_end_to_end(sandbox, tiny_llama, tmp_path,
         assert run["n_selected"] == 8  # 20% of the 40-record slice
         assert all(v["n_tokens"] > 0 and v["loss"] > 0 for v in run["losses"].values())
     # the instruction-length selection really is the longest 20% of the slice
-    slice_recs = ev.read_jsonl(work / "select" / "slice_input.jsonl")
-    chosen = ev.read_jsonl(next((work / "selections" / "instruction_length").rglob("selected.jsonl")))
+    slice_recs = ev.read_records(work / "select" / "slice_input.jsonl")
+    chosen = ev.read_records(next((work / "selections" / "instruction_length").rglob("selected.jsonl")))
     words = sorted((len(f"{r['instruction']} {r['input']}".split()) for r in slice_recs),
                    reverse=True)
     assert min(len(f"{r['instruction']} {r['input']}".split()) for r in chosen) >= words[7]

@@ -1,4 +1,5 @@
-"""``daar-ops evaluate``: fine-tune one model on each selection, compare held-out loss per domain."""
+"""``daar-ops evaluate``: fine-tune one model on each selection, compare the held-out loss per
+domain."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ from daar_ops.models import SMOLLM2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared with ``tools/eval_downstream.py``; defaults are the CPU-sized comparison."""
+    """Options shared with ``tools/eval_downstream.py``; defaults are the CPU-sized comparison
+    (the fine-tuning ones are :class:`~daar_ops.evaluation.TrainSettings`'s)."""
+    _selection_arguments(p.add_argument_group("selections and evaluation sets"))
+    _training_arguments(p.add_argument_group("fine-tuning (identical for every selection)"))
+    _benchmark_arguments(p.add_argument_group(
+        "benchmarks (optional; pip install 'daar-ops[lm-eval]', a GPU)"))
+    p.add_argument("--out", type=Path, default=Path("outputs") / "evaluate")
+    p.add_argument("--no-base", action="store_true", help="skip the untuned base model row")
+    p.add_argument("--no-resume", action="store_true", help="retrain even finished runs")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _selection_arguments(s: argparse._ArgumentGroup) -> None:
     from daar_ops import evaluation as ev
 
-    s = p.add_argument_group("selections and evaluation sets")
     s.add_argument("--methods", default=None,
                    help=f"comma-separated methods run on one slice of --pool at one budget, of "
                         f"{[*ev.DEFAULT_METHODS, ev.FULL]} (default: all but full when no "
@@ -44,36 +56,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--daar-checkpoint", default=None,
                    help="DaaR probe checkpoint (default: `daar-ops select --quick` on the "
                         "selection pool, once)")
-    t = p.add_argument_group("fine-tuning (identical for every selection)")
+
+
+def _training_arguments(t: argparse._ArgumentGroup) -> None:
+    from daar_ops import evaluation as ev
+
+    d = ev.TrainSettings  # its defaults (class attributes: nothing is validated or imported)
     t.add_argument("--model", default=SMOLLM2,
                    help="model tuned: short name, local folder or hub id")
     t.add_argument("--seeds", default="0,1,2,3,4",
                    help="training seeds (and random's sampling)")
-    t.add_argument("--finetune", choices=("auto", "full", "lora"), default="auto",
-                   help="full: every weight; lora: adapters; auto: full for models under 1B "
-                        "parameters on a CPU, LoRA otherwise")
-    t.add_argument("--max-length", type=int, default=128, help="training tokens per example")
-    t.add_argument("--eval-max-length", type=int, default=256,
+    t.add_argument("--finetune", choices=ev.FINETUNE_MODES, default=d.finetune,
+                   help=f"full: every weight; lora: adapters; auto: full for models under "
+                        f"{ev.FULL_FINETUNE_MAX_PARAMS:,} parameters on a CPU, LoRA otherwise")
+    t.add_argument("--max-length", type=int, default=d.max_length,
+                   help="training tokens per example")
+    t.add_argument("--eval-max-length", type=int, default=d.eval_max_length,
                    help="tokens per evaluated example (long answers lose their middle)")
-    t.add_argument("--epochs", type=float, default=2.0)
-    t.add_argument("--max-steps", type=int, default=-1, help="> 0 caps the optimizer steps")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (cosine schedule)")
+    t.add_argument("--epochs", type=float, default=d.epochs)
+    t.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="> 0 caps the optimizer steps")
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--warmup", type=float, default=d.warmup_fraction,
+                   help="warm-up fraction (cosine schedule)")
     t.add_argument("--no-group-by-length", action="store_true",
                    help="random batches instead of batches grouped by length")
-    t.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    t.add_argument("--lora-top-layers", type=int, default=0,
+    t.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (alpha = 2 r)")
+    t.add_argument("--lora-top-layers", type=int, default=d.lora_top_layers,
                    help="LoRA only: adapters on the top N decoder layers, which saves most of "
                         "the backward pass on a CPU (0: every layer)")
-    t.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+    t.add_argument("--bf16", choices=ev.BF16_MODES, default=d.bf16,
                    help="bf16 autocast (auto: where the CPU/GPU has native bf16)")
     t.add_argument("--paper", action="store_true",
                    help="the GPU preset: 1,024 tokens, 3 epochs, lr 1e-4, LoRA r 64 on every "
                         "layer, batch 16 (explicit options above do not override it)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    b = p.add_argument_group("benchmarks (optional; pip install 'daar-ops[lm-eval]', a GPU)")
+
+
+def _benchmark_arguments(b: argparse._ArgumentGroup) -> None:
+    from daar_ops import evaluation as ev
+
     b.add_argument("--lm-eval-tasks", default=None,
                    help=f"comma-separated lm-eval tasks, or 'paper' for "
                         f"{','.join(ev.PAPER_BENCHMARKS)}")
@@ -82,10 +106,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--allow-code-execution", action="store_true",
                    help="let the code benchmarks (mbpp, humaneval) execute model-written code "
                         "on this machine; without it they are refused")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "evaluate")
-    p.add_argument("--no-base", action="store_true", help="skip the untuned base model row")
-    p.add_argument("--no-resume", action="store_true", help="retrain even finished runs")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
