@@ -343,6 +343,9 @@ def test_run_fingerprints_of_a_fixed_config_are_pinned(tmp_path, monkeypatch):
     runs computed: a finished run is still found after any refactor."""
     import daar_ops.models
 
+    # what "auto" resolves to is part of the identity: its keys and values are pinned too
+    assert ev.resolved_settings(ev.TrainSettings(finetune="full", bf16="no"), "m", "cpu") == {
+        "bf16": False, "finetune": "full", "device_type": "cpu"}
     monkeypatch.setattr(daar_ops.models, "model_fingerprint", lambda path: "model-x")
     monkeypatch.setattr(daar_ops.models, "resolve_model_path", lambda name: str(name))
     monkeypatch.setattr(runs, "resolved_settings", lambda settings, model, device: {
