@@ -4,10 +4,11 @@
 chat conversations (``[[{"role": "user", "content": ...}], ...]``) and returns one completion per
 conversation, in order. Backends:
 
-* ``"hf"`` (default): a local Hugging Face causal LM (short name such as ``smollm2-135m-instruct``,
-  local folder or hub id resolved by :func:`daar_ops.models.resolve_model_path`). The tokenizer's
-  chat template is applied with the generation prompt; conversations are generated in batches of
-  ``batch_size`` with left padding.
+* ``"hf"`` (default): a local Hugging Face causal LM (a short name such as
+  :data:`daar_ops.models.SMOLLM2`, a local folder or a hub id resolved by
+  :func:`daar_ops.models.resolve_model_path`), loaded by :func:`daar_ops.causal_lm.load_causal_lm`.
+  The tokenizer's chat template is applied with the generation prompt; conversations are
+  generated in batches of ``batch_size`` with left padding.
 * ``"api"``: Data-Juicer's OpenAI-compatible API model
   (:func:`data_juicer.utils.model_utils.prepare_api_model`); ``backend_kwargs`` such as
   ``base_url`` and ``endpoint`` are passed to it. The key comes from ``OPENAI_API_KEY`` (and the

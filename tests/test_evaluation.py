@@ -11,6 +11,7 @@ import pytest
 
 from daar_ops import evaluation as ev
 from daar_ops.causal_lm import load_causal_lm
+from daar_ops.core import read_jsonl, write_jsonl
 from daar_ops.evaluation import finetune, runs
 
 DOMAINS = ("coding", "common_sense", "mathematics", "reasoning")
@@ -32,9 +33,7 @@ def tiny_records(per_domain: int) -> list[dict]:
 
 
 def write_tiny_pool(path: Path, per_domain: int = 20) -> Path:
-    with open(path, "w") as handle:
-        for rec in tiny_records(per_domain):
-            handle.write(json.dumps(rec) + "\n")
+    write_jsonl(path, tiny_records(per_domain))
     return path
 
 
@@ -147,7 +146,7 @@ def test_cli_evaluate_writes_table_json_png(tiny_llama, tmp_path):
 
     pool = write_tiny_pool(tmp_path / "pool.jsonl", per_domain=20)
     given = tmp_path / "given.jsonl"
-    given.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(3)))
+    write_jsonl(given, tiny_records(3))
     out = tmp_path / "out"
     code = main(["evaluate", "--pool", str(pool), "--methods", "random", "--selection",
                  f"given={given}", "--n", "40", "--seeds", "0,1", "--model", str(tiny_llama),
@@ -161,12 +160,12 @@ def test_cli_evaluate_writes_table_json_png(tiny_llama, tmp_path):
     assert set(rows) == {"base", "random", "given"}
     assert rows["random"]["n_selected"] == 8 and "delta_vs_random" in rows["given"]
     # selection input never carries the ground truth; held-out texts are never trained on
-    pool_lines = (out / "selection_pool.jsonl").read_text().splitlines()
-    assert pool_lines and all("domain" not in json.loads(line) for line in pool_lines)
+    pool_records = read_jsonl(out / "selection_pool.jsonl", strict=True)[0]
+    assert pool_records and all("domain" not in r for r in pool_records)
     held = {ev.text_hash(r) for recs in ev.read_eval_sets(out / "eval_sets").values()
             for r in recs}
     assert set(ev.read_eval_sets(out / "eval_sets")) == set(DOMAINS)
-    assert not held & {ev.text_hash(json.loads(line)) for line in pool_lines}
+    assert not held & {ev.text_hash(r) for r in pool_records}
     given_run = next(r for r in payload["runs"] if r["method"] == "given")
     assert given_run["n_selected"] == 12 - sum(ev.text_hash(r) in held for r in tiny_records(3))
 
