@@ -15,7 +15,7 @@ from daar_ops.algorithms.ds2 import (DS2Config, consensus_vectors, curate_scores
                                      lexicographic_select, long_tail_scores, noise_rates,
                                      scores_to_classes)
 from daar_ops.algorithms.knn import knn_cosine
-from daar_ops.algorithms.rating import build_prompt, parse_rating
+from daar_ops.algorithms.rating import RatingConfig, build_prompt, parse_rating
 from daar_ops.ds2_report import write_ds2_report
 from daar_ops.raters import ScoreTokenRater
 
@@ -300,6 +300,17 @@ def test_ds2_select_keeps_tiny_inputs_on_their_raw_scores(warnings_log):
     assert result.selected.tolist() == [1] and not result.corrupted.any()
     assert result.info["curation_skipped"] == "too few samples" and result.info["budget"] == 1
     assert any("too few to curate" in m for m in warnings_log)
+
+
+def test_rating_config_refuses_a_bad_field_by_name():
+    for fields, name in ((dict(mode="vote"), "mode"), (dict(backend="openai"), "backend"),
+                         (dict(backend="api"), "backend"), (dict(try_num=0), "try_num"),
+                         (dict(min_score=4, max_score=1), "min_score"), (dict(top_p=0.0), "top_p"),
+                         (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=f"RatingConfig.{name}"):
+            RatingConfig(**fields)
+    assert RatingConfig().compression == (0.0, 5.0)
+    assert RatingConfig(mode="generate").compression == (4.0, 9.0)  # DS2: clip(s, 4, 9) - 4
 
 
 def test_non_finite_embeddings_do_not_crash():
