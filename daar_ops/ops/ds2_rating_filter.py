@@ -13,6 +13,7 @@ from daar_ops.algorithms.ds2 import scores_to_classes
 from daar_ops.algorithms.rating import RATING_CLASSES, RatingConfig, rate_by_generation
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
                            DS2_SCORE_KEY, as_dict, uniform_dicts)
+from daar_ops.defaults import DS2_RATING
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import SMOLLM2
 from daar_ops.ops._columns import (check_template_columns, float_feature, render_rows,
@@ -63,21 +64,21 @@ class DS2RatingFilter(Filter):
 
     def __init__(
         self,
-        mode: str = "probability",
+        mode: str = DS2_RATING.mode,
         model: str = SMOLLM2,
-        backend: str = "hf",
+        backend: str = DS2_RATING.backend,
         text_template: Optional[str] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        try_num: PositiveInt = 3,
-        max_new_tokens: PositiveInt = 128,
-        temperature: NonNegativeFloat = 0.7,
-        top_p: OpenRatio = 0.95,
-        seed: int = 0,
+        try_num: PositiveInt = DS2_RATING.try_num,
+        max_new_tokens: PositiveInt = DS2_RATING.max_new_tokens,
+        temperature: NonNegativeFloat = DS2_RATING.temperature,
+        top_p: OpenRatio = DS2_RATING.top_p,
+        seed: int = DS2_RATING.seed,
         dtype: str = "float32",
         batch_size: PositiveInt = 8,
-        max_length: PositiveInt = 2048,
-        max_sample_chars: PositiveInt = 6000,
+        max_length: PositiveInt = DS2_RATING.max_length,
+        max_sample_chars: PositiveInt = DS2_RATING.max_sample_chars,
         api_endpoint: Optional[str] = None,
         api_params: Optional[Dict] = None,
         *args,

@@ -20,6 +20,7 @@ from daar_ops.core import DS2_LONG_TAIL_KEY as LONG_TAIL_KEY
 from daar_ops.core import DS2_RAW_KEY as RAW_KEY
 from daar_ops.core import DS2_SELECTED_KEY as SELECTED_KEY
 from daar_ops.core import as_dict
+from daar_ops.defaults import DS2
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import MINILM
 from daar_ops.ops._selector import StatsSelector, column_records
@@ -70,9 +71,9 @@ class DS2Selector(StatsSelector):
     def __init__(
         self,
         score_key: str = "__dj__stats__.ds2_score",
-        score_low: float = 0.0,
-        score_high: float = 5.0,
-        num_classes: PositiveInt = 6,
+        score_low: float = DS2.score_low,
+        score_high: float = DS2.score_high,
+        num_classes: PositiveInt = DS2.num_classes,
         missing_score: Optional[float] = None,
         select_ratio: Ratio = None,
         select_num: NonNegativeInt = None,
@@ -80,15 +81,15 @@ class DS2Selector(StatsSelector):
         model: str = MINILM,
         embedding_key: Optional[str] = None,
         batch_size: PositiveInt = 64,
-        k: PositiveInt = 10,
+        k: PositiveInt = DS2.k,
         k_pool: Optional[int] = None,
-        hoc_steps: PositiveInt = 1500,
-        hoc_lr: float = 0.1,
-        detection_rounds: PositiveInt = 20,
-        subset_fraction: OpenRatio = 0.8,
-        confidence_threshold: Ratio = 0.5,
-        seed: NonNegativeInt = 0,
-        knn_index: str = "exact",
+        hoc_steps: PositiveInt = DS2.hoc_steps,
+        hoc_lr: float = DS2.hoc_lr,
+        detection_rounds: PositiveInt = DS2.detection_rounds,
+        subset_fraction: OpenRatio = DS2.subset_fraction,
+        confidence_threshold: Ratio = DS2.confidence_threshold,
+        seed: NonNegativeInt = DS2.seed,
+        knn_index: str = DS2.knn_index,
         knn_params: Optional[Dict[str, Any]] = None,
         report_dir: Optional[str] = None,
         *args,
