@@ -123,11 +123,10 @@ def test_cosine_detection_score_is_more_suspicious_of_a_concentrated_alternative
     nb[2:] = np.arange(2, 12)  # the other rows are not ranked (informative=False below)
     sims = np.ones(nb.shape, dtype=np.float32)
     eta = np.array([0.5, 0.0, 0.0, 0.0])  # flag one of the two rankable class-0 rows
-    det = detect_corrupted(y, nb, sims, eta, 4, k=10, rounds=1, subset_fraction=1.0,
-                           informative=np.r_[True, True, np.zeros(len(y) - 2, bool)])
+    informative = np.r_[True, True, np.zeros(len(y) - 2, bool)]
     for seed in range(8):  # whatever the tie-break key
         det = detect_corrupted(y, nb, sims, eta, 4, k=10, rounds=1, subset_fraction=1.0,
-                               seed=seed, informative=np.r_[True, True, np.zeros(len(y) - 2, bool)])
+                               seed=seed, informative=informative)
         assert det.flagged[0] == 1 and det.flagged[1] == 0
 
 
@@ -147,7 +146,8 @@ def test_suggestion_comes_from_flagged_rounds_with_add_one_smoothing():
     assert f >= 1 and det.suggested[5] == 0
     # share = (count + 1) / (F + K): at most (F + 1) / (F + 3) here
     assert det.suggestion_share[5] == pytest.approx((f + 1) / (f + 3))
-    assert det.confidence[5] == pytest.approx(det.suggestion_share[5] * (f + 1) / (det.drawn[5] + 2))
+    assert det.confidence[5] == pytest.approx(det.suggestion_share[5] * (f + 1)
+                                              / (det.drawn[5] + 2))
     assert res.curated[5] == det.suggested[5] == 0
 
 

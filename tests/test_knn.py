@@ -183,8 +183,8 @@ def test_ds2_curation_through_an_ivf_index_probing_every_cell_equals_exact():
 
     data = make_synthetic_ds2(n=1200, seed=0)
     exact = curate_scores(data["embeddings"], data["observed"], DS2Config(hoc_steps=200))
-    ivf = curate_scores(data["embeddings"], data["observed"],
-                        DS2Config(hoc_steps=200, knn_index="ivf", knn_params=dict(nlist=8, nprobe=8)))
+    ivf_config = DS2Config(hoc_steps=200, knn_index="ivf", knn_params=dict(nlist=8, nprobe=8))
+    ivf = curate_scores(data["embeddings"], data["observed"], ivf_config)
     assert (ivf.curated == exact.curated).all()
     np.testing.assert_allclose(ivf.long_tail, exact.long_tail, atol=1e-6)
     assert ivf.info["knn_index"] == "ivf" and ivf.info["knn_params"] == dict(nlist=8, nprobe=8)
