@@ -59,28 +59,15 @@ TIE_TOLERANCE = 1e-6
 @dataclass(frozen=True)
 class DS2Config:
     """Every setting of DS2, validated once when the config is built (``ValueError`` naming the
-    field). ``ds2_selector`` builds it from its parameters; the defaults are the op's.
-
-    :param score_low: scores <= this are class 0 (DS2 on a raw 1-10 rating: 4).
-    :param score_high: scores >= this are class K-1 (DS2 on a raw 1-10 rating: 9).
-    :param num_classes: number of score classes K (DS2: 6).
-    :param missing_score: score of missing, NaN/inf or non-numeric values (default
-        ``score_low``: DS2 counts a failed rating as the lowest class).
-    :param select_ratio: keep ``floor(select_ratio * N)`` samples (:func:`daar_ops.core.budget`).
-    :param select_num: keep this many samples (all if fewer). Neither: keep every sample.
-    :param k: neighbours that vote in detection and enter the long-tail score (DS2: 10), >= 2.
-    :param k_pool: neighbours computed once per sample (default ``3 * k``), read by every round.
-    :param hoc_steps: Adam steps of the HOC fit; ``hoc_lr``: its learning rate.
-    :param detection_rounds: random subsets of the detection (default 20: with the smoothed
-        suggestion share ``(count + 1) / (F + K)`` times ``noisy_rate`` a sample must be flagged
-        in most of its rounds to reach confidence 0.5, which needs enough rounds; with 4 rounds
-        nothing can be replaced, with 10 a sample must be flagged in ~every round).
-    :param subset_fraction: share of the samples drawn per detection round, in (0, 1].
-    :param confidence_threshold: replace a score by its suggestion when confidence >= this.
-    :param seed: seed of the detection subsets, the ties and an IVF index.
-    :param knn_index: ``exact`` (faiss flat inner product), ``ivf`` or ``hnsw`` (approximate; for
-        millions of rows, see docs/ds2.md); ``knn_params``: its options (:data:`KNN_OPTIONS`).
-    :param block_size: kNN query rows per block (memory, not results).
+    field). ``ds2_selector`` builds it from its parameters of the same names, which document
+    each field; ``daar_ops.defaults.DS2`` is the default config. Without ``select_ratio`` /
+    ``select_num`` every sample is kept (:meth:`keep`; the budget rule is
+    :func:`daar_ops.core.budget`). ``detection_rounds`` defaults to 20: with the smoothed
+    suggestion share ``(count + 1) / (F + K)`` times ``noisy_rate`` a sample must be flagged in
+    most of its rounds to reach confidence 0.5 (with 4 rounds nothing can be replaced, with 10 a
+    sample must be flagged in ~every round). ``knn_params``: the options of
+    :func:`daar_ops.algorithms.knn.knn_cosine` (:data:`KNN_OPTIONS`); ``block_size``: kNN query
+    rows per block (memory, not results).
     """
 
     score_low: float = 0.0
