@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
+from daar_ops.algorithms.ds2 import DS2Config
 from daar_ops.algorithms.pseudo_labels import Stage1Config
+from daar_ops.algorithms.rating import RatingConfig
 
 # The one set of synthesis defaults: centroid_synthesis_mapper's, `daar-ops select`'s and the
 # recipes'.
@@ -28,6 +30,11 @@ SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
 )
 
 STAGE1 = Stage1Config()
+
+# DS2: ds2_selector's and ds2_rating_filter's parameters default to these (the papers'
+# procedure; docs/ds2.md)
+DS2 = DS2Config()
+DS2_RATING = RatingConfig()
 
 # Precision of the LM features (pseudo-labels, probe training, scoring, QDIT's LM space): "auto"
 # is bfloat16 where the device has it natively (CUDA with bf16, CPUs with AMX / AVX512-BF16),

@@ -398,7 +398,7 @@ def test_missing_model_path_is_refused_at_init(name, art):
 
 @pytest.mark.parametrize("name,kw", [("qdit_filter", dict(embedding_model=BAD_MODEL)),
                                      ("domain_contrastive_selector", dict(hf_model=BAD_MODEL)),
-                                     ("ds2_filter", dict(embedding_model=BAD_MODEL))])
+                                     ("ds2_filter", dict(model=BAD_MODEL))])
 def test_missing_model_path_of_global_ops_is_a_clear_error(name, kw, art):
     rows = _prepare(name, _records(4))
     with pytest.raises((FileNotFoundError, ValueError, OSError), match="nonexistent"):

@@ -8,13 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from daar_research.ds2 import make_synthetic_ds2, off_diagonal_transition
 
-from daar_ops.algorithms.ds2 import (consensus_vectors, curate_scores, detect_corrupted,
-                                     ds2_select, fit_transition_matrix, lexicographic_select,
-                                     long_tail_scores, make_synthetic_ds2, noise_rates,
-                                     off_diagonal_transition, scores_to_classes,
-                                     write_ds2_report)
-from daar_ops.algorithms.rating import build_prompt, parse_rating
+from daar_ops.algorithms.ds2 import (DS2Config, consensus_vectors, curate_scores,
+                                     detect_corrupted, ds2_select, fit_transition_matrix,
+                                     lexicographic_select, long_tail_scores, noise_rates,
+                                     scores_to_classes)
+from daar_ops.algorithms.knn import knn_cosine
+from daar_ops.algorithms.rating import RatingConfig, build_prompt, parse_rating
+from daar_ops.ds2_report import write_ds2_report
 from daar_ops.raters import ScoreTokenRater
 
 torch.set_num_threads(1)
@@ -62,12 +64,11 @@ def test_hoc_fit_recovers_t_and_p_from_exact_consensus():
     assert loss < 0.01
 
 
-@pytest.mark.parametrize("positions", ["own", "all"])
-def test_consensus_vectors_are_symmetric_distributions(positions):
+def test_consensus_vectors_are_symmetric_distributions():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, size=50)
     nb = np.stack([(np.arange(50) + 1) % 50, (np.arange(50) + 2) % 50], axis=1)
-    c1, c2, c3 = consensus_vectors(y, nb, 3, positions=positions)
+    c1, c2, c3 = consensus_vectors(y, nb, 3)
     assert math.isclose(c1.sum(), 1) and math.isclose(c2.sum(), 1) and math.isclose(c3.sum(), 1)
     assert np.allclose(c2, c2.T)
     assert np.allclose(c3, c3.transpose(1, 0, 2)) and np.allclose(c3, c3.transpose(2, 1, 0))
@@ -75,26 +76,24 @@ def test_consensus_vectors_are_symmetric_distributions(positions):
     y_clean = np.repeat([0, 1], 25)
     nb_clean = np.stack([np.where(np.arange(50) < 25, (np.arange(50) + 1) % 25,
                                   25 + (np.arange(50) + 1) % 25)] * 2, axis=1)
-    _, c2, c3 = consensus_vectors(y_clean, nb_clean, 2, positions=positions)
+    _, c2, c3 = consensus_vectors(y_clean, nb_clean, 2)
     assert np.allclose(c2, np.diag([0.5, 0.5]))
     assert math.isclose(c3[0, 0, 0] + c3[1, 1, 1], 1.0)
 
 
 def test_hoc_first_order_counts_the_samples_own_position():
     # a hub: row 0 (class 2) is the nearest neighbour of every other row. HOC's c1 is the
-    # observed distribution; counting the neighbours' positions too over-weights the hub.
+    # observed distribution, however often a row is someone's neighbour.
     n = 60
     y = np.array([2] + [0] * 30 + [1] * 29)
     nb = np.stack([np.where(np.arange(n) == 0, 1, 0), (np.arange(n) + 1) % n], axis=1)
-    c1_own, _, _ = consensus_vectors(y, nb, 3, positions="own")
+    c1_own, _, _ = consensus_vectors(y, nb, 3)
     assert np.allclose(c1_own, np.bincount(y, minlength=3) / n)
-    c1_all, _, _ = consensus_vectors(y, nb, 3, positions="all")
-    assert c1_all[2] > 0.3 > c1_own[2]
     # rows= restricts the centres
     c1_sub, _, _ = consensus_vectors(y, nb, 3, rows=np.arange(1, 31))
     assert np.allclose(c1_sub, [1.0, 0.0, 0.0])
-    with pytest.raises(ValueError):
-        consensus_vectors(y, nb, 3, positions="every")
+    with pytest.raises(ValueError, match="2 neighbours"):
+        consensus_vectors(y, nb[:, :1], 3)
 
 
 def test_noise_rates_formula_and_clipping():
@@ -111,16 +110,12 @@ def test_noise_rates_formula_and_clipping():
     assert noise_rates(t * 0.0, p, observed).tolist() == [1.0, 1.0]
     assert noise_rates(np.array([[0.97, 0.03], [0.0, 1.0]]), p, np.array([0.5, 0.5]))[0] \
         == pytest.approx(0.03)
-    # an explicit clip (the former default) still works
-    assert noise_rates(t, p, observed, clip=(0.05, 0.95))[0] == pytest.approx(0.05)
-    with pytest.raises(ValueError):
-        noise_rates(t, p, observed, clip=(0.5, 0.2))
 
 
 def test_cosine_detection_score_is_more_suspicious_of_a_concentrated_alternative():
     # rows 0 and 1 have class 0 and the same own-vote share (4 of 10 neighbours); row 0's other
     # votes agree on class 1, row 1's scatter over classes 1..3. SimiFeat's cosine score flags
-    # row 0 first; the vote share cannot tell them apart.
+    # row 0 first (the vote share cannot tell them apart: tests/test_research_ds2.py).
     y = np.array([0, 0] + [0] * 4 + [1] * 6 + [0] * 4 + [1, 1, 2, 2, 3, 3])
     nb = np.zeros((len(y), 10), dtype=np.int64)
     nb[0] = np.arange(2, 12)
@@ -128,14 +123,11 @@ def test_cosine_detection_score_is_more_suspicious_of_a_concentrated_alternative
     nb[2:] = np.arange(2, 12)  # the other rows are not ranked (informative=False below)
     sims = np.ones(nb.shape, dtype=np.float32)
     eta = np.array([0.5, 0.0, 0.0, 0.0])  # flag one of the two rankable class-0 rows
-    det = detect_corrupted(y, nb, sims, eta, 4, k=10, rounds=1, subset_fraction=1.0,
-                           informative=np.r_[True, True, np.zeros(len(y) - 2, bool)])
-    assert det.flagged[0] == 1 and det.flagged[1] == 0
-    shares = [detect_corrupted(y, nb, sims, eta, 4, k=10, rounds=1, subset_fraction=1.0,
-                               score="share", seed=s,
-                               informative=np.r_[True, True, np.zeros(len(y) - 2, bool)]).flagged[:2]
-              for s in range(8)]
-    assert {tuple(f) for f in shares} == {(1, 0), (0, 1)}  # a tie, broken by the seeded key
+    informative = np.r_[True, True, np.zeros(len(y) - 2, bool)]
+    for seed in range(8):  # whatever the tie-break key
+        det = detect_corrupted(y, nb, sims, eta, 4, k=10, rounds=1, subset_fraction=1.0,
+                               seed=seed, informative=informative)
+        assert det.flagged[0] == 1 and det.flagged[1] == 0
 
 
 def test_suggestion_comes_from_flagged_rounds_with_add_one_smoothing():
@@ -144,9 +136,8 @@ def test_suggestion_comes_from_flagged_rounds_with_add_one_smoothing():
     emb = np.concatenate([centres[c] + 0.05 * rng.standard_normal((40, 8)) for c in range(3)])
     y = np.repeat([0, 1, 2], 40)
     y[5] = 2
-    res = curate_scores(emb, y, num_classes=3, hoc_steps=300, detection_rounds=8)
-    det_f = res.info  # curate_scores keeps the parts; recompute detection to inspect counts
-    from daar_ops.algorithms.knn import knn_cosine
+    res = curate_scores(emb, y, DS2Config(num_classes=3, hoc_steps=300, detection_rounds=8))
+    # curate_scores keeps the result; recompute the detection to inspect its counts
     nb, sims = knn_cosine(emb, 30)
     det = detect_corrupted(y, nb, sims, res.eta, 3, rounds=8, seed=0)
     never = det.flagged == 0
@@ -155,8 +146,9 @@ def test_suggestion_comes_from_flagged_rounds_with_add_one_smoothing():
     assert f >= 1 and det.suggested[5] == 0
     # share = (count + 1) / (F + K): at most (F + 1) / (F + 3) here
     assert det.suggestion_share[5] == pytest.approx((f + 1) / (f + 3))
-    assert det.confidence[5] == pytest.approx(det.suggestion_share[5] * (f + 1) / (det.drawn[5] + 2))
-    assert det_f["suggestion"] == "flagged" and det_f["detection_score"] == "cosine"
+    assert det.confidence[5] == pytest.approx(det.suggestion_share[5] * (f + 1)
+                                              / (det.drawn[5] + 2))
+    assert res.curated[5] == det.suggested[5] == 0
 
 
 # -- end to end on synthetic truth -----------------------------------------------------------------
@@ -168,14 +160,7 @@ def synthetic():
 
 @pytest.fixture(scope="module")
 def curated(synthetic):
-    return curate_scores(synthetic["embeddings"], synthetic["observed"], hoc_steps=800, seed=0)
-
-
-def test_synthetic_generator_realises_the_known_transition(synthetic):
-    t = synthetic["transition"]
-    assert np.allclose(np.diag(t), 0.7) and np.allclose(t.sum(axis=1), 1.0)
-    raw_acc = (synthetic["observed"] == synthetic["true"]).mean()
-    assert 0.66 < raw_acc < 0.74
+    return curate_scores(synthetic["embeddings"], synthetic["observed"], DS2Config(hoc_steps=800))
 
 
 def test_curation_recovers_t_and_beats_raw_scores(synthetic, curated):
@@ -191,22 +176,21 @@ def test_curation_recovers_t_and_beats_raw_scores(synthetic, curated):
 
 
 def test_curation_is_deterministic_for_a_seed(synthetic, curated):
-    again = curate_scores(synthetic["embeddings"], synthetic["observed"], hoc_steps=800, seed=0)
+    again = curate_scores(synthetic["embeddings"], synthetic["observed"], DS2Config(hoc_steps=800))
     assert np.array_equal(again.curated, curated.curated)
     assert np.array_equal(again.confidence, curated.confidence)
     assert np.array_equal(again.transition, curated.transition)
 
 
 def test_confidence_threshold_controls_replacement(synthetic):
-    kwargs = dict(hoc_steps=200, detection_rounds=4, seed=0)
     never = curate_scores(synthetic["embeddings"][:600], synthetic["observed"][:600],
-                          confidence_threshold=1.0, **kwargs)
+                          DS2Config(hoc_steps=200, detection_rounds=4, confidence_threshold=1.0))
     assert not never.corrupted.any() and np.array_equal(never.curated, never.raw)
 
 
 def test_ds2_select_orders_by_curated_then_long_tail(synthetic):
     result = ds2_select(synthetic["embeddings"][:800], synthetic["observed"][:800],
-                        select_ratio=0.25, hoc_steps=200, detection_rounds=4)
+                        DS2Config(select_ratio=0.25, hoc_steps=200, detection_rounds=4))
     sel = result.selected
     assert len(sel) == 200 and len(set(sel.tolist())) == 200
     keys = list(zip(-result.curated[sel], -result.long_tail[sel]))
@@ -223,7 +207,7 @@ def test_planted_flip_in_clean_cluster_is_detected():
     emb = np.concatenate([centres[c] + 0.05 * rng.standard_normal((40, 8)) for c in range(3)])
     y = np.repeat([0, 1, 2], 40)
     y[5] = 2  # a sample of the class-0 cluster rated 2
-    result = curate_scores(emb, y, num_classes=3, hoc_steps=300, detection_rounds=8)
+    result = curate_scores(emb, y, DS2Config(num_classes=3, hoc_steps=300, detection_rounds=8))
     assert result.corrupted[5] and result.curated[5] == 0
     assert result.corrupted.sum() <= 3
 
@@ -233,12 +217,12 @@ def test_duplicates_and_unused_classes_are_handled():
     base = rng.standard_normal((30, 6)).astype(np.float32)
     emb = np.concatenate([base, base])  # every row has an exact duplicate
     y = np.tile(rng.integers(0, 3, size=30), 2)  # classes 3..5 never observed
-    result = curate_scores(emb, y, num_classes=6, hoc_steps=200, detection_rounds=3)
+    result = curate_scores(emb, y, DS2Config(hoc_steps=200, detection_rounds=3))
     assert result.curated.min() >= 0 and result.curated.max() <= 5
     assert np.isfinite(result.transition).all() and np.isfinite(result.long_tail).all()
     # a row is never its own neighbour, but its duplicate is its nearest one: the duplicate pulls
     # the long-tail score down compared with the same rows without duplicates
-    single = curate_scores(base, y[:30], num_classes=6, hoc_steps=50, detection_rounds=2)
+    single = curate_scores(base, y[:30], DS2Config(hoc_steps=50, detection_rounds=2))
     assert (result.long_tail[:30] < single.long_tail).all()
 
 
@@ -250,8 +234,8 @@ def test_identical_embeddings_are_not_curated_and_logged(warnings_log):
     t = off_diagonal_transition(6, off_mass=0.3)
     true = rng.integers(0, 6, size=300)
     observed = np.array([rng.choice(6, p=t[c]) for c in true])
-    result = curate_scores(np.ones((300, 16), np.float32), observed, hoc_steps=100,
-                           detection_rounds=4)
+    result = curate_scores(np.ones((300, 16), np.float32), observed,
+                           DS2Config(hoc_steps=100, detection_rounds=4))
     assert not result.corrupted.any() and np.array_equal(result.curated, observed)
     assert result.info["n_uninformative"] == 300 and "curation_skipped" in result.info
     assert any("uninformative" in m for m in warnings_log)
@@ -266,7 +250,7 @@ def test_duplicate_blocks_are_not_curated_but_the_rest_is():
     y[5] = 2  # a planted flip in a normal neighbourhood
     emb[100:115] = emb[100]  # 15 exact copies of one sample (more than k = 10)
     y[100:115] = [1] * 10 + [0] * 5
-    result = curate_scores(emb, y, num_classes=3, hoc_steps=300, detection_rounds=8)
+    result = curate_scores(emb, y, DS2Config(num_classes=3, hoc_steps=300, detection_rounds=8))
     assert result.info["n_uninformative"] == 15
     assert not result.corrupted[100:115].any()
     assert result.corrupted[5] and result.curated[5] == 0
@@ -277,14 +261,63 @@ def test_curate_rejects_unusable_input():
         curate_scores(np.zeros((2, 4)), np.array([0, 1]))
     with pytest.raises(ValueError, match="labels"):
         curate_scores(np.eye(4), np.array([0, 1, 2, 9]))
-    with pytest.raises(ValueError):
-        curate_scores(np.eye(4), np.array([0, 1, 2, 3]), subset_fraction=0.0)
+    with pytest.raises(ValueError, match="4 embeddings for 3 labels"):
+        curate_scores(np.eye(4), np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_classes", 1), ("k", 1), ("k_pool", 5), ("hoc_steps", 0), ("hoc_lr", 0.0),
+    ("detection_rounds", 0), ("subset_fraction", 0.0), ("subset_fraction", 1.5),
+    ("confidence_threshold", 1.1), ("missing_score", float("nan")), ("knn_index", "annoy"),
+    ("knn_params", [8]), ("knn_params", {"nprobes": 8}), ("seed", -1), ("k", 2.5),
+])
+def test_config_refuses_a_bad_field_by_name(field, value):
+    with pytest.raises(ValueError, match=f"DS2Config.{field}"):
+        DS2Config(**{field: value})
+
+
+def test_config_checks_the_score_range_and_the_budget_once():
+    with pytest.raises(ValueError, match="score_low / score_high"):
+        DS2Config(score_low=5.0, score_high=1.0)
+    for budget_fields in (dict(select_ratio=1.5), dict(select_num=-1),
+                          dict(select_ratio=0.2, select_num=3)):
+        with pytest.raises(ValueError, match="select_ratio / select_num"):
+            DS2Config(**budget_fields)
+    assert DS2Config().keep(7) == 7  # no budget: every sample
+    assert DS2Config(select_ratio=0.7).keep(90) == 63  # core.budget's floor, not 62
+    assert DS2Config(select_num=100).keep(30) == 30
+    # an integral float from a recipe is an integer
+    assert DS2Config(k=12.0).k == 12 and isinstance(DS2Config(k=12.0).k, int)
+    # the knn options are copied: the caller's dict cannot change a built config
+    params = {"nprobe": 4}
+    config = DS2Config(knn_index="ivf", knn_params=params)
+    params["nprobe"] = 64
+    assert config.knn_params == {"nprobe": 4}
+
+
+def test_ds2_select_keeps_tiny_inputs_on_their_raw_scores(warnings_log):
+    result = ds2_select(None, np.array([1, 4]), DS2Config(select_num=1))
+    assert result.selected.tolist() == [1] and not result.corrupted.any()
+    assert result.info["curation_skipped"] == "too few samples" and result.info["budget"] == 1
+    assert any("too few to curate" in m for m in warnings_log)
+
+
+def test_rating_config_refuses_a_bad_field_by_name():
+    for fields, name in ((dict(mode="vote"), "mode"), (dict(backend="openai"), "backend"),
+                         (dict(backend="api"), "backend"), (dict(try_num=0), "try_num"),
+                         (dict(min_score=4, max_score=1), "min_score"), (dict(top_p=0.0), "top_p"),
+                         (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=f"RatingConfig.{name}"):
+            RatingConfig(**fields)
+    assert RatingConfig().compression == (0.0, 5.0)
+    assert RatingConfig(mode="generate").compression == (4.0, 9.0)  # DS2: clip(s, 4, 9) - 4
 
 
 def test_non_finite_embeddings_do_not_crash():
     emb = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
     emb[3] = np.nan
-    result = curate_scores(emb, np.arange(20) % 3, num_classes=3, hoc_steps=50, detection_rounds=2)
+    result = curate_scores(emb, np.arange(20) % 3,
+                           DS2Config(num_classes=3, hoc_steps=50, detection_rounds=2))
     assert np.isfinite(result.long_tail).all()
 
 
@@ -300,7 +333,8 @@ def test_long_tail_is_tanh_of_half_mean_distance():
 def test_isolated_sample_has_the_highest_long_tail(synthetic):
     emb = synthetic["embeddings"][:300].copy()
     emb[7] = -emb[:300].mean(axis=0) * 50  # far from everything
-    result = curate_scores(emb, synthetic["observed"][:300], hoc_steps=50, detection_rounds=2)
+    result = curate_scores(emb, synthetic["observed"][:300],
+                           DS2Config(hoc_steps=50, detection_rounds=2))
     assert int(np.argmax(result.long_tail)) == 7
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from daar_research.ds2 import make_synthetic_ds2
 from data_juicer.core.data import NestedDataset
 from data_juicer.utils.constant import Fields
 
-from daar_ops.algorithms.ds2 import make_synthetic_ds2
 from daar_ops.ops import ds2_rating_filter as rating_module
 from daar_ops.ops.ds2_selector import STATS_KEYS, DS2Filter
 from daar_ops.ops.ds2_rating_filter import DS2RatingFilter

@@ -177,14 +177,16 @@ def test_faiss_threads_follow_torch():
 
 
 def test_ds2_curation_through_an_ivf_index_probing_every_cell_equals_exact():
-    from daar_ops.algorithms.ds2 import curate_scores, make_synthetic_ds2
+    from daar_research.ds2 import make_synthetic_ds2
+
+    from daar_ops.algorithms.ds2 import DS2Config, curate_scores
 
     data = make_synthetic_ds2(n=1200, seed=0)
-    exact = curate_scores(data["embeddings"], data["observed"], hoc_steps=200, seed=0)
-    ivf = curate_scores(data["embeddings"], data["observed"], hoc_steps=200, seed=0,
-                        knn_index="ivf", knn_params=dict(nlist=8, nprobe=8))
+    exact = curate_scores(data["embeddings"], data["observed"], DS2Config(hoc_steps=200))
+    ivf_config = DS2Config(hoc_steps=200, knn_index="ivf", knn_params=dict(nlist=8, nprobe=8))
+    ivf = curate_scores(data["embeddings"], data["observed"], ivf_config)
     assert (ivf.curated == exact.curated).all()
     np.testing.assert_allclose(ivf.long_tail, exact.long_tail, atol=1e-6)
     assert ivf.info["knn_index"] == "ivf" and ivf.info["knn_params"] == dict(nlist=8, nprobe=8)
-    with pytest.raises(ValueError, match="index must be one of"):
-        curate_scores(data["embeddings"], data["observed"], knn_index="lsh")
+    with pytest.raises(ValueError, match="DS2Config.knn_index must be one of"):
+        DS2Config(knn_index="lsh")

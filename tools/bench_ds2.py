@@ -3,13 +3,15 @@
 **Synthetic case.** N samples (default 20,000) with clusterable embeddings and K = 6 true scores;
 the scores a rater reports are drawn through a known transition matrix T with 30% off-diagonal
 mass. DS2 estimates T (HOC), detects and curates corrupted scores (SimiFeat-rank). Side by side,
-in the same process: the former defaults of this package (HOC consensus over all positions of
-the triple, vote-share detection score, a suggestion from every round, noise rates clipped to
-[0.05, 0.95]) and the obvious alternative to curation, replacing every score by the
-(similarity-weighted) majority of its 10 nearest neighbours, which needs no T.
+in the same process: the former defaults of this package (``DS2Variant.former()`` of
+``tools/daar_research/ds2.py``: HOC consensus over all positions of the triple, vote-share
+detection score, a suggestion from every round, noise rates clipped to [0.05, 0.95]) and the
+obvious alternative to curation, replacing every score by the (similarity-weighted) majority of
+its 10 nearest neighbours, which needs no T.
 
 **Real-embedding case.** all-MiniLM-L6-v2 embeddings of the whole sample
-("{instruction} {input} {output}", as DS2 embeds it; ``--real-template``; cached under
+("{instruction} {input} {output}", as DS2 embeds it; ``--real-template``; the first
+``models.SENTENCE_MAX_TOKENS`` (128) tokens, as ``ds2_selector`` embeds; cached under
 ``$DAAR_OPS_HOME/bench`` like ``tools/bench_qdit.py``'s) of the first ``--real-n`` (3,000) pool
 records. The true class is derived from the record (its ``domain``, 4 classes: an evaluation
 tool may read it, selection never does; or ``--real-label kmeans:K``, K clusters of the
@@ -40,13 +42,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daar_ops.algorithms.ds2 import (curate_scores, make_synthetic_ds2, off_diagonal_transition,
-                                     write_ds2_report)
+from daar_ops.algorithms.ds2 import DS2Config, curate_scores
 from daar_ops.algorithms.knn import knn_cosine
+from daar_ops.ds2_report import write_ds2_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daar_research.ds2 import (DS2Variant, curate_scores_variant,  # noqa: E402
+                               make_synthetic_ds2, off_diagonal_transition)
 
 # the package's behaviour before issue 16, for the side-by-side comparison
-FORMER = dict(consensus_positions="all", detection_score="share", suggestion="all",
-              noise_rate_clip=(0.05, 0.95))
+FORMER = DS2Variant.former()
 
 
 def knn_majority(embeddings: np.ndarray, labels: np.ndarray, k: int, num_classes: int,
@@ -99,7 +104,6 @@ def pool_domains(n: int, pool: Path) -> np.ndarray:
 
 
 def real_case(args) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_qdit import DEFAULT_POOL, pool_embeddings
 
     emb = pool_embeddings(args.real_n, DEFAULT_POOL, progress=False, template=args.real_template)
@@ -133,9 +137,11 @@ def real_case(args) -> list[dict]:
         floor_err = float(np.abs(floor - prior).max())
         print(f"  seed {seed} prior error floor with the true T (sampling noise): "
               f"{floor_err:.4f}")
-        for name, kw in (("defaults", {}), ("former", FORMER)):
+        config = DS2Config(num_classes=k, seed=seed)
+        for name, variant in (("defaults", None), ("former", FORMER)):
             t0 = time.perf_counter()
-            r = curate_scores(emb, observed, num_classes=k, seed=seed, device=args.device, **kw)
+            r = (curate_scores(emb, observed, config, device=args.device) if variant is None else
+                 curate_scores_variant(emb, observed, config, variant, device=args.device))
             m = evaluate(r, true, observed, t, prior)
             print(fmt(f"seed {seed} {name}", m, time.perf_counter() - t0), flush=True)
             out.append(dict(seed=seed, name=name, p_err_floor=floor_err, purity=purity, **m))
@@ -171,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"synthetic case: N={args.n} K={args.classes} off-diagonal mass={args.off_mass} "
           f"seed={args.seed}")
 
+    config = DS2Config(num_classes=args.classes, seed=args.seed)
     start = time.perf_counter()
-    result = curate_scores(data["embeddings"], observed, num_classes=args.classes, seed=args.seed,
-                           device=args.device)
+    result = curate_scores(data["embeddings"], observed, config, device=args.device)
     seconds = time.perf_counter() - start
     m = evaluate(result, true, observed, data["transition"], data["prior"])
 
@@ -190,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(fmt("defaults", m, seconds))
     if not args.no_former:
         start = time.perf_counter()
-        former = curate_scores(data["embeddings"], observed, num_classes=args.classes,
-                               seed=args.seed, device=args.device, **FORMER)
+        former = curate_scores_variant(data["embeddings"], observed, config, FORMER,
+                                       device=args.device)
         print(fmt("former defaults", evaluate(former, true, observed, data["transition"],
                                               data["prior"]), time.perf_counter() - start))
     print(f"  10-NN majority   replaced {int(maj_wrong.sum()):5d} precision {maj_precision:.3f} | "

@@ -38,8 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daar_ops.algorithms.ds2 import curate_scores, make_synthetic_ds2
+from daar_ops.algorithms.ds2 import DS2Config, curate_scores
 from daar_ops.algorithms.knn import knn_cosine, knn_cosine_torch, l2_normalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daar_research.ds2 import make_synthetic_ds2  # noqa: E402
 
 
 def former_torch_knn(embeddings: np.ndarray, k: int, block_size: int = 4096
@@ -138,8 +141,8 @@ def ds2_child(args) -> None:
                 parts[_name] = round(parts.get(_name, 0.0) + time.process_time() - t_part, 1)
         setattr(ds2_module, name, timed_call)
     t, c0 = time.perf_counter(), time.process_time()
-    result = curate_scores(data["embeddings"], data["observed"], seed=args.seed,
-                           knn_index=args.ds2_index, knn_params=params)
+    result = curate_scores(data["embeddings"], data["observed"],
+                           DS2Config(seed=args.seed, knn_index=args.ds2_index, knn_params=params))
     seconds = time.perf_counter() - t
     cpu_s = time.process_time() - c0  # all threads: what an idle machine would take (1 thread)
     peak = peak_rss_mb()

@@ -109,12 +109,15 @@ def child(stage: str, n: int, threads: int) -> dict:
                               progress=False)
             extra = dict(k=max(1, n // 20), objective=float(res.objective))
     elif stage == "ds2":
-        from daar_ops.algorithms.ds2 import curate_scores, make_synthetic_ds2
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from daar_research.ds2 import make_synthetic_ds2
+
+        from daar_ops.algorithms.ds2 import curate_scores
 
         data = make_synthetic_ds2(n=n, dim=384, seed=0)
         data_mb = data["embeddings"].nbytes / 2**20
         t, c0 = time.perf_counter(), time.process_time()
-        res = curate_scores(data["embeddings"], data["observed"], seed=0)
+        res = curate_scores(data["embeddings"], data["observed"])
         extra = dict(curated_acc=float((res.curated == data["true"]).mean()),
                      raw_acc=float((data["observed"] == data["true"]).mean()))
     elif stage == "daar_scoring":

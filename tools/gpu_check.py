@@ -138,7 +138,7 @@ def check_workers(args, work: Path, result, model: str) -> float:
 
 def check_kernels(args) -> tuple[float, float]:
     """QDIT and DS2 on the device against the CPU, same embeddings and seeds."""
-    from daar_ops.algorithms.ds2 import curate_scores
+    from daar_ops.algorithms.ds2 import DS2Config, curate_scores
     from daar_ops.algorithms.qdit import qdit_select
 
     rng = np.random.default_rng(0)
@@ -148,7 +148,8 @@ def check_kernels(args) -> tuple[float, float]:
     runs = {d: qdit_select(emb, select_ratio=0.1, device=d, progress=False).indices
             for d in ("cpu", args.device)}
     qdit = len(set(runs["cpu"].tolist()) & set(runs[args.device].tolist())) / len(runs["cpu"])
-    curated = {d: curate_scores(emb, labels, hoc_steps=100, detection_rounds=4, device=d).curated
+    config = DS2Config(hoc_steps=100, detection_rounds=4)
+    curated = {d: curate_scores(emb, labels, config, device=d).curated
                for d in ("cpu", args.device)}
     ds2 = float((curated["cpu"] == curated[args.device]).mean())
     return qdit, ds2

@@ -13,6 +13,10 @@ No Data-Juicer import. Two ways to rate a sample:
   and the probability mass on the score tokens. The 0-5 scale is used because with digit-splitting
   tokenizers (SmolLM2, Qwen, Llama 3) "10" is two tokens, so on a 1-10 scale P("1") would mix up 1
   and 10.
+
+:class:`RatingConfig` holds the settings of a rating (``ds2_rating_filter`` builds it, validated
+once); :func:`rate_by_generation` is the retry loop of the generation mode around any
+``generate`` callable (the op passes its model's).
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from loguru import logger
 
 
 DS2_RATING_PROMPT = """We would like your feedback on the quality of an instruction-tuning \
@@ -165,3 +173,103 @@ def parse_rating(text: Any, key: str = "Overall rating", low: float = 1.0, high:
     return None
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and the generation mode's retry loop
+
+MODES = ("probability", "generate")
+BACKENDS = ("hf", "api", "vllm")
+# (low, high) of the raw rating that becomes classes 0..5: the probability mode's expected 0-5
+# score as it is; DS2's 1-10 generated rating as clip(s, 4, 9) - 4
+COMPRESSION = {"probability": (0.0, 5.0), "generate": (4.0, 9.0)}
+RATING_CLASSES = 6
+
+
+@dataclass(frozen=True)
+class RatingConfig:
+    """Every setting of a DS2 rating, validated once when built (``ValueError`` naming the
+    field); ``ds2_rating_filter``'s parameters of the same names document them."""
+
+    mode: str = "probability"
+    backend: str = "hf"
+    min_score: float | None = None
+    max_score: float | None = None
+    try_num: int = 3
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    max_length: int = 2048
+    max_sample_chars: int = 6000
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, allowed in (("mode", MODES), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RatingConfig.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if self.mode == "probability" and self.backend != "hf":
+            raise ValueError(f"RatingConfig.backend: probability mode reads token probabilities "
+                             f"of a local model; use backend 'hf' or mode 'generate' for "
+                             f"'{self.backend}'")
+        for name in ("min_score", "max_score"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(float(value)):
+                raise ValueError(f"RatingConfig.{name} must be a finite number, got {value}")
+        if self.min_score is not None and self.max_score is not None and \
+                self.min_score > self.max_score:
+            raise ValueError(f"RatingConfig.min_score {self.min_score} > max_score "
+                             f"{self.max_score}")
+        for name in ("try_num", "max_new_tokens", "max_length", "max_sample_chars"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RatingConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise ValueError(f"RatingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"RatingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def compression(self) -> tuple[float, float]:
+        """(low, high) of the raw rating mapped to classes 0..5 (see :data:`COMPRESSION`)."""
+        return COMPRESSION[self.mode]
+
+
+def rate_by_generation(generate: Callable[[list, int], Sequence[str]], texts: Sequence[str],
+                       config: RatingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """DS2's rating by generation: every sample's :data:`DS2_RATING_PROMPT` answered by
+    ``generate(conversations, seed)``, parsed by :func:`parse_rating` (1-10); unparsable answers
+    are retried up to ``try_num`` times with seed ``seed + attempt``, and a sample whose every
+    attempt failed is rated 0 (as DS2). A call that raises is a failed attempt for its samples.
+
+    :returns: (ratings [N], failures [N]: unparsable answers per sample).
+    """
+    ratings = np.full(len(texts), np.nan)
+    failures = np.zeros(len(texts))
+    todo = list(range(len(texts)))
+    for attempt in range(config.try_num):
+        if not todo:
+            break
+        convs = [[{"role": "user", "content": build_prompt(texts[i], DS2_RATING_PROMPT,
+                                                           config.max_sample_chars)}]
+                 for i in todo]
+        try:
+            answers = generate(convs, config.seed + attempt)
+        except Exception as err:  # a failed call is a failed attempt for these samples
+            logger.warning(f"DS2 rating: generation attempt {attempt + 1} failed: {err}")
+            answers = [""] * len(todo)
+        left = []
+        for i, answer in zip(todo, answers):
+            value = parse_rating(answer, low=1.0, high=10.0)
+            if value is None:
+                failures[i] += 1
+                left.append(i)
+            else:
+                ratings[i] = value
+        todo = left
+    if todo:
+        logger.warning(f"DS2 rating: {len(todo)}/{len(texts)} samples got no parsable rating in "
+                       f"{config.try_num} attempts; their rating is 0 (as DS2)")
+    return np.nan_to_num(ratings, nan=0.0), failures

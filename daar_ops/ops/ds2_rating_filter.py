@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import numpy as np
@@ -11,9 +10,10 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from daar_ops.algorithms.ds2 import scores_to_classes
-from daar_ops.algorithms.rating import DS2_RATING_PROMPT, build_prompt, parse_rating
+from daar_ops.algorithms.rating import RATING_CLASSES, RatingConfig, rate_by_generation
 from daar_ops.core import (DS2_RATING_FAILURES_KEY, DS2_RATING_KEY, DS2_RATING_MASS_KEY,
                            DS2_SCORE_KEY, as_dict, uniform_dicts)
+from daar_ops.defaults import DS2_RATING
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import SMOLLM2
 from daar_ops.ops._columns import (check_template_columns, float_feature, render_rows,
@@ -26,8 +26,6 @@ RATING_KEY = DS2_RATING_KEY
 SCORE_KEY = DS2_SCORE_KEY
 FAILURES_KEY = DS2_RATING_FAILURES_KEY
 MASS_KEY = DS2_RATING_MASS_KEY
-MODES = ("probability", "generate")
-BACKENDS = ("hf", "api", "vllm")
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -66,28 +64,29 @@ class DS2RatingFilter(Filter):
 
     def __init__(
         self,
-        mode: str = "probability",
+        mode: str = DS2_RATING.mode,
         model: str = SMOLLM2,
-        backend: str = "hf",
+        backend: str = DS2_RATING.backend,
         text_template: Optional[str] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        try_num: PositiveInt = 3,
-        max_new_tokens: PositiveInt = 128,
-        temperature: NonNegativeFloat = 0.7,
-        top_p: OpenRatio = 0.95,
-        seed: int = 0,
+        try_num: PositiveInt = DS2_RATING.try_num,
+        max_new_tokens: PositiveInt = DS2_RATING.max_new_tokens,
+        temperature: NonNegativeFloat = DS2_RATING.temperature,
+        top_p: OpenRatio = DS2_RATING.top_p,
+        seed: int = DS2_RATING.seed,
         dtype: str = "float32",
-        model_batch_size: PositiveInt = 8,
-        max_length: PositiveInt = 2048,
-        max_sample_chars: PositiveInt = 6000,
+        batch_size: PositiveInt = 8,
+        max_length: PositiveInt = DS2_RATING.max_length,
+        max_sample_chars: PositiveInt = DS2_RATING.max_sample_chars,
         api_endpoint: Optional[str] = None,
         api_params: Optional[Dict] = None,
         *args,
         **kwargs,
     ):
         """
-        Initialization method.
+        Initialization method. The rating settings are checked once by
+        :class:`daar_ops.algorithms.rating.RatingConfig` (``ValueError`` naming the field).
 
         :param mode: ``probability`` (deterministic expected score from the score-token
             probabilities) or ``generate`` (DS2's JSON rating by generation, parsed tolerantly).
@@ -108,7 +107,7 @@ class DS2RatingFilter(Filter):
         :param top_p: nucleus sampling of ``generate``.
         :param seed: base seed; attempt ``a`` uses ``seed + a``: same data + seed -> same ratings.
         :param dtype: ``float32``, ``bfloat16`` or ``float16`` (local models).
-        :param model_batch_size: prompts per forward / generate call.
+        :param batch_size: prompts per forward / generate call.
         :param max_length: prompt tokens kept in ``probability`` mode.
         :param max_sample_chars: a sample longer than this is cut before prompting (logged).
         :param api_endpoint: endpoint of the API model (``api`` backend).
@@ -119,93 +118,42 @@ class DS2RatingFilter(Filter):
         :param kwargs: extra args
         """
         super().__init__(*args, **kwargs)
-        if mode not in MODES:
-            raise ValueError(f"{OP_NAME}: mode must be one of {MODES}, got {mode!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"{OP_NAME}: backend must be one of {BACKENDS}, got {backend!r}")
-        if mode == "probability" and backend != "hf":
-            raise ValueError(f"{OP_NAME}: probability mode reads token probabilities of a local "
-                             f"model; use backend 'hf' or mode 'generate' for '{backend}'")
-        for name, value in (("min_score", min_score), ("max_score", max_score)):
-            if value is not None and not math.isfinite(float(value)):
-                raise ValueError(f"{OP_NAME}: {name} must be a finite number, got {value}")
-        if min_score is not None and max_score is not None and min_score > max_score:
-            raise ValueError(f"{OP_NAME}: min_score {min_score} > max_score {max_score}")
-        if int(try_num) < 1:
-            raise ValueError(f"{OP_NAME}: try_num must be >= 1, got {try_num}")
-        for name, value in (("max_new_tokens", max_new_tokens),
-                            ("model_batch_size", model_batch_size), ("max_length", max_length),
-                            ("max_sample_chars", max_sample_chars)):
-            if int(value) < 1:
-                raise ValueError(f"{OP_NAME}: {name} must be >= 1, got {value}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"{OP_NAME}: need temperature >= 0 and top_p in (0, 1]")
+        self.config = RatingConfig(
+            mode=mode, backend=backend, min_score=min_score, max_score=max_score,
+            try_num=try_num, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, max_length=max_length, max_sample_chars=max_sample_chars)
         self.template = TextTemplate(text_template or self.text_key)
-        self.mode, self.model, self.backend = mode, str(model), backend
-        self.min_score, self.max_score = min_score, max_score
-        self.try_num, self.max_new_tokens = int(try_num), int(max_new_tokens)
-        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
-        self.dtype, self.model_batch_size = dtype, int(model_batch_size)
-        self.max_sample_chars = int(max_sample_chars)
+        self.model, self.dtype, self.batch_size = str(model), dtype, batch_size
         self.api_endpoint, self.api_params = api_endpoint, dict(api_params or {})
+        self.rater_key = None
         if mode == "probability":
             from daar_ops.models import resolve_model_path
 
             self.rater_key = model_key("score_rater", model=resolve_model_path(self.model),
-                                       dtype=dtype, batch_size=self.model_batch_size,
-                                       max_length=int(max_length))
-            # (low, high) of the raw rating -> classes 0..5
-            self.compression = (0.0, 5.0)
-        else:
-            self.rater_key = None
-            self.compression = (4.0, 9.0)  # DS2: clip(s, 4, 9) - 4
+                                       dtype=dtype, batch_size=batch_size,
+                                       max_length=max_length)
         if backend == "api":
             self.accelerator = "cpu"
 
     # -- model access ------------------------------------------------------------------------------
     def _generator(self, rank=None):
-        if self.backend == "api":
+        if self.config.backend == "api":
             kwargs = dict(self.api_params)
             if self.api_endpoint:
                 kwargs["endpoint"] = self.api_endpoint
             return load(model_key("generator", backend="api", model=self.model,
                                   backend_kwargs=kwargs))
-        key = model_key("generator", backend=self.backend, model=self.model, dtype=self.dtype,
-                        batch_size=self.model_batch_size)
+        key = model_key("generator", backend=self.config.backend, model=self.model,
+                        dtype=self.dtype, batch_size=self.batch_size)
         return load(key, rank, self.use_cuda())
 
     def _rate_generate(self, texts: list[str], rank=None) -> tuple[np.ndarray, np.ndarray]:
-        generator = self._generator(rank)
-        ratings = np.full(len(texts), np.nan)
-        failures = np.zeros(len(texts))
-        todo = list(range(len(texts)))
-        for attempt in range(self.try_num):
-            if not todo:
-                break
-            convs = [[{"role": "user", "content": build_prompt(texts[i], DS2_RATING_PROMPT,
-                                                               self.max_sample_chars)}]
-                     for i in todo]
-            try:
-                answers = generator.generate(convs, max_new_tokens=self.max_new_tokens,
-                                             temperature=self.temperature, top_p=self.top_p,
-                                             do_sample=self.temperature > 0,
-                                             seed=self.seed + attempt)
-            except Exception as err:  # a failed call is a failed attempt for these samples
-                logger.warning(f"{OP_NAME}: generation attempt {attempt + 1} failed: {err}")
-                answers = [""] * len(todo)
-            left = []
-            for i, answer in zip(todo, answers):
-                value = parse_rating(answer, low=1.0, high=10.0)
-                if value is None:
-                    failures[i] += 1
-                    left.append(i)
-                else:
-                    ratings[i] = value
-            todo = left
-        if todo:
-            logger.warning(f"{OP_NAME}: {len(todo)}/{len(texts)} samples got no parsable rating "
-                           f"in {self.try_num} attempts; their rating is 0 (as DS2)")
-        return np.nan_to_num(ratings, nan=0.0), failures
+        generator, cfg = self._generator(rank), self.config
+        return rate_by_generation(
+            lambda convs, seed: generator.generate(
+                convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, do_sample=cfg.temperature > 0, seed=seed),
+            texts, cfg)
 
     # -- stats -------------------------------------------------------------------------------------
     def compute_stats_batched(self, samples, rank=None, context=False):
@@ -219,14 +167,15 @@ class DS2RatingFilter(Filter):
         if n_empty:
             logger.warning(f"{OP_NAME}: {n_empty} samples render to empty text; they are rated "
                            f"as shown (an empty sample)")
-        n_long = sum(1 for t in texts if len(t) > self.max_sample_chars)
+        max_chars = self.config.max_sample_chars
+        n_long = sum(1 for t in texts if len(t) > max_chars)
         if n_long:
-            logger.info(f"{OP_NAME}: {n_long} samples longer than {self.max_sample_chars} chars "
-                        f"are cut before rating")
+            logger.info(f"{OP_NAME}: {n_long} samples longer than {max_chars} chars are cut "
+                        f"before rating")
         mass = None
-        if self.mode == "probability":
+        if self.config.mode == "probability":
             rater = load(self.rater_key, rank, self.use_cuda())
-            ratings, mass = rater.rate(texts, max_chars=self.max_sample_chars)
+            ratings, mass = rater.rate(texts, max_chars=max_chars)
             failures = np.zeros(len(texts))
             bad = ~np.isfinite(ratings)
             if bad.any():
@@ -235,7 +184,8 @@ class DS2RatingFilter(Filter):
                 failures = bad.astype(np.float64)
         else:
             ratings, failures = self._rate_generate(texts, rank)
-        classes, _ = scores_to_classes(ratings, *self.compression, num_classes=6)
+        classes, _ = scores_to_classes(ratings, *self.config.compression,
+                                       num_classes=RATING_CLASSES)
         for j, i in enumerate(todo):
             stats[i][RATING_KEY] = float(ratings[j])
             stats[i][SCORE_KEY] = float(classes[j])
@@ -248,7 +198,7 @@ class DS2RatingFilter(Filter):
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
         check_template_columns(self.template, dataset.column_names, self._name)
         fields = {k: float_feature() for k in (RATING_KEY, SCORE_KEY, FAILURES_KEY)}
-        if self.mode == "probability":
+        if self.config.mode == "probability":
             fields[MASS_KEY] = float_feature()
         dataset = with_fields(dataset, Fields.stats, fields)
         return super().run(dataset, exporter=exporter, tracer=tracer, reduce=reduce)
@@ -257,4 +207,5 @@ class DS2RatingFilter(Filter):
         value = as_dict(sample[Fields.stats]).get(SCORE_KEY)
         if value is None:
             return True
-        return self.get_keep_boolean(float(value), self.min_score, self.max_score)
+        return self.get_keep_boolean(float(value), self.config.min_score,
+                                     self.config.max_score)
