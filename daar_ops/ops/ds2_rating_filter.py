@@ -76,7 +76,7 @@ class DS2RatingFilter(Filter):
         top_p: OpenRatio = DS2_RATING.top_p,
         seed: int = DS2_RATING.seed,
         dtype: str = "float32",
-        batch_size: PositiveInt = 8,
+        model_batch_size: PositiveInt = 8,
         max_length: PositiveInt = DS2_RATING.max_length,
         max_sample_chars: PositiveInt = DS2_RATING.max_sample_chars,
         api_endpoint: Optional[str] = None,
@@ -107,7 +107,7 @@ class DS2RatingFilter(Filter):
         :param top_p: nucleus sampling of ``generate``.
         :param seed: base seed; attempt ``a`` uses ``seed + a``: same data + seed -> same ratings.
         :param dtype: ``float32``, ``bfloat16`` or ``float16`` (local models).
-        :param batch_size: prompts per forward / generate call.
+        :param model_batch_size: prompts per forward / generate call.
         :param max_length: prompt tokens kept in ``probability`` mode.
         :param max_sample_chars: a sample longer than this is cut before prompting (logged).
         :param api_endpoint: endpoint of the API model (``api`` backend).
@@ -123,14 +123,14 @@ class DS2RatingFilter(Filter):
             try_num=try_num, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, max_length=max_length, max_sample_chars=max_sample_chars)
         self.template = TextTemplate(text_template or self.text_key)
-        self.model, self.dtype, self.batch_size = str(model), dtype, batch_size
+        self.model, self.dtype, self.model_batch_size = str(model), dtype, model_batch_size
         self.api_endpoint, self.api_params = api_endpoint, dict(api_params or {})
         self.rater_key = None
         if mode == "probability":
             from daar_ops.models import resolve_model_path
 
             self.rater_key = model_key("score_rater", model=resolve_model_path(self.model),
-                                       dtype=dtype, batch_size=batch_size,
+                                       dtype=dtype, batch_size=model_batch_size,
                                        max_length=max_length)
         if backend == "api":
             self.accelerator = "cpu"
@@ -144,7 +144,7 @@ class DS2RatingFilter(Filter):
             return load(model_key("generator", backend="api", model=self.model,
                                   backend_kwargs=kwargs))
         key = model_key("generator", backend=self.config.backend, model=self.model,
-                        dtype=self.dtype, batch_size=self.batch_size)
+                        dtype=self.dtype, batch_size=self.model_batch_size)
         return load(key, rank, self.use_cuda())
 
     def _rate_generate(self, texts: list[str], rank=None) -> tuple[np.ndarray, np.ndarray]:

@@ -80,7 +80,7 @@ class DS2Selector(StatsSelector):
         text_template: Optional[str] = None,
         model: str = MINILM,
         embedding_key: Optional[str] = None,
-        batch_size: PositiveInt = 64,
+        model_batch_size: PositiveInt = 64,
         k: PositiveInt = DS2.k,
         k_pool: Optional[int] = None,
         hoc_steps: PositiveInt = DS2.hoc_steps,
@@ -114,7 +114,7 @@ class DS2Selector(StatsSelector):
         :param model: sentence-transformers model (short name or local folder); it reads the
             first ``daar_ops.models.SENTENCE_MAX_TOKENS`` (128) tokens of a text.
         :param embedding_key: a field holding precomputed embedding vectors; skips the encoder.
-        :param batch_size: texts per encoder batch.
+        :param model_batch_size: texts per encoder batch.
         :param k: neighbours that vote in detection and enter the long-tail score (DS2: 10), >= 2.
         :param k_pool: neighbours computed once per sample (default 3 * k, at least k) and read
             by every detection round.
@@ -145,7 +145,8 @@ class DS2Selector(StatsSelector):
             seed=seed, knn_index=knn_index, knn_params=knn_params)
         self.score_key = score_key
         self.template = TextTemplate(text_template or self.text_key)
-        self.model, self.embedding_key, self.batch_size = model, embedding_key, batch_size
+        self.model, self.embedding_key = model, embedding_key
+        self.model_batch_size = model_batch_size
         self.report_dir = report_dir
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class DS2Selector(StatsSelector):
                            "as the empty string")
         key = model_key("sentence_encoder", model=self.model)
         return encode_sentences(texts, encoder=load(key, None, self.use_cuda()),
-                                batch_size=self.batch_size, progress=True)
+                                batch_size=self.model_batch_size, progress=True)
 
     def _curate(self, records: list[dict]) -> DS2Result:
         cfg = self.config
