@@ -39,7 +39,7 @@ def _slice(pool: str, n: int, path: Path) -> None:
         for i, record in enumerate(iter_jsonl(pool)):
             if i >= n:
                 break
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json.dumps(record) + "\n")  # ASCII: U+2028 would split a line for pandas
 
 
 def _recipe(name: str, data: Path, run: Path, out: Path, executor: str) -> dict:
