@@ -35,11 +35,14 @@ ARTIFACTS = {"checkpoint": "checkpoint", "stage1_path": "stage1"}
 def _slice(pool: str, n: int, path: Path) -> None:
     from daar_ops.core import iter_jsonl
 
+    kept = 0
     with open(path, "w", encoding="utf-8") as out:
-        for i, record in enumerate(iter_jsonl(pool)):
-            if i >= n:
+        for _, record in iter_jsonl(pool):
+            if kept >= n:
                 break
-            out.write(json.dumps(record) + "\n")  # ASCII: U+2028 would split a line for pandas
+            if record is not None:
+                out.write(json.dumps(record) + "\n")  # ASCII: U+2028 splits a line for pandas
+                kept += 1
 
 
 def _recipe(name: str, data: Path, run: Path, out: Path, executor: str) -> dict:
