@@ -102,7 +102,7 @@ def make(name: str, art: dict, **kw):
     if name == "qdit_filter":
         kw.setdefault("select_num", 2)
         return QditFilter(text_template=TEMPLATE, embedder="daar_features",
-                          embedding_model=kw.pop("embedding_model", model), feature="embedding",
+                          model=kw.pop("model", model), feature="embedding",
                           max_length=64, **kw)
     if name == "domain_contrastive_selector":
         kw.pop("batch_size"), kw.pop("num_proc")
@@ -396,7 +396,7 @@ def test_missing_model_path_is_refused_at_init(name, art):
         make(name, art, **MISSING_MODEL[name])
 
 
-@pytest.mark.parametrize("name,kw", [("qdit_filter", dict(embedding_model=BAD_MODEL)),
+@pytest.mark.parametrize("name,kw", [("qdit_filter", dict(model=BAD_MODEL)),
                                      ("domain_contrastive_selector", dict(hf_model=BAD_MODEL)),
                                      ("ds2_filter", dict(model=BAD_MODEL))])
 def test_missing_model_path_of_global_ops_is_a_clear_error(name, kw, art):

@@ -42,7 +42,7 @@ def _process_list(art: dict) -> list[dict]:
         {"ds2_filter": {"score_key": "score", "embedding_key": "vec", "select_ratio": 0.9,
                         "k": 3, "k_pool": 6, "hoc_steps": 50, "detection_rounds": 2}},
         {"qdit_filter": {"select_ratio": 0.8, "embedder": "daar_features",
-                         "embedding_model": model, "text_template": "{instruction} {output}"}},
+                         "model": model, "text_template": "{instruction} {output}"}},
     ]
 
 
@@ -126,7 +126,7 @@ def test_op_fusion_keeps_a_filter_before_a_selection(tmp_path, fake_minilm=None)
         {"words_num_filter": {"min_num": 3}},
         {"word_repetition_filter": {"rep_len": 1, "min_ratio": 0.0, "max_ratio": 1.0}},
         {"qdit_filter": {"select_num": 100, "embedder": "daar_features",
-                         "embedding_model": str(_tiny(tmp_path)), "feature": "embedding",
+                         "model": str(_tiny(tmp_path)), "feature": "embedding",
                          "text_template": "{text}"}},
     ]
     cfg = _config(tmp_path, process, rows, op_fusion=True, keep_stats_in_res_ds=True)
@@ -213,7 +213,7 @@ def test_every_method_keeps_the_same_count_for_the_same_ratio(tiny_artifacts, n,
         "daar": len(DiversityRewardFilter(checkpoint=str(tiny_artifacts["probe"]),
                                           top_ratio=ratio).run(ds)),
         "qdit": len(QditSelector(select_ratio=ratio, embedder="daar_features",
-                                 embedding_model=model, text_template="{instruction}").run(ds)),
+                                 model=model, text_template="{instruction}").run(ds)),
         "ds2": len(DS2Selector(score_key="score", embedding_key="vec", select_ratio=ratio, k=2,
                                k_pool=4, hoc_steps=20, detection_rounds=1).run(ds)),
         "top_mask": int(top_mask(np.arange(n, dtype=float), top_ratio=ratio).sum()),

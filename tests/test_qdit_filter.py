@@ -143,7 +143,8 @@ def test_deterministic_stochastic_mode(fake_encoder):
     dict(select_ratio=0.2, epsilon=0.0), dict(select_ratio=0.2, diversity_scale="sum"),
     dict(select_ratio=0.2, diversity_scale=0), dict(select_ratio=0.2, quality_fill="mode"),
     dict(select_ratio=0.2, compute_dtype="int8"), dict(select_ratio=0.2, partition_size=0), dict(select_ratio=0.2, embedder="clip"),
-    dict(select_ratio=0.2, embedder="daar_features", feature_layer=0),
+    dict(select_ratio=0.2, embedder="daar_features", layer=0),
+    dict(select_ratio=0.2, similarity="dense"), dict(select_ratio=0.2, diversity_scale="mean"),
 ])
 def test_invalid_parameters_fail_at_construction(bad):
     with pytest.raises(ValueError):
@@ -168,15 +169,15 @@ def test_op_is_picklable(fake_encoder):
 
     op = _op(select_ratio=0.3, quality_key="score", alpha=0.5)
     clone = dill.loads(dill.dumps(op))
-    assert clone.select_kwargs == op.select_kwargs
+    assert clone.config == op.config
 
 
 def test_daar_layer_features_option(tiny_llama):
-    out = _run(_op(select_num=4, embedder="daar_features", embedding_model=str(tiny_llama),
-                   feature="layer", feature_layer=2, text_template="{instruction} {output}"),
+    out = _run(_op(select_num=4, embedder="daar_features", model=str(tiny_llama),
+                   feature="layer", layer=2, text_template="{instruction} {output}"),
                _records(10))
     assert len(out) == 4
-    out = _run(_op(select_num=3, embedder="daar_features", embedding_model=str(tiny_llama),
+    out = _run(_op(select_num=3, embedder="daar_features", model=str(tiny_llama),
                    feature="embedding"), _records(10))
     assert len(out) == 3
 

@@ -130,7 +130,7 @@ def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifac
         {"domain_pseudo_label_mapper": {"centroids_path": str(artifacts["centroids"]),
                                         "model": str(artifacts["model"]), "batch_size": 8}},
         {"qdit_selector": {"select_num": 8, "embedder": "daar_features",
-                           "embedding_model": str(artifacts["model"]),
+                           "model": str(artifacts["model"]),
                            "text_template": "{instruction} {output}"}},
     ]
     default, ray = _run_both_executors(data, process, tmp_path, "ray-select")
@@ -300,7 +300,7 @@ def test_qdit_ds2_and_contrastive_under_ray_keep_the_default_executors_rows(arti
     model = str(artifacts["model"])
     cases = {
         "qdit": (lambda: QditSelector(select_num=9, alpha=0.5, embedder="daar_features",
-                                      embedding_model=model, quality_key="__dj__stats__.q",
+                                      model=model, quality_key="__dj__stats__.q",
                                       text_template="{instruction} {output}"),
                  ("qdit_rank", "qdit_gain")),
         "ds2": (lambda: DS2Selector(score_key="ds2_score", embedding_key="vec",

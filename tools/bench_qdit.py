@@ -44,9 +44,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-
-from daar_ops.core import default_pool  # noqa: E402
 import torch
+
+from daar_ops.core import default_pool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the research variants
+from daar_research.qdit import facility_location_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = Path(default_pool())  # $DAAR_OPS_POOL, else the shared pool (daar_ops.core)
@@ -60,10 +63,12 @@ def peak_rss_mb() -> float:
 def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-l6-v2",
                     progress: bool = True, template: str = TEMPLATE) -> np.ndarray:
     """MiniLM embeddings of the first ``n`` pool records (``template``, default
-    ``"{instruction} {input}"``), cached as a daar-ops artifact."""
+    ``"{instruction} {input}"``), truncated at ``models.SENTENCE_MAX_TOKENS`` as every embedding
+    of the package, cached as a daar-ops artifact (a cache of another truncation is not reused)."""
     from daar_ops.artifacts import ArtifactError, load_artifact, save_artifact
     from daar_ops.encoders import encode_sentences
-    from daar_ops.models import daar_ops_home, model_fingerprint, resolve_model_path
+    from daar_ops.models import (SENTENCE_MAX_TOKENS, daar_ops_home, model_fingerprint,
+                                 resolve_model_path)
     from daar_ops.text import TextTemplate
 
     fingerprint = model_fingerprint(resolve_model_path(model))
@@ -80,7 +85,8 @@ def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-
         except ArtifactError:
             continue
         if (manifest.get("model_fingerprint") == fingerprint and manifest.get("n") == size
-                and manifest.get("template") == template and manifest.get("pool") == str(pool)):
+                and manifest.get("template") == template and manifest.get("pool") == str(pool)
+                and manifest.get("max_seq_length") == SENTENCE_MAX_TOKENS):
             return tensors["embeddings"][:n]
     render = TextTemplate(template)
     texts = []
@@ -94,7 +100,8 @@ def pool_embeddings(n: int, pool: Path = DEFAULT_POOL, model: str = "all-minilm-
     emb = encode_sentences(texts, model=model, progress=progress)
     save_artifact(cache, {"embeddings": emb},
                   {"model": model, "model_fingerprint": fingerprint, "n": n, "template": template,
-                   "pool": str(pool)}, kind="qdit_bench_embeddings")
+                   "pool": str(pool), "max_seq_length": SENTENCE_MAX_TOKENS},
+                  kind="qdit_bench_embeddings")
     return emb
 
 
@@ -143,8 +150,10 @@ def sweep_quality(source: str, emb: np.ndarray, outputs: list[str], seed: int) -
 def alpha_sweep(emb: np.ndarray, quality: np.ndarray, k: int, scale: str | float,
                 alphas=SWEEP_ALPHAS, random_draws: int = 5, seed: int = 0) -> dict:
     """Mean normalised quality and facility-location value of the selection per alpha, and of
-    ``random_draws`` seeded random subsets of the same size (mean and std)."""
-    from daar_ops.algorithms.qdit import facility_location_value, normalize_quality, qdit_select
+    ``random_draws`` seeded random subsets of the same size (mean and std). ``scale``: the
+    product's scalings or the research ones (tools/daar_research/qdit.py)."""
+    from daar_ops.algorithms.qdit import normalize_quality
+    from daar_research.qdit import qdit_select
 
     qn, _ = normalize_quality(quality)
     rows = []
@@ -231,8 +240,9 @@ def plot_sweeps(sweeps: dict[str, dict], path: Path) -> None:
 
 
 def run_alpha_sweep(args) -> int:
-    from daar_ops.algorithms.qdit import DEFAULT_DIVERSITY_SCALE
+    from daar_ops.algorithms.qdit import QditConfig
 
+    DEFAULT_DIVERSITY_SCALE = QditConfig.diversity_scale
     n = args.n if args.n_given else 4000
     slices = (0, n)  # two disjoint slices of the pool
     total = max(slices) + n
@@ -356,7 +366,7 @@ def exact_floor_seconds(n: int, d: int, gflops: float) -> float:
 
 
 def run_synthetic(args, emb: np.ndarray, k: int, part: int | None) -> int:
-    from daar_ops.algorithms.qdit import facility_location_value, qdit_select
+    from daar_ops.algorithms.qdit import qdit_select
 
     warm_up()
     rss_before = peak_rss_mb()
@@ -439,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.alpha_sweep:
         return run_alpha_sweep(args)
-    from daar_ops.algorithms.qdit import facility_location_value, qdit_select
+    from daar_ops.algorithms.qdit import qdit_select
 
     method, dtype = args.method, args.compute_dtype
     part = args.partition_size if args.partition_size is not None else \

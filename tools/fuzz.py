@@ -221,7 +221,7 @@ class Fuzz:
             ("diversity_reward_filter top_ratio", lambda: DiversityRewardFilter(
                 checkpoint=probe, top_ratio=ratio, feature_cache=False)),
             ("qdit_filter", lambda: QditFilter(select_ratio=ratio, embedder="daar_features",
-                                               embedding_model=model, feature="embedding",
+                                               model=model, feature="embedding",
                                                text_template="{instruction} {output}")),
             ("ds2_filter", lambda: DS2Filter(
                 score_key="id", select_ratio=ratio, text_template="{instruction}",
