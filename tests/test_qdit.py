@@ -254,9 +254,48 @@ def test_partitioned_selection_budget_determinism_and_quality():
     b = qdit_select(x, select_num=90, partition_size=300, seed=1, progress=False)
     assert a.indices.tolist() == b.indices.tolist()
     assert len(set(a.indices.tolist())) == 90
-    assert a.meta["partitions"] == 3
-    assert np.all(np.diff(a.gains) <= 1e-12)  # merged order: by marginal gain
+    assert a.meta["partitions"] == 3 and a.meta["union"] == 270  # each part picks K
+    assert np.all(np.diff(a.gains) <= 1e-12)  # the union's greedy order: gains only shrink
     assert facility_location_value(x, a.indices) / exact.objective > 0.97
+
+
+def _qdit_objective(sim: np.ndarray, idx, qn: np.ndarray, alpha: float, scale: float) -> float:
+    """(1 - alpha) d(A) / scale + alpha sum q(A) over the whole set."""
+    return (1 - alpha) * sim[:, idx].max(1).sum() / scale + alpha * qn[idx].sum()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_greedi_objective_is_close_to_the_exact_greedy(alpha):
+    """GreeDi (greedy on each partition picking K, then on the union of the picks) against the
+    exact greedy on the whole set, on synthetic clusters with a quality that has invalid values."""
+    from daar_ops.algorithms.qdit.partitioned import greedi_select, random_parts
+
+    x = _clustered(1200, d=16, centers=30, seed=5)
+    raw = np.random.default_rng(1).random(len(x))
+    raw[::97] = np.nan
+    config = QditConfig(select_num=40, alpha=alpha)
+    exact = qdit_select(x, config, raw, progress=False)
+    parts = random_parts(len(x), 300, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(x)))
+    ours = greedi_select(x, exact.quality, 40, config, parts)
+    assert ours.meta["union"] == 160 and len(set(ours.indices.tolist())) == 40
+    scale = 0.1 * len(x) / 40  # the budget scale of the whole set
+    qn = exact.quality if alpha else np.zeros(len(x))
+    ratio = (_qdit_objective(_clipped_sim(x), ours.indices, qn, alpha, scale)
+             / _qdit_objective(_clipped_sim(x), exact.indices, qn, alpha, scale))
+    assert 0.95 < ratio <= 1.0 + 1e-9
+    # in-process partition_size runs the same rounds over seeded random parts
+    same = qdit_select(x, config, raw, partition_size=300, seed=0, progress=False)
+    assert same.indices.tolist() == ours.indices.tolist()
+
+
+def test_round_config_keeps_the_scale_in_the_subsets_units():
+    from daar_ops.algorithms.qdit.partitioned import round_config
+
+    part = round_config(QditConfig(select_ratio=0.1, diversity_scale=8.0, partition_size=50),
+                        k=30, rows=250, n_total=1000)
+    assert (part.select_num, part.partition_size, part.diversity_scale) == (30, None, 2.0)
+    assert round_config(QditConfig(select_num=5), k=30, rows=20, n_total=100).select_num == 20
 
 
 @pytest.mark.parametrize("alpha,scale", [(0.0, "budget"), (0.5, "budget"), (0.7, 600.0),

@@ -223,3 +223,17 @@ def test_lower_is_better_quality_is_negated(fake_encoder):
                    quality_higher_is_better=False), rows)
     assert sorted(r["score"] for r in high) == [25.0, 26.0, 27.0, 28.0, 29.0]
     assert sorted(r["score"] for r in low) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_ray_plan_is_exact_while_the_embeddings_fit_the_driver():
+    """Under Ray: exact on the driver unless partition_size is set below N (partitions of that
+    size) or the embeddings exceed driver_memory_mb (partitions = Ray's blocks)."""
+    from daar_ops.ops._qdit_ray import ray_plan
+
+    assert ray_plan(1000, 1.5, None, 2.0) == (False, None)
+    assert ray_plan(1000, 2.5, None, 2.0) == (True, None)
+    assert ray_plan(1000, 2.5, 300, 2.0) == (True, 300)
+    assert ray_plan(200, 99.0, 300, 2.0) == (False, 300)
+    assert _op(select_ratio=0.2).driver_memory_mb is None
+    with pytest.raises(ValueError, match="driver_memory_mb"):
+        _op(select_ratio=0.2, driver_memory_mb=-1.0)

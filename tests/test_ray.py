@@ -316,6 +316,59 @@ def test_qdit_ds2_and_contrastive_under_ray_keep_the_default_executors_rows(arti
         _assert_same_selection(default, ray_rows, keys)
 
 
+def _qdit_objective(op, rows: list[dict], ids: list[int]) -> float:
+    """QDIT's objective of a selection on the whole set: (1 - alpha) d(A) / (0.1 N / K) +
+    alpha * sum of the normalised quality (d: facility location over the op's embeddings)."""
+    import numpy as np
+
+    from daar_ops.algorithms.qdit import normalize_quality
+    from daar_research.qdit import facility_location_value
+
+    emb = op.embed(op.template.render_all(rows, source="test"))
+    q, _ = normalize_quality(op.quality_values(rows))
+    pos = [next(i for i, r in enumerate(rows) if r["id"] == j) for j in ids]
+    scale = 0.1 * len(rows) / len(ids)
+    alpha = op.config.alpha
+    return (1 - alpha) * facility_location_value(emb, pos) / scale + alpha * float(np.sum(q[pos]))
+
+
+def test_partitioned_qdit_under_ray_is_close_to_the_exact_objective(artifacts, local_ray):
+    """GreeDi on Ray (issue 23): batches of partition_size rows (or Ray's blocks, when the
+    embeddings exceed driver_memory_mb) pick K on the workers, the driver picks K from the union
+    of their picks; its objective against the exact greedy of the default executor."""
+    from data_juicer.core.data import NestedDataset
+    from data_juicer.core.data.ray_dataset import RayDataset
+    from loguru import logger
+
+    from daar_ops.ops.qdit_selector import QditSelector
+
+    rows = _records(40, label=False)
+    for i, r in enumerate(rows):
+        r["__dj__stats__"] = {"q": None if i % 13 == 2 else float((i * 5) % 7)}
+
+    def make(**kw):
+        return QditSelector(select_num=4, alpha=0.3, quality_key="__dj__stats__.q",
+                            embedder="daar_features", model=str(artifacts["model"]),
+                            text_template="{instruction} {output}", **kw)
+
+    exact = [r["id"] for r in make().run(NestedDataset.from_list(rows)).to_list()]
+    best = _qdit_objective(make(), rows, exact)
+    for kw, parts in ((dict(partition_size=15), "3 partitions (about 15 rows)"),
+                      (dict(driver_memory_mb=0.0), "7 partitions (the Ray blocks)")):
+        messages = []
+        sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
+        try:
+            runner = RayDataset(_ray_dataset(rows))  # blocks of 6 rows
+            runner.process([make(**kw)])
+            kept = sorted(runner.data.take_all(), key=lambda r: r["id"])
+        finally:
+            logger.remove(sink)
+        assert any(f"partitioned QDIT: {parts}" in m for m in messages), messages
+        assert len(kept) == 4 and all("__daar_row_id__" not in r for r in kept)
+        assert sorted(r["__dj__stats__"]["qdit_rank"] for r in kept) == [0, 1, 2, 3], kw
+        assert _qdit_objective(make(), rows, [r["id"] for r in kept]) / best > 0.9, kw
+
+
 def test_a_selector_over_an_emptied_ray_dataset_returns_it_empty(local_ray):
     """An earlier op of the recipe may drop every row (Data-Juicer checks emptiness only once, at
     the start): the choice then keeps nothing and does not fail."""

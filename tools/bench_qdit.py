@@ -6,11 +6,13 @@ in blocks on the fly, apricot gets it as a dense precomputed matrix. Embeddings 
 daar-ops artifact) under ``$DAAR_OPS_HOME/bench`` so repeated runs skip encoding.
 
 ``--synthetic --n 200000`` runs random clustered vectors (d = 384, select 10%) with the exact lazy
-greedy on seeded random parts of 10,000 rows (``partition_size``, GreeDi's first round; apricot
+greedy on seeded random parts of 10,000 rows (each part its share of K, merged: GreeDi's first
+round alone, ``daar_research.qdit.first_round_select``; apricot
 skipped: a dense 200k x 200k float64 matrix would be 298 GB; ``--partition-size 0`` runs the exact
 greedy on all rows), prints the float32 matmul rate and the exact greedy's similarity-work floor,
 then compares, on a 20k subsample, the exact lazy greedy with the stochastic greedy and with the
-same partitioning. Last line: ``RESULT n200k_partitioned_seconds=<s> peak_rss_mb=<m>``
+same first-round partitioning and with GreeDi (the product's ``partition_size``, parts of at
+least 4 K). Last line: ``RESULT n200k_partitioned_seconds=<s> peak_rss_mb=<m>``
 (``n200k_exact_seconds`` without partitions).
 
 ``--alpha-sweep`` measures the quality-diversity trade-off instead (paper Fig. 2): for alpha in
@@ -367,13 +369,17 @@ def exact_floor_seconds(n: int, d: int, gflops: float) -> float:
 
 def run_synthetic(args, emb: np.ndarray, k: int, part: int | None) -> int:
     from daar_ops.algorithms.qdit import qdit_select
+    from daar_research.qdit import first_round_select
 
     warm_up()
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
-    ours = qdit_select(emb, select_num=k, method=args.method, epsilon=args.epsilon,
-                       compute_dtype=args.compute_dtype, max_memory_mb=args.max_memory_mb,
-                       partition_size=part, progress=True)
+    # parts: the first round alone (each part its share of K; GreeDi's union round would hold
+    # every row at K >= the part size)
+    select = qdit_select if part is None else first_round_select
+    ours = select(emb, select_num=k, method=args.method, epsilon=args.epsilon,
+                  compute_dtype=args.compute_dtype, max_memory_mb=args.max_memory_mb,
+                  partition_size=part, progress=True)
     t_ours = time.perf_counter() - t0
     rss_ours = peak_rss_mb()
     print(f"ours ({args.method}, partition_size={part}): {t_ours:.2f} s, {ours.n_evaluations} gain "
@@ -391,14 +397,19 @@ def run_synthetic(args, emb: np.ndarray, k: int, part: int | None) -> int:
                                                                       // len(emb))
         runs = {}
         sub_part = None if part is None else max(1, part * args.subsample // len(emb))
-        for name, kw in [("exact lazy", dict(method="lazy")),
-                         ("stochastic eps=%g" % args.epsilon,
-                          dict(method="stochastic", epsilon=args.epsilon)),
-                         (f"lazy, parts of {sub_part} (as the main run)",
-                          dict(method="lazy", partition_size=sub_part))]:
+        cases = [("exact lazy", qdit_select, dict(method="lazy")),
+                 ("stochastic eps=%g" % args.epsilon, qdit_select,
+                  dict(method="stochastic", epsilon=args.epsilon))]
+        if sub_part:
+            cases.append((f"lazy, parts of {sub_part}, first round only (as the main run)",
+                          first_round_select, dict(method="lazy", partition_size=sub_part)))
+            greedi_part = max(sub_part, 4 * ks)  # GreeDi saves work only with parts above K
+            cases.append((f"GreeDi (partition_size), parts of {greedi_part}", qdit_select,
+                          dict(method="lazy", partition_size=greedi_part)))
+        for name, select, kw in cases:
             t0 = time.perf_counter()
-            r = qdit_select(sub, select_num=ks, compute_dtype="float32",
-                            max_memory_mb=args.max_memory_mb, progress=False, **kw)
+            r = select(sub, select_num=ks, compute_dtype="float32",
+                       max_memory_mb=args.max_memory_mb, progress=False, **kw)
             runs[name] = (time.perf_counter() - t0, facility_location_value(sub, r.indices))
         t_ex, o_ex = runs["exact lazy"]
         for name, (t, o) in runs.items():

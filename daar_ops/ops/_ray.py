@@ -144,23 +144,34 @@ def _keep_rows(table: Any, kept_ref: Any, columns_ref: Any) -> Any:
 
 
 def run_on_ray(op: Any, dataset: Any) -> Any:
-    """A :class:`StatsSelector`'s choice over a ``ray.data.Dataset`` (module docstring)."""
+    """A :class:`StatsSelector`'s choice over a ``ray.data.Dataset`` (module docstring): the op's
+    ``ray_choose`` (by default :func:`choose_on_driver`) picks the row ids to keep."""
     import ray
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
 
     dataset = op.ray_prepare(dataset)
     with_ids = with_row_ids(dataset)
     if with_ids is None:
         logger.warning(f"{op._name}: empty dataset, nothing to select")
         return dataset
-    dataset = with_ids
-    fields = list(op.choose_fields())
-    table = gather(dataset, fields)
+    kept, kept_columns = op.ray_choose(with_ids)
+    kept_ref = ray.put(np.ascontiguousarray(kept, dtype=np.int64))
+    columns_ref = ray.put(dict(kept_columns)) if kept_columns else None
+    return with_ids.map_batches(_keep_rows, fn_kwargs={"kept_ref": kept_ref,
+                                                       "columns_ref": columns_ref},
+                                batch_format="pyarrow", batch_size=None)
+
+
+def choose_on_driver(op: Any, dataset: Any) -> tuple[np.ndarray, dict[str, list]]:
+    """Steps 3-4 of the module docstring: ``op.choose_fields()`` of every row gathered to the
+    driver, ``op.choose`` run there; the kept row ids (sorted) and their stats columns."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    table = gather(dataset, list(op.choose_fields()))
     n = table.num_rows
     if n == 0:
         logger.warning(f"{op._name}: empty dataset, nothing to select")
-        return dataset.drop_columns([ROW_ID])
+        return np.zeros(0, dtype=np.int64), {}
     row_ids = table.column(ROW_ID).to_numpy()
     local = Dataset(InMemoryTable(table.drop_columns([ROW_ID])))
     logger.info(f"{op._name}: gathered {n} rows of {sorted(local.column_names)} "
@@ -170,12 +181,6 @@ def run_on_ray(op: Any, dataset: Any) -> Any:
     if keep.shape != (n,):
         raise RuntimeError(f"{op._name}: keep mask of shape {keep.shape} for {n} samples")
     logger.info(f"{op._name}: keeps {int(keep.sum())} of {n} samples")
-    kept = np.ascontiguousarray(row_ids[keep], dtype=np.int64)  # sorted: the table is
     kept_columns = {k: [v for v, k_ in zip(values, keep) if k_] for k, values in
                     (columns or {}).items()}
-    kept_ref = ray.put(kept)
-    columns_ref = ray.put(kept_columns) if kept_columns else None
-    return dataset.map_batches(_keep_rows, fn_kwargs={"kept_ref": kept_ref,
-                                                      "columns_ref": columns_ref},
-                               batch_format="pyarrow", batch_size=None)
-
+    return row_ids[keep], kept_columns  # sorted: the table is

@@ -62,6 +62,14 @@ class StatsSelector(Selector, Pipeline):
         """:meth:`prepare` for a ``ray.data.Dataset``: the per-sample work on the workers."""
         return dataset
 
+    def ray_choose(self, dataset: Any) -> tuple[np.ndarray, Mapping[str, Sequence[Any]]]:
+        """The choice under Ray over a dataset with global row ids: the kept row ids (sorted)
+        and the stats of the kept rows. Default: :meth:`choose` on the driver over the gathered
+        :meth:`choose_fields` (:func:`daar_ops.ops._ray.choose_on_driver`)."""
+        from daar_ops.ops._ray import choose_on_driver
+
+        return choose_on_driver(self, dataset)
+
     def process(self, dataset: Any) -> Any:
         dataset, keep = self._scored(dataset)
         return dataset.select(np.flatnonzero(keep).tolist())

@@ -48,8 +48,7 @@ class QditSelector(StatsSelector):
 
     def __init__(self,
                  select_ratio: Ratio = None, select_num: NonNegativeInt = None,
-                 text_template: Optional[str] = None,
-                 quality_key: Optional[str] = None,
+                 text_template: Optional[str] = None, quality_key: Optional[str] = None,
                  alpha: Ratio = QditConfig.alpha,
                  diversity_scale: Union[str, float] = QditConfig.diversity_scale,
                  quality_higher_is_better: bool = True,
@@ -61,6 +60,7 @@ class QditSelector(StatsSelector):
                  max_memory_mb: NonNegativeFloat = QditConfig.max_memory_mb,
                  compute_dtype: str = QditConfig.compute_dtype,
                  partition_size: Optional[int] = QditConfig.partition_size,
+                 driver_memory_mb: NonNegativeFloat = None,
                  embedder: str = "sentence_transformers", model: Optional[str] = None,
                  feature: str = "layer", layer: int = DEFAULT_LAYER,
                  max_length: PositiveInt = 512, batch_size: PositiveInt = 64,
@@ -87,14 +87,15 @@ class QditSelector(StatsSelector):
         :param method: ``lazy`` (exact greedy) or ``stochastic`` (for very large datasets).
         :param epsilon: stochastic greedy's epsilon in (0, 1).
         :param seed: seed of the stochastic greedy's sampling and of the partitions.
-        :param similarity: ``blocked`` (clipped cosine) or ``knn`` (each sample covers its
-            ``knn_k`` nearest neighbours).
+        :param similarity: ``blocked`` (clipped cosine) or ``knn`` (``knn_k`` neighbours).
         :param knn_k: neighbours per sample with ``similarity: knn``.
         :param max_memory_mb: memory for the similarity: the whole matrix when it fits (N up to
             ~22k at the default), else matmul blocks and a row cache.
         :param compute_dtype: similarity precision: ``float32``, ``bfloat16`` or ``float64``.
-        :param partition_size: for very large datasets: seeded random parts of about this many
-            samples; None = no parts.
+        :param partition_size: GreeDi for very large data: K picked in parts of about this many
+            samples, then K of the union of their picks (docs/qdit.md); None = no parts.
+        :param driver_memory_mb: Ray, no ``partition_size``: exact on the driver if the float32
+            embeddings fit it, else in Ray's blocks (None: half the driver's free memory).
         :param embedder: ``sentence_transformers`` (default; at most ``SENTENCE_MAX_TOKENS``
             tokens per text) or ``daar_features`` (a causal LM's features, as DaaR uses).
         :param model: the embedding model, a short name or local folder (default
@@ -114,12 +115,11 @@ class QditSelector(StatsSelector):
                 quality_fill=quality_fill, method=method, epsilon=epsilon, seed=seed,
                 similarity=similarity, knn_k=knn_k, max_memory_mb=max_memory_mb,
                 compute_dtype=compute_dtype, partition_size=partition_size)
-            self.layer = _embedding_layer(embedder, feature, layer)
+            self.layer = _check_op_params(self.config, quality_key, embedder, feature, layer,
+                                          driver_memory_mb)
         except ValueError as err:
             raise ValueError(f"{OP_NAME}: {err}") from None
-        if self.config.alpha > 0 and not quality_key:
-            raise ValueError(f"{OP_NAME}: alpha > 0 needs quality_key (a numeric field or stats "
-                             f"key such as __dj__stats__.llm_quality_score)")
+        self.driver_memory_mb = driver_memory_mb
         self.template = TextTemplate(text_template or self.text_key)
         self.quality_key = quality_key
         self.quality_sign = 1.0 if quality_higher_is_better else -1.0
@@ -128,10 +128,11 @@ class QditSelector(StatsSelector):
         self.max_length, self.batch_size = int(max_length), int(batch_size)
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _device(self) -> str:
+    def selection_device(self) -> str:
         return "cuda" if self.use_cuda() else "cpu"
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[N, d] embeddings of ``texts`` by the op's embedder (its model through get_model)."""
         empty = sum(1 for t in texts if not t.strip())
         if empty:
             logger.warning(f"{OP_NAME}: {empty} of {len(texts)} samples have empty text; they are "
@@ -152,15 +153,27 @@ class QditSelector(StatsSelector):
     def select(self, records: list[Mapping[str, Any]]):
         """Run the selection on plain records; returns a :class:`QditResult`."""
         texts = self.template.render_all(records, source=f"the dataset of {self._name}")
-        quality = None
-        if self.quality_key and self.config.alpha > 0:
-            quality = [_signed(lookup(r, self.quality_key), self.quality_sign) for r in records]
-        emb = self._embed(texts)
+        quality = self.quality_values(records) if self.config.alpha > 0 else None
+        emb = self.embed(texts)
         from daar_ops.algorithms.qdit import qdit_select
 
-        return qdit_select(emb, self.config, quality, device=self._device(), progress=True)
+        return qdit_select(emb, self.config, quality, device=self.selection_device(),
+                           progress=True)
+
+    def quality_values(self, records: list[Mapping[str, Any]]) -> list[Any]:
+        """The quality of each record, oriented higher-is-better (non-numbers as they are)."""
+        return [_signed(lookup(r, self.quality_key), self.quality_sign) for r in records]
 
     # -- Data-Juicer entry point -------------------------------------------------------------------
+    def ray_choose(self, dataset):
+        """Under Ray: partitioned (GreeDi, the partitions on the workers) when ``partition_size``
+        is set or the embeddings exceed ``driver_memory_mb``, else the exact greedy on the
+        driver (``daar_ops.ops._qdit_ray``)."""
+        from daar_ops.ops._qdit_ray import qdit_ray_choose
+
+        chosen = qdit_ray_choose(self, dataset)
+        return chosen if chosen is not None else super().ray_choose(dataset)
+
     def choose_fields(self):
         return list(self.template.fields) + ([self.quality_key] if self.quality_key else [])
 
@@ -186,8 +199,15 @@ class QditSelector(StatsSelector):
         return {RANK_KEY: ranks.tolist(), GAIN_KEY: [float(g) for g in gains]}, ranks >= 0
 
 
-def _embedding_layer(embedder: str, feature: str, layer: int) -> int:
-    """The LM layer to load (0: the embedding layer, or no LM at all)."""
+def _check_op_params(config: QditConfig, quality_key: Optional[str], embedder: str, feature: str,
+                     layer: int, driver_memory_mb: Optional[float]) -> int:
+    """Check the op's own parameters (what its config does not hold); return the LM layer to
+    load (0: the embedding layer, or no LM at all)."""
+    if config.alpha > 0 and not quality_key:
+        raise ValueError("alpha > 0 needs quality_key (a numeric field or stats key such as "
+                         "__dj__stats__.llm_quality_score)")
+    if driver_memory_mb is not None and not float(driver_memory_mb) >= 0:
+        raise ValueError(f"driver_memory_mb must be >= 0 or null, got {driver_memory_mb!r}")
     if embedder not in EMBEDDERS or feature not in FEATURES:
         raise ValueError(f"embedder must be one of {EMBEDDERS} and feature one of {FEATURES}, "
                          f"got {embedder!r}, {feature!r}")

@@ -8,6 +8,9 @@
   that the product's ``diversity_scale`` accepts, so the greedy itself is the product's.
 * :func:`facility_location_value`: d(A) of any index set, what the benchmarks and tests compare
   selections by (the product reports d(A) of its own selection as ``QditResult.objective``).
+* :func:`first_round_select`: the former ``partition_size`` (parts select their share of the
+  budget, merged without a second round), which ``tools/bench_qdit.py --synthetic`` measured at
+  N = 200k; the product's ``partition_size`` is now GreeDi (both rounds).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from daar_ops.algorithms.knn import l2_normalize
 from daar_ops.algorithms.qdit import QditConfig, qdit_select as product_select
 from daar_ops.algorithms.qdit.backends import TORCH_DTYPES, BlockedRows
-from daar_ops.algorithms.qdit.selection import QditResult, prepare_embeddings
+from daar_ops.algorithms.qdit.selection import QditResult, normalize_quality, prepare_embeddings
 
 RESEARCH_SCALES = ("mean", "max_singleton", "none")
 
@@ -72,3 +75,39 @@ def qdit_select(embeddings: np.ndarray, config: QditConfig | None = None,
         memory = kwargs.get("max_memory_mb", (config or QditConfig).max_memory_mb)
         kwargs["diversity_scale"] = research_scale(embeddings, diversity_scale, dtype, memory)
     return product_select(embeddings, config, quality, **kwargs)
+
+
+def first_round_select(embeddings: np.ndarray, config: QditConfig | None = None,
+                       quality: Any = None, *, device: str = "cpu", progress: bool = False,
+                       **params: Any) -> QditResult:
+    """The former ``partition_size`` (before GreeDi's second round was added): seeded random
+    parts of ``partition_size`` rows each select their share of the budget (``K * |part| / N``,
+    largest remainder, ties by part order) and the picks are merged, ordered by marginal gain;
+    ``objective`` is the sum of the parts' objectives. No second round, so it scales to budgets
+    above the part size (tools/bench_qdit.py --synthetic measures it at N = 200k)."""
+    config = QditConfig.of(config, **params)
+    x = prepare_embeddings(embeddings, config.compute_dtype)
+    n, k = len(x), config.budget(len(x))
+    q = None if quality is None or config.alpha == 0 else \
+        normalize_quality(quality, config.quality_norm, config.quality_fill)[0]
+    parts = [np.asarray(p) for p in np.array_split(
+        np.random.default_rng(config.seed).permutation(n), max(1, -(-n // config.partition_size)))]
+    exact = np.array([k * len(p) / n for p in parts])
+    budgets = np.floor(exact).astype(int)
+    budgets[np.argsort(-(exact - budgets), kind="stable")[:k - int(budgets.sum())]] += 1
+    part_config = config.with_budget(0, partition_size=None, quality_norm="none")
+    runs = []
+    for part, b in zip(parts, budgets):
+        part = np.sort(part)
+        r = product_select(x[part], part_config, None if q is None else q[part], device=device,
+                           progress=progress, select_num=int(b))
+        runs.append((part[r.indices], r))
+    idx = np.concatenate([p for p, _ in runs])
+    gains = np.concatenate([r.gains for _, r in runs])
+    order = np.lexsort((idx, -gains))
+    return QditResult(idx[order].astype(np.int64), gains[order],
+                      np.concatenate([r.diversity_gains for _, r in runs])[order], q,
+                      float("nan"), float(sum(r.objective for _, r in runs)),
+                      sum(r.n_evaluations for _, r in runs),
+                      dict(partitions=len(parts), evaluations_per_step=sum(
+                          r.n_evaluations for _, r in runs) / max(k, 1)))
