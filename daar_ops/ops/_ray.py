@@ -13,6 +13,10 @@ also a ``Pipeline``, and under Ray it runs :func:`run_on_ray`:
    exactly as on the default executor (same code, same input order, so the same ties);
 4. the row ids kept (and the stats ``choose`` writes, for those rows only) go back to the
    workers through the object store, and every block keeps its chosen rows.
+
+Steps 3-4 are :func:`choose_on_driver`, the default of ``StatsSelector.ray_choose``; an op may
+choose otherwise (``qdit_selector``'s partitioned mode, :mod:`daar_ops.ops._qdit_ray`, runs its
+partitions on the workers and gathers only their picks).
 """
 
 from __future__ import annotations
