@@ -34,9 +34,12 @@ class QditSelector(StatsSelector):
 
     A Data-Juicer Selector (whole dataset): it embeds the whole dataset, runs the greedy once
     (exact lazy greedy, or stochastic greedy for very large N; the similarity held in memory or
-    computed in memory-bounded blocks, or kNN-sparse) and keeps the selected samples in their original order. Under
-    ``executor_type: ray`` it gathers only the embedded fields and the quality to the driver and
-    runs the same greedy there (the same rows as the default executor). ``qdit_filter`` is the same op
+    computed in memory-bounded blocks, or kNN-sparse; GreeDi partitions with ``partition_size``)
+    and keeps the selected samples in their original order. Under ``executor_type: ray`` it
+    gathers only the embedded fields and the quality to the driver and runs the same greedy
+    there (the same rows as the default executor) while the embeddings fit
+    ``driver_memory_mb``; else, or with ``partition_size``, the partitions run on the workers and
+    the driver picks from the union of their picks (docs/ray.md). ``qdit_filter`` is the same op
     under the design card's name.
 
     Stats keys written for every sample:
@@ -63,7 +66,7 @@ class QditSelector(StatsSelector):
                  driver_memory_mb: NonNegativeFloat = None,
                  embedder: str = "sentence_transformers", model: Optional[str] = None,
                  feature: str = "layer", layer: int = DEFAULT_LAYER,
-                 max_length: PositiveInt = 512, batch_size: PositiveInt = 64,
+                 max_length: PositiveInt = 512, model_batch_size: PositiveInt = 64,
                  *args, **kwargs):
         """
         Initialization method (each parameter in docs/qdit.md).
@@ -103,7 +106,7 @@ class QditSelector(StatsSelector):
         :param feature: daar_features: ``layer`` (decoder layer ``layer``) or ``embedding``.
         :param layer: decoder layer k >= 1 for ``feature: layer``.
         :param max_length: tokens kept per text with daar_features.
-        :param batch_size: texts per encoder batch.
+        :param model_batch_size: texts per encoder batch (``batch_size`` stays Data-Juicer's).
         :param args: extra args
         :param kwargs: extra args
         """
@@ -125,7 +128,7 @@ class QditSelector(StatsSelector):
         self.quality_sign = 1.0 if quality_higher_is_better else -1.0
         self.embedder, self.feature = embedder, feature
         self.model = model or (MINILM if embedder == "sentence_transformers" else SMOLLM2)
-        self.max_length, self.batch_size = int(max_length), int(batch_size)
+        self.max_length, self.model_batch_size = int(max_length), int(model_batch_size)
 
     # -- pieces ------------------------------------------------------------------------------------
     def selection_device(self) -> str:
@@ -142,9 +145,9 @@ class QditSelector(StatsSelector):
 
             key = model_key("sentence_encoder", model=self.model)
             return encode_sentences(texts, encoder=load(key, None, self.use_cuda()),
-                                    batch_size=self.batch_size)
+                                    batch_size=self.model_batch_size)
         key = model_key("layer_features", model=self.model, layer=self.layer,
-                        max_length=self.max_length, batch_size=self.batch_size)
+                        max_length=self.max_length, batch_size=self.model_batch_size)
         feats = load(key, None, self.use_cuda()).encode(texts)
         if feats.n_truncated:
             logger.info(f"{OP_NAME}: {feats.n_truncated} texts truncated to {self.max_length} tokens")

@@ -49,9 +49,10 @@ class BlockedRows(Backend):
     """Rows of clip(X X^T, 0): the whole matrix held (``held``) when it fits ``max_memory_mb``,
     else computed on the fly in blocks, with a bounded row cache.
 
-    Not held, ``max_memory_mb`` is split: a quarter for matmul blocks, the rest for cached rows. The initial
-    pass (all first gains) keeps the rows with the largest first gains, which are the ones the lazy
-    greedy re-evaluates; later, rows are cached as evaluated, evicting the least recently used.
+    Not held, ``max_memory_mb`` is split: a quarter for matmul blocks, the rest for cached rows.
+    The initial pass (all first gains) keeps the rows with the largest first gains, which are the
+    ones the lazy greedy re-evaluates; later, rows are cached as evaluated, evicting the least
+    recently used.
     """
 
     def __init__(self, x: torch.Tensor, compute_dtype: torch.dtype, max_memory_mb: float,
