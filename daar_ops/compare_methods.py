@@ -52,7 +52,7 @@ BASELINES = ("random", "instruction_length", "ifd", "alpagasus", "qdit", "ds2")
 LLM_METHODS = ("ifd", "alpagasus", "ds2")
 RATIO_KEYS = ("select_ratio", "top_ratio")
 COUNT_KEYS = ("topk", "select_num")
-MODEL_KEYS = ("hf_model", "api_or_hf_model", "model", "embedding_model", "hf_model_path",
+MODEL_KEYS = ("hf_model", "api_or_hf_model", "model", "hf_model_path",
               "model_path")
 ARTIFACT_KEYS = ("checkpoint", "centroids_path")
 
