@@ -9,24 +9,21 @@ from typing import Any, Dict
 from daar_ops.algorithms.ds2 import DS2Config
 from daar_ops.algorithms.pseudo_labels import Stage1Config
 from daar_ops.algorithms.rating import RatingConfig
+from daar_ops.algorithms.synthesis import SynthesisConfig
 
+SYNTHESIS = SynthesisConfig()
 # The one set of synthesis defaults: centroid_synthesis_mapper's, `daar-ops select`'s and the
-# recipes'.
+# recipes'. The algorithm's settings are SynthesisConfig's defaults (its docstring says why each);
+# the generator's are these two.
 SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
-    samples_per_domain=10,  # the paper's 30 give centroids with cosine > 0.96 to 10's
-    max_attempts=40,
-    # Pool texts of one domain already have median cosine 0.77-0.87 on SmolLM2 embedding
-    # features, so the paper's 0.85 rejects many on-topic samples (docs/daar_stage1.md).
-    tau=0.95,
-    max_new_tokens=256,
-    # one generate call per round (4 domains x 4 candidates): decoding a 135M model on CPU is
-    # bound by reading the weights, so 16 rows cost ~1.2x what 8 do (tools/bench_select.py)
-    generation_batch_size=16,
+    SYNTHESIS.to_dict(),
+    # conversations per generate call: one call per round (4 domains x 4 candidates); decoding a
+    # 135M model on CPU is bound by reading the weights, so 16 rows cost ~1.2x what 8 do
+    # (tools/bench_select.py)
+    batch_size=16,
     # float32: bfloat16 is ~2x faster only where the CPU has AMX / AVX512-BF16 (or on a GPU);
     # without them (e.g. AMD EPYC) torch emulates it and generation is ~3x slower.
     dtype="float32",
-    temperature=0.9,
-    top_p=0.95,
 )
 
 STAGE1 = Stage1Config()

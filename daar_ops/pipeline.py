@@ -75,7 +75,7 @@ class SelectConfig:
     max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"]
     tau: float = SYNTHESIS_DEFAULTS["tau"]
     max_new_tokens: int = SYNTHESIS_DEFAULTS["max_new_tokens"]
-    generation_batch_size: int = SYNTHESIS_DEFAULTS["generation_batch_size"]
+    generation_batch_size: int = SYNTHESIS_DEFAULTS["batch_size"]
     generation_dtype: str = SYNTHESIS_DEFAULTS["dtype"]
     temperature: float = SYNTHESIS_DEFAULTS["temperature"]
     top_p: float = SYNTHESIS_DEFAULTS["top_p"]
@@ -242,7 +242,7 @@ def _synthetic_records(cfg: SelectConfig, names: list[str], domains) -> tuple[li
         domains=[{"name": d.name, "description": d.description} for d in domains],
         model=cfg.model, samples_per_domain=cfg.samples_per_domain,
         max_attempts=cfg.max_attempts, tau=cfg.tau, max_new_tokens=cfg.max_new_tokens,
-        generation_batch_size=cfg.generation_batch_size, dtype=cfg.generation_dtype,
+        batch_size=cfg.generation_batch_size, dtype=cfg.generation_dtype,
         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_length=cfg.max_length)
     out = op.run(NestedDataset.from_list([{"domain": n} for n in names])).to_list()
     stats = {}
@@ -258,121 +258,175 @@ def _synthetic_records(cfg: SelectConfig, names: list[str], domains) -> tuple[li
 
 
 def _run(cfg: SelectConfig, out: Path) -> dict[str, Any]:
-    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, parse_domains, save_centroids
-    from daar_ops.algorithms.probes import TrainConfig
-    from daar_ops.ops.diversity_reward_filter import (DiversityRewardFilter,
-                                                      DiversityRewardSelector)
-    from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
-    from daar_ops.probe_checkpoint import train_probe_checkpoint
+    """The stages, each timed, writing into ``out``; returns the summary."""
+    from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS, parse_domains
 
     timer = _Timer()
     tpl = TextTemplate(cfg.template)
     domains = parse_domains(cfg.domains) if cfg.domains is not None else list(DEFAULT_DOMAINS)
     names = [d.name for d in domains]
-
     with timer("load_pool"):
-        # one pass keeps a digest per record; the records are read again only where a stage
-        # needs them, so memory does not grow with the pool beyond a few arrays
-        scan = scan_pool(cfg.pool, tpl, cfg.seed, source=f"the records of {cfg.pool}",
-                         progress=cfg.progress)
-        report = scan.report
-        if report.message():
-            logger.warning(f"{report.message()}; the lines are listed in summary.json")
-        if not scan.n:
-            raise ValueError(f"{cfg.pool} holds no JSON object record "
-                             f"({len(report.skipped)} malformed lines)")
-        probe_idx, pool_idx, duplicated = split_by_digest(scan.digests, cfg.probe_size,
-                                                          cfg.pool_size)
-        if duplicated:
-            logger.info(f"{duplicated} texts occur more than once in the pool; every copy is on "
-                        f"the same side of the probe/selection split")
-        probe_rows = list(iter_rows(scan, probe_idx))
-
+        split = _split_pool(cfg, tpl)
+        probe_rows = list(iter_rows(split.scan, split.probe_idx))
     with timer("synthesize"):
         synthetic, synthesis_stats = _synthetic_records(cfg, names, domains)
         write_jsonl(out / "synthetic.jsonl", synthetic)
-
     with timer("pseudo_label"):
-        labeller = DomainPseudoLabelMapper(
-            samples_path=str(out / "synthetic.jsonl"), save_stage1=str(out / "stage1"),
-            model=cfg.model, text_template=cfg.template,
-            feature=cfg.pseudo_label_space, method=cfg.pseudo_label_method,
-            use_descriptions=cfg.descriptions, seed=cfg.seed,
-            domains=[{"name": d.name, "description": d.description} for d in domains],
-            refine_iters=STAGE1.refine_iters if cfg.refine_iters is None else cfg.refine_iters,
-            max_length=cfg.max_length, num_proc=1,
-            preset=cfg.pseudo_label_preset)
-        order = [labeller.domains.index(n) for n in names]
-        labelled = labeller.run(_view(probe_rows, tpl))
-        metas = labelled[META_FIELD]
-        sims = labelled[STATS_FIELD]
-        save_centroids(out / "centroids", labeller.centroids[order], domains,
-                       labeller.feature_description(), labeller.feature, tpl.template,
-                       np.array([sum(1 for r in synthetic if r["domain"] == n) for n in names]),
-                       extra={"synthesis": synthesis_stats, "stage1": labeller.stage1.to_dict()})
-        probe_records, labels = [], []
-        for row, (_, record) in enumerate(probe_rows):
-            rec = dict(record)
-            label = as_dict(metas[row])[PSEUDO_DOMAIN_KEY]
-            labels.append(label)
-            rec[META_FIELD] = {**as_dict(rec.get(META_FIELD)), PSEUDO_DOMAIN_KEY: label}
-            rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), DOMAIN_SIMILARITY_KEY:
-                                [as_dict(sims[row])[DOMAIN_SIMILARITY_KEY][k] for k in order]}
-            probe_records.append(rec)
+        labeller, probe_records, labels = _pseudo_label(cfg, out, tpl, domains, probe_rows,
+                                                        synthetic, synthesis_stats)
         del probe_rows
         write_jsonl(out / "probe_pool.jsonl", probe_records)
-
     with timer("train_probes"):
-        train_cfg = TrainConfig(seed=cfg.seed) if cfg.epochs is None else \
-            TrainConfig(seed=cfg.seed, epochs=cfg.epochs)
-        ckpt_dir, manifest = train_probe_checkpoint(
-            probe_records, out / "checkpoint", model=cfg.model, layer=cfg.layer,
-            max_length=cfg.max_length, template=tpl.template, domains=names, config=train_cfg,
-            cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
-
+        ckpt_dir, manifest = _train_probes(cfg, out, tpl, names, probe_records)
     with timer("score"):
-        # one process per worker on CPU; on a GPU one process keeps the model on the device
-        workers = cfg.workers if cfg.device == "cpu" else 1
-        scorer = DiversityRewardFilter(checkpoint=str(ckpt_dir), model=cfg.model,
-                                       dtype=cfg.dtype, cache_dir=cfg.cache_dir, num_proc=workers)
-        scores = _score_stream(scan, pool_idx, tpl, scorer, names, cfg.score_chunk_size,
-                               cfg.progress)
-
+        scorer, scores = _score(cfg, ckpt_dir, split, tpl, names)
     with timer("select"):
-        rule = (dict(domain_ratios={n: cfg.select_ratio for n in names}) if cfg.per_domain
-                else dict(top_ratio=cfg.select_ratio))
-        keep = DiversityRewardSelector(**rule).choose_scores(
-            scores.for_selection, scores.domain_names(names))
-        write_jsonl(out / "scores.jsonl", scores.rows(pool_idx, keep, names))
-        write_jsonl(out / "selected.jsonl", _selected_records(scan, pool_idx, keep, scores, names))
-        predicted = scores.domain_counts(names)
-        selected_predicted = scores.domain_counts(names, keep)
-        reward = scores.reward
+        keep = _select(cfg, out, split, scores, names)
+    summary = _summary(cfg, split, keep, scores, names, synthesis_stats, labeller, labels,
+                       manifest, scorer.dtype, timer.seconds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    _write_summary_md(out, summary)
+    _plot(out, scores.reward, keep, summary["selection_pool_pseudo_domain_counts"],
+          summary["selected_pseudo_domain_counts"], names)
+    return summary
 
-    label_arr = np.array(labels, dtype=object)
-    summary = {
+
+@dataclass
+class _Split:
+    """The pool as read once (a digest per record) and split by text into probe / selection."""
+
+    scan: PoolScan
+    probe_idx: np.ndarray
+    pool_idx: np.ndarray
+    duplicated: int
+
+
+def _split_pool(cfg: SelectConfig, tpl: TextTemplate) -> _Split:
+    """One pass keeps a digest per record; the records are read again only where a stage needs
+    them, so memory does not grow with the pool beyond a few arrays."""
+    scan = scan_pool(cfg.pool, tpl, cfg.seed, source=f"the records of {cfg.pool}",
+                     progress=cfg.progress)
+    report = scan.report
+    if report.message():
+        logger.warning(f"{report.message()}; the lines are listed in summary.json")
+    if not scan.n:
+        raise ValueError(f"{cfg.pool} holds no JSON object record "
+                         f"({len(report.skipped)} malformed lines)")
+    probe_idx, pool_idx, duplicated = split_by_digest(scan.digests, cfg.probe_size,
+                                                      cfg.pool_size)
+    if duplicated:
+        logger.info(f"{duplicated} texts occur more than once in the pool; every copy is on "
+                    f"the same side of the probe/selection split")
+    return _Split(scan, probe_idx, pool_idx, duplicated)
+
+
+def _pseudo_label(cfg: SelectConfig, out: Path, tpl: TextTemplate, domains: Sequence[Any],
+                  probe_rows: list[tuple[int, Mapping[str, Any]]], synthetic: list[dict],
+                  synthesis_stats: Mapping[str, Any]) -> tuple[Any, list[dict], list[str]]:
+    """Label the probe pool from the synthetic samples (``stage1/`` and ``centroids/`` written
+    beside it):
+    (the labeller op, the probe records with their label and similarities, the labels)."""
+    from daar_ops.centroid_file import save_centroids
+    from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
+
+    names = [d.name for d in domains]
+    labeller = DomainPseudoLabelMapper(
+        samples_path=str(out / "synthetic.jsonl"), save_stage1=str(out / "stage1"),
+        model=cfg.model, text_template=cfg.template,
+        feature=cfg.pseudo_label_space, method=cfg.pseudo_label_method,
+        use_descriptions=cfg.descriptions, seed=cfg.seed,
+        domains=[{"name": d.name, "description": d.description} for d in domains],
+        refine_iters=STAGE1.refine_iters if cfg.refine_iters is None else cfg.refine_iters,
+        max_length=cfg.max_length, num_proc=1,
+        preset=cfg.pseudo_label_preset)
+    order = [labeller.domains.index(n) for n in names]
+    labelled = labeller.run(_view(probe_rows, tpl))
+    metas = labelled[META_FIELD]
+    sims = labelled[STATS_FIELD]
+    save_centroids(out / "centroids", labeller.centroids[order], domains,
+                   labeller.feature_description(), labeller.feature, tpl.template,
+                   np.array([sum(1 for r in synthetic if r["domain"] == n) for n in names]),
+                   extra={"synthesis": synthesis_stats, "stage1": labeller.stage1.to_dict()})
+    probe_records, labels = [], []
+    for row, (_, record) in enumerate(probe_rows):
+        rec = dict(record)
+        label = as_dict(metas[row])[PSEUDO_DOMAIN_KEY]
+        labels.append(label)
+        rec[META_FIELD] = {**as_dict(rec.get(META_FIELD)), PSEUDO_DOMAIN_KEY: label}
+        rec[STATS_FIELD] = {**as_dict(rec.get(STATS_FIELD)), DOMAIN_SIMILARITY_KEY:
+                            [as_dict(sims[row])[DOMAIN_SIMILARITY_KEY][k] for k in order]}
+        probe_records.append(rec)
+    return labeller, probe_records, labels
+
+
+def _train_probes(cfg: SelectConfig, out: Path, tpl: TextTemplate, names: list[str],
+                  probe_records: list[dict]) -> tuple[Path, dict[str, Any]]:
+    """psi_dom / psi_div on the labelled probe pool (``checkpoint/``): (its folder, manifest)."""
+    from daar_ops.algorithms.probes import TrainConfig
+    from daar_ops.probe_checkpoint import train_probe_checkpoint
+
+    train_cfg = TrainConfig(seed=cfg.seed) if cfg.epochs is None else \
+        TrainConfig(seed=cfg.seed, epochs=cfg.epochs)
+    return train_probe_checkpoint(
+        probe_records, out / "checkpoint", model=cfg.model, layer=cfg.layer,
+        max_length=cfg.max_length, template=tpl.template, domains=names, config=train_cfg,
+        cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
+
+
+def _score(cfg: SelectConfig, ckpt_dir: Path, split: _Split, tpl: TextTemplate,
+           names: list[str]) -> tuple[Any, "_PoolScores"]:
+    """The selection pool scored by the filter op: (the op, the scores as arrays)."""
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
+
+    # one process per worker on CPU; on a GPU one process keeps the model on the device
+    workers = cfg.workers if cfg.device == "cpu" else 1
+    scorer = DiversityRewardFilter(checkpoint=str(ckpt_dir), model=cfg.model, dtype=cfg.dtype,
+                                   cache_dir=cfg.cache_dir, num_proc=workers)
+    return scorer, _score_stream(split.scan, split.pool_idx, tpl, scorer, names,
+                                 cfg.score_chunk_size, cfg.progress)
+
+
+def _select(cfg: SelectConfig, out: Path, split: _Split, scores: "_PoolScores",
+            names: list[str]) -> np.ndarray:
+    """The top ``select_ratio`` (overall, or per predicted domain) by the selector op; writes
+    ``scores.jsonl`` and ``selected.jsonl``; returns the keep mask over the selection pool."""
+    from daar_ops.ops.diversity_reward_filter import DiversityRewardSelector
+
+    rule = (dict(domain_ratios={n: cfg.select_ratio for n in names}) if cfg.per_domain
+            else dict(select_ratio=cfg.select_ratio))
+    keep = DiversityRewardSelector(**rule).choose_scores(scores.for_selection,
+                                                         scores.domain_names(names))
+    write_jsonl(out / "scores.jsonl", scores.rows(split.pool_idx, keep, names))
+    write_jsonl(out / "selected.jsonl",
+                _selected_records(split.scan, split.pool_idx, keep, scores, names))
+    return keep
+
+
+def _summary(cfg: SelectConfig, split: _Split, keep: np.ndarray, scores: "_PoolScores",
+             names: list[str], synthesis_stats: Mapping[str, Any], labeller: Any,
+             labels: list[str], manifest: Mapping[str, Any], feature_dtype: str,
+             seconds: Mapping[str, float]) -> dict[str, Any]:
+    """What ``summary.json`` holds."""
+    report, label_arr = split.scan.report, np.array(labels, dtype=object)
+    return {
         "config": asdict(cfg),
-        "pool_records": scan.n, "malformed_lines": report.skipped,
+        "pool_records": split.scan.n, "malformed_lines": report.skipped,
         "invalid_utf8_lines": report.invalid_utf8,
-        "duplicated_texts": duplicated,
-        "probe_pool": int(len(probe_idx)), "selection_pool": int(len(pool_idx)),
+        "duplicated_texts": split.duplicated,
+        "probe_pool": int(len(split.probe_idx)), "selection_pool": int(len(split.pool_idx)),
         "selected": int(keep.sum()),
         "domains": names,
         "synthesis": synthesis_stats,
         "probe_pseudo_domain_counts": {n: int((label_arr == n).sum()) for n in names},
         "stage1": stage1_health(labeller.stage1_info, label_arr, names),
-        "selection_pool_pseudo_domain_counts": predicted,
-        "selected_pseudo_domain_counts": selected_predicted,
+        "selection_pool_pseudo_domain_counts": scores.domain_counts(names),
+        "selected_pseudo_domain_counts": scores.domain_counts(names, keep),
         "probe_metrics": manifest.get("metrics", {}),
-        "reward": _describe(reward), "selected_reward": _describe(reward[keep]),
-        "feature_dtype": scorer.dtype,  # the precision the features were computed in
-        "stage_seconds": timer.seconds,
-        "total_seconds": round(sum(timer.seconds.values()), 2),
+        "reward": _describe(scores.reward), "selected_reward": _describe(scores.reward[keep]),
+        "feature_dtype": feature_dtype,  # the precision the features were computed in
+        "stage_seconds": dict(seconds),
+        "total_seconds": round(sum(seconds.values()), 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    _write_summary_md(out, summary)
-    _plot(out, reward, keep, predicted, selected_predicted, names)
-    return summary
 
 
 def stage1_health(info: Mapping[str, Any], labels: np.ndarray, names: Sequence[str]

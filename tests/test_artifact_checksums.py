@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from daar_ops.algorithms.centroids import DomainSpec, load_centroids, save_centroids
+from daar_ops.algorithms.synthesis import DomainSpec
+from daar_ops.centroid_file import load_centroids, save_centroids
 from daar_ops.algorithms.probes import TrainConfig, train_daar_probes
 from daar_ops.artifacts import ArtifactError, load_artifact, manifest_digest, save_artifact
 from daar_ops.probe_checkpoint import load_probe_checkpoint, save_probe_checkpoint

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from daar_ops.algorithms.centroids import DomainSpec, embed_texts, save_centroids
+from daar_ops.algorithms.synthesis import DomainSpec
+from daar_ops.centroid_file import save_centroids
+from daar_ops.features import embed_texts
 from daar_ops.algorithms.probes import TrainConfig
 from daar_ops.artifacts import ArtifactError
 from daar_ops.features import LayerFeatureExtractor
@@ -294,7 +296,7 @@ def test_empty_dataset_gives_an_empty_result(name, art):
 
 
 SMALL_SELECTION = {
-    "diversity_reward_filter": dict(top_k=50),
+    "diversity_reward_filter": dict(select_num=50),
     "ds2_filter": dict(select_num=50),
     "qdit_filter": dict(select_num=50),
 }
@@ -308,7 +310,7 @@ def test_dataset_smaller_than_the_selection_keeps_everything(name, art):
 
 
 def test_ratio_selection_of_a_tiny_dataset_keeps_floor_not_crash(art):
-    out = run(make("diversity_reward_filter", art, top_ratio=0.2), _records(3))
+    out = run(make("diversity_reward_filter", art, select_ratio=0.2), _records(3))
     assert len(out) == 0  # floor(0.2 * 3) = 0, documented
     from daar_ops.core import budget
 

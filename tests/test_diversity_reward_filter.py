@@ -44,23 +44,23 @@ def records(n: int, seed: int = 0, label: bool = True) -> list[dict]:
 def test_top_mask_ties_break_by_index_and_non_finite_rank_last():
     scores = [0.5, 0.9, 0.5, float("nan"), 0.9, float("inf"), -0.1]
     assert list(rank_order(scores)) == [1, 4, 0, 2, 6, 3, 5]
-    assert list(np.flatnonzero(top_mask(scores, top_k=3))) == [0, 1, 4]
-    assert top_mask(scores, top_k=100).all()  # fewer samples than asked: keep all
-    assert not top_mask([], top_ratio=0.2).any()
+    assert list(np.flatnonzero(top_mask(scores, select_num=3))) == [0, 1, 4]
+    assert top_mask(scores, select_num=100).all()  # fewer samples than asked: keep all
+    assert not top_mask([], select_ratio=0.2).any()
 
 
-def test_top_ratio_keeps_floor_of_ratio_times_n():
+def test_select_ratio_keeps_floor_of_ratio_times_n():
     rng = np.random.default_rng(0)
     for n in (1, 4, 5, 99, 40000):
-        mask = top_mask(rng.random(n), top_ratio=0.2)
+        mask = top_mask(rng.random(n), select_ratio=0.2)
         assert mask.sum() == math.floor(0.2 * n + 1e-9)
     s = rng.random(50)
-    kept = top_mask(s, top_ratio=0.2)
+    kept = top_mask(s, select_ratio=0.2)
     assert s[kept].min() > s[~kept].max()
     with pytest.raises(ValueError):
-        top_mask(s, top_ratio=0.2, top_k=3)
+        top_mask(s, select_ratio=0.2, select_num=3)
     with pytest.raises(ValueError):
-        top_mask(s, top_ratio=1.5)
+        top_mask(s, select_ratio=1.5)
 
 
 def test_quota_mask_is_per_group():
@@ -130,22 +130,22 @@ def test_stats_have_fixed_types_and_threshold_mode_drops_only_below(checkpoint):
     assert list(kept["id"]) == [i for i, s in zip(ds["id"], scores) if s >= threshold]
 
 
-def test_top_ratio_is_global_and_keeps_order(checkpoint):
+def test_select_ratio_is_global_and_keeps_order(checkpoint):
     ds = dataset(records(40, 2, label=False))
     all_scores = np.array([s[REWARD] for s in stats_of(make_op(checkpoint).run(ds))])
-    kept = make_op(checkpoint, top_ratio=0.2).run(ds)
-    expected = np.flatnonzero(top_mask(all_scores, top_ratio=0.2))
+    kept = make_op(checkpoint, select_ratio=0.2).run(ds)
+    expected = np.flatnonzero(top_mask(all_scores, select_ratio=0.2))
     assert list(kept["id"]) == list(expected) and len(expected) == 8
-    again = make_op(checkpoint, top_ratio=0.2).run(ds)
+    again = make_op(checkpoint, select_ratio=0.2).run(ds)
     assert list(again["id"]) == list(kept["id"])  # deterministic
-    assert len(make_op(checkpoint, top_k=500).run(ds)) == 40  # top_k > N keeps all
+    assert len(make_op(checkpoint, select_num=500).run(ds)) == 40  # select_num > N keeps all
 
 
 def test_quota_mode_keeps_a_fraction_per_predicted_domain(checkpoint):
     ds = dataset(records(45, 3, label=False))
     stats = stats_of(make_op(checkpoint).run(ds))
     doms = [s[DOMAIN] for s in stats]
-    kept = make_op(checkpoint, domain_ratios={"coding": 1.0}, top_ratio=0.0).run(ds)
+    kept = make_op(checkpoint, domain_ratios={"coding": 1.0}, select_ratio=0.0).run(ds)
     assert list(kept["id"]) == [i for i, d in enumerate(doms) if d == "coding"]
 
 
@@ -159,7 +159,7 @@ def test_bad_samples_get_defined_stats_and_nothing_is_lost(checkpoint):
     assert len(out) == 4
     for s in stats_of(out):
         assert isinstance(s[REWARD], float) and math.isfinite(s[REWARD])
-    empty = make_op(checkpoint, top_ratio=0.2).run(dataset(rows).select([]))
+    empty = make_op(checkpoint, select_ratio=0.2).run(dataset(rows).select([]))
     assert len(empty) == 0
 
 
@@ -178,7 +178,7 @@ def test_non_finite_probe_outputs_get_the_documented_value(checkpoint, monkeypat
     stats = stats_of(make_op(checkpoint).run(ds))
     assert stats[0][REWARD] == -1.0 and stats[0][DOMAIN] == ""
     assert all(s[REWARD] > -1.0 for s in stats[1:])
-    kept = make_op(checkpoint, top_k=4).run(ds)
+    kept = make_op(checkpoint, select_num=4).run(ds)
     assert list(kept["id"]) == [1, 2, 3, 4]  # the invalid sample ranks last
     assert 0 not in make_op(checkpoint, min_score=-10.0).run(ds)["id"]  # and passes no threshold
 
@@ -228,13 +228,19 @@ def test_op_is_picklable(checkpoint):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(checkpoint=""), "required"),
     (dict(min_score=2.0, max_score=1.0), "min_score"),
-    (dict(top_ratio=1.5), "top_ratio"),
-    (dict(top_k=-1), "top_k"),
-    (dict(top_k=3, top_ratio=0.2), "cannot be combined"),
-    (dict(domain_ratios={"poetry": 0.5}, top_ratio=0.1), "poetry"),
+    (dict(select_ratio=1.5), "select_ratio"),
+    (dict(top_ratio=1.5), "select_ratio"),  # the alias is checked as its name
+    (dict(select_num=-1), "select_num"),
+    (dict(top_k=2.5), "select_num"),
+    (dict(select_num=3, select_ratio=0.2), "cannot be combined"),
+    (dict(select_ratio=0.2, top_ratio=0.2), "alias top_ratio, not both"),
+    (dict(select_num=3, top_k=3), "alias top_k, not both"),
+    (dict(domain_ratios={"poetry": 0.5}, select_ratio=0.1), "poetry"),
     (dict(domain_ratios={"coding": 0.5}), "lacks"),
-    (dict(domain_ratios={"coding": 2.0}, top_ratio=0.1), r"\[0, 1\]"),
+    (dict(domain_ratios={"coding": 2.0}, select_ratio=0.1), r"\[0, 1\]"),
     (dict(min_score=float("nan")), "finite"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(select_ratio=0.2, max_batch_tokens=0), "max_batch_tokens"),
 ])
 def test_invalid_parameters_are_refused_at_init(checkpoint, kwargs, match):
     from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
@@ -259,16 +265,19 @@ def test_global_rules_build_a_selector_and_ranges_stay_a_filter(checkpoint):
 
     from daar_ops.ops.diversity_reward_filter import DiversityRewardSelector
 
-    for kw in (dict(top_ratio=0.2), dict(top_k=3), dict(domain_ratios={"coding": 0.5},
-                                                         top_ratio=0.1)):
+    for kw in (dict(select_ratio=0.2), dict(select_num=3), dict(top_ratio=0.2), dict(top_k=3),
+               dict(domain_ratios={"coding": 0.5}, select_ratio=0.1)):
         op = make_op(checkpoint, **kw)
         assert isinstance(op, DiversityRewardSelector) and not isinstance(op, Filter)
         assert op._name == "diversity_reward_filter"  # traced/logged under the recipe's name
+    # the design card's top_ratio / top_k are aliases: the same rule as select_ratio / select_num
+    assert make_op(checkpoint, top_ratio=0.2).rule == make_op(checkpoint, select_ratio=0.2).rule
+    assert make_op(checkpoint, top_k=3).rule == make_op(checkpoint, select_num=3).rule
     ranged = make_op(checkpoint, min_score=0.3)
     assert isinstance(ranged, Filter) and not isinstance(ranged, Selector)
     assert "ray" in ranged._supported_exec_modes  # thresholds work under Ray
     with pytest.raises(ValueError, match="reversed_range"):
-        make_op(checkpoint, top_ratio=0.2, reversed_range=True)
+        make_op(checkpoint, select_ratio=0.2, reversed_range=True)
 
 
 @pytest.mark.integration
@@ -292,7 +301,7 @@ def test_dj_process_recipe_keeps_the_top_20_percent(checkpoint, tmp_path):
     scores = [r["__dj__stats__"][REWARD] for r in kept]
     op_scores = np.array([s[REWARD] for s in stats_of(
         make_op(checkpoint).run(dataset(rows)))])
-    expected = np.flatnonzero(top_mask(op_scores, top_ratio=0.2))
+    expected = np.flatnonzero(top_mask(op_scores, select_ratio=0.2))
     assert ids == list(expected)
     assert scores == pytest.approx(list(op_scores[expected]), abs=1e-5)
 

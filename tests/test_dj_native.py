@@ -38,7 +38,7 @@ def _process_list(art: dict) -> list[dict]:
                                "text_template": "{instruction} {output}"}},
         {"domain_contrastive_selector": {"hf_model": model, "lower_percentile": 0.0,
                                          "upper_percentile": 90.0}},
-        {"diversity_reward_filter": {"checkpoint": str(art["probe"]), "top_ratio": 0.9}},
+        {"diversity_reward_filter": {"checkpoint": str(art["probe"]), "select_ratio": 0.9}},
         {"ds2_filter": {"score_key": "score", "embedding_key": "vec", "select_ratio": 0.9,
                         "k": 3, "k_pool": 6, "hoc_steps": 50, "detection_rounds": 2}},
         {"qdit_filter": {"select_ratio": 0.8, "embedder": "daar_features",
@@ -81,7 +81,7 @@ def test_analyzer_on_the_documented_one_liner_exports_its_stats(tiny_artifacts, 
     from data_juicer.core import Analyzer
 
     one_liner = [{"diversity_reward_filter": {"checkpoint": str(tiny_artifacts["probe"]),
-                                              "top_ratio": 0.2}}]
+                                              "select_ratio": 0.2}}]
     cfg = _config(tmp_path, one_liner, _rows())
     analyzed = Analyzer(cfg).run(skip_export=True)
     assert len(analyzed) == N
@@ -100,7 +100,7 @@ def test_pipeline_of_every_op_and_the_tracer_records_what_selections_drop(tiny_a
     n = N
     for item in _process_list(tiny_artifacts)[3:]:
         (name, args), = item.items()
-        ratio = args.get("top_ratio", args.get("select_ratio"))
+        ratio = args.get("select_ratio")
         if name == "domain_contrastive_selector":
             continue
         n = budget(n, ratio=ratio)
@@ -148,6 +148,7 @@ def _tiny(tmp_path: Path) -> Path:
 def test_use_checkpoint_rerun_gives_the_same_selection(tiny_artifacts, tmp_path):
     from data_juicer.core import DefaultExecutor
 
+    # top_ratio: the design card's alias of select_ratio, accepted in a recipe
     process = [{"diversity_reward_filter": {"checkpoint": str(tiny_artifacts["probe"]),
                                             "top_ratio": 0.5}}]
     cfg = _config(tmp_path, process, _rows(), use_checkpoint=True)
@@ -193,7 +194,7 @@ def test_a_null_or_non_dict_stats_row_costs_nothing(tiny_artifacts):
     ds = NestedDataset.from_list([{**r, "__dj__stats__": None if i == 5 else r["__dj__stats__"]}
                                   for i, r in enumerate(rows)])
     assert len(DiversityRewardFilter(checkpoint=str(tiny_artifacts["probe"]),
-                                     top_ratio=0.5).run(ds)) == 10
+                                     select_ratio=0.5).run(ds)) == 10
 
 
 @pytest.mark.parametrize("n, ratio", [(10, 0.25), (24, 0.2), (7, 0.5)])
@@ -211,12 +212,12 @@ def test_every_method_keeps_the_same_count_for_the_same_ratio(tiny_artifacts, n,
     model = str(tiny_artifacts["model"])
     counts = {
         "daar": len(DiversityRewardFilter(checkpoint=str(tiny_artifacts["probe"]),
-                                          top_ratio=ratio).run(ds)),
+                                          select_ratio=ratio).run(ds)),
         "qdit": len(QditSelector(select_ratio=ratio, embedder="daar_features",
                                  model=model, text_template="{instruction}").run(ds)),
         "ds2": len(DS2Selector(score_key="score", embedding_key="vec", select_ratio=ratio, k=2,
                                k_pool=4, hoc_steps=20, detection_rounds=1).run(ds)),
-        "top_mask": int(top_mask(np.arange(n, dtype=float), top_ratio=ratio).sum()),
+        "top_mask": int(top_mask(np.arange(n, dtype=float), select_ratio=ratio).sum()),
         "band": int(percentile_band(np.arange(n, dtype=float), np.zeros(n, int),
                                     100 - ratio * 100, 100).sum()),
     }

@@ -15,7 +15,7 @@ FLOORS = [
     ("ground", ["core", "text", "pool", "artifacts", "models", "outdir", "__init__"]),
     ("algorithms", ["algorithms", "defaults"]),
     ("models", ["features", "feature_cache", "generation", "encoders", "raters", "causal_lm"]),
-    ("artifacts", ["probe_checkpoint", "report", "stage1_artifact", "ds2_report"]),
+    ("artifacts", ["probe_checkpoint", "report", "stage1_artifact", "ds2_report", "centroid_file"]),
     ("model access", ["model_keys"]),
     ("operators", ["ops"]),
     ("driver", ["pipeline", "evaluation", "compare_methods", "evaluation_report"]),

@@ -177,7 +177,7 @@ def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
 
 def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_llama, small_pool,
                                                                          tmp_path):
-    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with top_ratio, in
+    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with select_ratio, in
     dj-process's executor) on the pipeline's own artifacts reproduces the pipeline exactly."""
     import yaml
     from data_juicer.config import init_configs
@@ -211,7 +211,7 @@ def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_ll
 
     pool_rows = [records[s["pool_index"]] for s in scores]
     selected = run_recipe("select", pool_rows, [{"diversity_reward_filter": {
-        "checkpoint": str(out / "checkpoint"), "top_ratio": 0.25,
+        "checkpoint": str(out / "checkpoint"), "select_ratio": 0.25,
         "cache_dir": str(tmp_path / "cache")}}])
     expected = [s for s in scores if s["selected"]]
     assert [r["instruction"] for r in selected] == \

@@ -124,7 +124,7 @@ def test_selector_recipe_runs_under_dj_process_ray_with_the_default_rows(artifac
     rows[4]["instruction"], rows[4]["output"] = rows[1]["instruction"], rows[1]["output"]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     process = [
-        {"diversity_reward_filter": {"checkpoint": str(artifacts["probe"]), "top_ratio": 0.6,
+        {"diversity_reward_filter": {"checkpoint": str(artifacts["probe"]), "select_ratio": 0.6,
                                      "batch_size": 8, "feature_cache": False}},
         # a Mapper after a selector (as recipes/ray/daar.yaml): it labels the kept rows
         {"domain_pseudo_label_mapper": {"centroids_path": str(artifacts["centroids"]),
@@ -241,11 +241,11 @@ def _scored_rows(n: int = 40) -> list[dict]:
 
 
 REWARD_RULES = {
-    "top_ratio": dict(top_ratio=0.3),
-    "top_k": dict(top_k=7),
-    "top_k above N": dict(top_k=400),
-    "quotas": dict(domain_ratios={"coding": 0.5, "math": 0.2}, top_ratio=0.1),
-    "top_ratio and min_score": dict(top_ratio=0.5, min_score=1.0),
+    "select_ratio": dict(select_ratio=0.3),
+    "select_num": dict(select_num=7),
+    "select_num above N": dict(select_num=400),
+    "quotas": dict(domain_ratios={"coding": 0.5, "math": 0.2}, select_ratio=0.1),
+    "select_ratio and min_score": dict(select_ratio=0.5, min_score=1.0),
 }
 
 
@@ -256,7 +256,7 @@ def test_reward_selection_under_ray_keeps_the_default_executors_rows(rule, local
     from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
 
     default, ray_rows = _both(lambda: DiversityRewardFilter(**REWARD_RULES[rule]), _scored_rows())
-    if rule == "top_k above N":
+    if rule == "select_num above N":
         assert len(default) == 40 and [r["id"] for r in ray_rows] == list(range(40))
         return
     _assert_same_selection(default, ray_rows)
@@ -271,7 +271,7 @@ def test_reward_selector_scores_on_the_workers_under_ray(artifacts, local_ray):
     rows[5]["instruction"] = rows[9]["instruction"]  # a tie between two samples
     rows[5]["output"] = rows[9]["output"]
     default, ray_rows = _both(lambda: DiversityRewardFilter(
-        checkpoint=str(artifacts["probe"]), top_ratio=0.4, batch_size=8, feature_cache=False),
+        checkpoint=str(artifacts["probe"]), select_ratio=0.4, batch_size=8, feature_cache=False),
         rows)
     assert len(default) == 16
     _assert_same_selection(default, ray_rows, ("daar_diversity_reward", "daar_domain_probs",
@@ -375,7 +375,7 @@ def test_a_selector_over_an_emptied_ray_dataset_returns_it_empty(local_ray):
     from daar_ops.ops.diversity_reward_filter import DiversityRewardFilter
 
     emptied = _ray_dataset(_scored_rows()).filter(lambda row: row["id"] < 0)
-    assert DiversityRewardFilter(top_ratio=0.5).run(emptied).take_all() == []
+    assert DiversityRewardFilter(select_ratio=0.5).run(emptied).take_all() == []
 
 
 def _package_op_classes():
@@ -419,18 +419,19 @@ def _global_ops(artifacts):
     return {
         "qdit_filter": lambda: QditFilter(select_ratio=0.2),
         "ds2_filter": lambda: DS2Filter(select_ratio=0.2),
-        "diversity_reward_filter top_ratio": lambda: DiversityRewardFilter(checkpoint=probe,
-                                                                          top_ratio=0.2),
-        "diversity_reward_filter top_k": lambda: DiversityRewardFilter(checkpoint=probe, top_k=5),
+        "diversity_reward_filter select_ratio": lambda: DiversityRewardFilter(
+            checkpoint=probe, select_ratio=0.2),
+        "diversity_reward_filter select_num": lambda: DiversityRewardFilter(checkpoint=probe,
+                                                                           select_num=5),
         "diversity_reward_filter domain_ratios": lambda: DiversityRewardFilter(
-            checkpoint=probe, domain_ratios={"coding": 0.5}, top_ratio=0.1),
+            checkpoint=probe, domain_ratios={"coding": 0.5}, select_ratio=0.1),
         "domain_contrastive_selector": lambda: DomainContrastiveSelector(
             centroids_path=str(artifacts["centroids"]), hf_model=str(artifacts["model"])),
     }
 
 
-GLOBAL_CASES = ["qdit_filter", "ds2_filter", "diversity_reward_filter top_ratio",
-                "diversity_reward_filter top_k", "diversity_reward_filter domain_ratios",
+GLOBAL_CASES = ["qdit_filter", "ds2_filter", "diversity_reward_filter select_ratio",
+                "diversity_reward_filter select_num", "diversity_reward_filter domain_ratios",
                 "domain_contrastive_selector"]
 
 

@@ -23,8 +23,10 @@ OURS = sorted(name for name, cls in OPERATORS.modules.items()
     ("qdit_filter", "select_ratio", 1.5, "a number in [0, 1]"),
     ("qdit_selector", "select_num", -3, "an integer >= 0"),
     ("ds2_selector", "select_ratio", -0.1, "a number in [0, 1]"),
-    ("diversity_reward_filter", "top_ratio", 2, "a number in [0, 1]"),
-    ("diversity_reward_filter", "feature_batch_size", 0, "an integer >= 1"),
+    ("diversity_reward_filter", "select_ratio", 2, "a number in [0, 1]"),
+    ("diversity_reward_filter", "top_ratio", 2, "a number in [0, 1]"),  # the alias, too
+    ("diversity_reward_selector", "top_k", -1, "an integer >= 0"),
+    ("diversity_reward_filter", "batch_size", 0, "an integer >= 1"),
     ("domain_contrastive_selector", "upper_percentile", 101, "a number in [0, 100]"),
     ("centroid_synthesis_mapper", "top_p", 0.0, "a number in (0, 1]"),
     ("domain_pseudo_label_mapper", "refine_iters", 1.5, "an integer >= 0"),

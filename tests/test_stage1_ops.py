@@ -16,8 +16,9 @@ from data_juicer.core.data import NestedDataset
 from data_juicer.utils.constant import Fields
 
 import daar_ops.ops.centroid_synthesis_mapper as synth_mod
-from daar_ops.algorithms.centroids import (DomainSpec, embed_texts, load_centroids,
-                                           save_centroids)
+from daar_ops.algorithms.synthesis import DomainSpec
+from daar_ops.centroid_file import load_centroids, save_centroids
+from daar_ops.features import embed_texts
 from daar_ops.artifacts import ArtifactError
 from daar_ops.features import LayerFeatureExtractor
 from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
@@ -313,7 +314,7 @@ def test_real_smollm2_synthesis_writes_parsed_pairs_and_centroids(smollm2_path, 
     op = CentroidSynthesisMapper(
         domains={"mathematics": "calculations with numbers", "coding": "write Python code"},
         samples_per_domain=1, max_attempts=4, candidates_per_round=2, max_new_tokens=64,
-        generation_batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
+        batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
     rows = op.run(NestedDataset.from_list([{"text": "x"}])).to_list()  # seeded: deterministic
     assert {r["domain"] for r in rows} == {"mathematics", "coding"}
     for r in rows:

@@ -110,7 +110,7 @@ def test_health_tracks_disagreement():
 
 
 def test_domain_anchor_texts_paraphrase_default_domains_only():
-    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, DomainSpec
+    from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS, DomainSpec
     from daar_ops.algorithms.pseudo_labels import DEFAULT_ANCHOR_TEXTS, domain_anchor_texts
 
     texts, labels = domain_anchor_texts(list(DEFAULT_DOMAINS) + [DomainSpec("law", "statutes")])

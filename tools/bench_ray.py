@@ -4,7 +4,7 @@ through ``dj-process``, on synthetic records.
 Each record carries a text and the stats a ``diversity_reward_filter`` writes (reward rounded to
 0.01, so there are many ties; one in 50 records without a reward, one in 97 with a null stats
 cell; three predicted domains). The recipes choose over those stats, so the model-free part is
-measured: ``diversity_reward_selector`` with ``top_ratio: 0.2`` and with per-domain quotas. Each
+measured: ``diversity_reward_selector`` with ``select_ratio: 0.2`` and with per-domain quotas. Each
 recipe runs once per executor, each ``dj-process`` in its own process: wall time, the driver's
 peak RSS (the ``dj-process`` process, sampled every 0.2 s; Ray's own processes are not counted)
 and, for Ray, what the op logged as gathered to the driver. Parity: the exported ``id`` sets are
@@ -42,9 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the research helpers
 DOMAINS = ("coding", "math", "general")
 RECIPES = {
-    "diversity_reward_selector top_ratio": {"diversity_reward_selector": {"top_ratio": 0.2}},
+    "diversity_reward_selector select_ratio": {"diversity_reward_selector": {"select_ratio": 0.2}},
     "diversity_reward_selector quotas": {"diversity_reward_selector": {
-        "domain_ratios": {"coding": 0.3, "math": 0.1}, "top_ratio": 0.2}},
+        "domain_ratios": {"coding": 0.3, "math": 0.1}, "select_ratio": 0.2}},
 }
 
 
@@ -193,7 +193,7 @@ def main() -> None:
             ratio = f"{greedi['ratio']:.4f}"
     (args.out / "bench_ray.json").write_text(json.dumps(results, indent=1))
     at_1m = [r for r in results if r["n"] == 1_000_000 and r["executor"] == "ray"
-             and r["op"] == "diversity_reward_selector top_ratio"]
+             and r["op"] == "diversity_reward_selector select_ratio"]
     seconds = at_1m[0]["seconds"] if at_1m else "pending"
     peak = at_1m[0]["driver_peak_mb"] if at_1m else "pending"
     print(f"RESULT ray_parity={'all' if not differ else ','.join(differ).replace(' ', ':')} "

@@ -59,10 +59,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, InstructionPair, augment_prompt,
+from daar_ops.algorithms.synthesis import (DEFAULT_DOMAINS, InstructionPair, augment_prompt,
                                            pairs_settled, parse_pairs, seed_prompt)
 from daar_ops.core import default_pool
-from daar_ops.ops.centroid_synthesis_mapper import SYNTHESIS_DEFAULTS
+from daar_ops.defaults import SYNTHESIS_DEFAULTS
 from daar_ops.text import TextTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def bench_synthesis(args, records) -> float:
 
     convs, wanted = conversations(records, args.synth_convs)
     gen = HFGenerator(args.model, dtype=SYNTHESIS_DEFAULTS["dtype"],
-                      batch_size=SYNTHESIS_DEFAULTS["generation_batch_size"])
+                      batch_size=SYNTHESIS_DEFAULTS["batch_size"])
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=SYNTHESIS_DEFAULTS["temperature"],
                     top_p=SYNTHESIS_DEFAULTS["top_p"], seed=args.seed)
 
@@ -120,7 +120,7 @@ def bench_synthesis(args, records) -> float:
     print(f"synthesis: {len(convs)} conversations ({sum(w == 5 for w in wanted)} seed, "
           f"{sum(w == 1 for w in wanted)} augmentation), max_new_tokens {args.max_new_tokens}, "
           f"{SYNTHESIS_DEFAULTS['dtype']}, {torch.get_num_threads()} thread(s)", flush=True)
-    batch_default = SYNTHESIS_DEFAULTS["generation_batch_size"]
+    batch_default = SYNTHESIS_DEFAULTS["batch_size"]
     for name, batch, use_stop, n in (
             ("batch 1", 1, False, args.baseline_convs), ("batch 8 (former)", 8, False, len(convs)),
             (f"batch {batch_default}", batch_default, False, len(convs)),

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import eval_pseudo_labels as E
-    from daar_ops.algorithms.centroids import DEFAULT_DOMAINS
+    from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS
     from daar_ops.algorithms.coverage import facility_location_coverage
     from daar_ops.algorithms.probes import DaarProbes, TrainConfig, train_daar_probes
     from daar_ops.algorithms.pseudo_labels import pseudo_label

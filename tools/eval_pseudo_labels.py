@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from daar_ops.algorithms.centroids import DEFAULT_DOMAINS  # noqa: E402
+from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS  # noqa: E402
 from daar_ops.algorithms.pseudo_labels import (Stage1Config,  # noqa: E402
                                                domain_anchor_texts, health,
                                                unit_rows)

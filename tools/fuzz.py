@@ -7,7 +7,7 @@ For each case it checks what the package promises:
 * every per-sample op (``domain_pseudo_label_mapper``, ``diversity_reward_filter`` without a
   range, ``ds2_rating_filter``) keeps every record and writes its stats for each;
 * every selection keeps exactly ``budget(n, ratio)`` records (``diversity_reward_filter`` with
-  ``top_ratio``, ``qdit_filter``, ``ds2_filter``): records in = records out + records dropped;
+  ``select_ratio``, ``qdit_filter``, ``ds2_filter``): records in = records out + records dropped;
 * ``daar-ops select`` (every few cases) either finishes with probe + selection = records read,
   or stops with a one-line user error (ValueError / OSError naming the problem);
 * untrusted input and faults (every few cases, issue 22): probe manifests rewritten with their
@@ -105,7 +105,9 @@ def write_pool(path: Path, records: list[dict], rng: random.Random) -> int:
 
 class Fuzz:
     def __init__(self, workdir: Path, seed: int):
-        from daar_ops.algorithms.centroids import DomainSpec, embed_texts, save_centroids
+        from daar_ops.algorithms.synthesis import DomainSpec
+        from daar_ops.centroid_file import save_centroids
+        from daar_ops.features import embed_texts
         from daar_ops.algorithms.probes import TrainConfig
         from daar_ops.features import LayerFeatureExtractor
         from daar_ops.probe_checkpoint import train_probe_checkpoint
@@ -218,8 +220,8 @@ class Fuzz:
                 self._fail(name, err)
         ratio = rng.choice([0.0, 0.2, 0.5, 1.0])
         selections = [
-            ("diversity_reward_filter top_ratio", lambda: DiversityRewardFilter(
-                checkpoint=probe, top_ratio=ratio, feature_cache=False)),
+            ("diversity_reward_filter select_ratio", lambda: DiversityRewardFilter(
+                checkpoint=probe, select_ratio=ratio, feature_cache=False)),
             ("qdit_filter", lambda: QditFilter(select_ratio=ratio, embedder="daar_features",
                                                model=model, feature="embedding",
                                                text_template="{instruction} {output}")),

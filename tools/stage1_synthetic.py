@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from daar_ops.algorithms.centroids import DEFAULT_DOMAINS, DomainSpec  # noqa: E402
+from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS, DomainSpec  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("DAAR_OPS_HOME", Path.home() / ".cache" / "daar_ops")) / \
     "synthetic"
@@ -69,21 +69,22 @@ def synthetic_samples(seed: int, settings: SynthSettings = SynthSettings(),
         with open(path, encoding="utf-8") as handle:
             records = [json.loads(line) for line in handle if line.strip()]
         return records, json.loads(meta_path.read_text())
-    from daar_ops.algorithms.centroids import embed_texts, synthesize
-    from daar_ops.features import LayerFeatureExtractor
+    from daar_ops.algorithms.synthesis import SynthesisConfig, synthesize
+    from daar_ops.features import LayerFeatureExtractor, embed_texts
     from daar_ops.generation import load_generator
 
     torch.set_num_threads(threads)
     extractor = LayerFeatureExtractor(settings.model, layer=0, max_length=512)
     generator = load_generator("hf", settings.model, batch_size=settings.batch_size,
                                dtype=settings.gen_dtype)
-    t0 = time.perf_counter()
-    result = synthesize(
-        generator, domains, lambda texts: embed_texts(extractor, texts, "embedding"),
+    config = SynthesisConfig(
         samples_per_domain=settings.samples_per_domain, max_attempts=settings.max_attempts,
         tau=settings.tau, candidates_per_round=settings.candidates_per_round, seed=seed,
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, response_prefix=settings.response_prefix or None, progress=False)
+        top_p=settings.top_p, response_prefix=settings.response_prefix)
+    t0 = time.perf_counter()
+    result = synthesize(generator, domains, lambda texts: embed_texts(extractor, texts, "embedding"),
+                        config, progress=False)
     seconds = time.perf_counter() - t0
     records = result.records()
     info = {"key": key, "seed": seed, "settings": asdict(settings), "seconds": round(seconds, 1),

@@ -6,10 +6,13 @@ Conventions shared by every function here:
   is deterministic and independent of platform sort stability.
 * Non-finite scores (NaN, +-inf) rank below every finite score (NaN and -inf last of all, +inf
   treated like NaN: it cannot come from a valid prediction).
-* Counts follow the package's one budget rule, :func:`daar_ops.core.budget`: ``top_ratio`` keeps
-  ``floor(top_ratio * n)`` samples (as Data-Juicer's ``topk_specified_field_selector`` does);
-  ``top_k`` larger than ``n`` keeps all ``n``.
+* Counts follow the package's one budget rule, :func:`daar_ops.core.budget`: ``select_ratio``
+  keeps ``floor(select_ratio * n)`` samples (as Data-Juicer's ``topk_specified_field_selector``
+  does); ``select_num`` larger than ``n`` keeps all ``n``.
 * Results are boolean masks over the input order; selection never reorders data.
+
+:class:`SelectionRule` is DaaR's choice over the whole dataset (``diversity_reward_selector``):
+a global budget, per-group quotas and score thresholds, checked once when built.
 
 Uncertainty scores from a classifier's logits (:func:`softmax_uncertainty`, with the temperature
 of :func:`fit_temperature`) are alternative rewards to DaaR's psi_div for studying the selection
@@ -18,28 +21,30 @@ rule (``tools/eval_daar.py --rules``); the pipeline's default stays psi_div.
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from daar_ops.core import budget, rank_order
 
-__all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask", "fit_temperature",
-           "softmax_uncertainty", "UNCERTAINTY_KINDS"]
+__all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask", "SelectionRule",
+           "fit_temperature", "softmax_uncertainty", "UNCERTAINTY_KINDS"]
 
 UNCERTAINTY_KINDS = ("entropy", "one_minus_max")
 
 
-def top_mask(scores: Sequence[float] | np.ndarray, top_ratio: float | None = None,
-             top_k: int | None = None) -> np.ndarray:
-    """Boolean mask of the best ``top_k`` samples, or the best ``floor(top_ratio * n)``.
+def top_mask(scores: Sequence[float] | np.ndarray, select_ratio: float | None = None,
+             select_num: int | None = None) -> np.ndarray:
+    """Boolean mask of the best ``select_num`` samples, or the best ``floor(select_ratio * n)``.
 
-    Exactly one of ``top_ratio`` / ``top_k`` must be given.
+    Exactly one of ``select_ratio`` / ``select_num`` must be given.
     """
     s = np.asarray(scores, dtype=np.float64)
-    if (top_ratio is None) == (top_k is None):
-        raise ValueError("give exactly one of top_ratio and top_k")
-    k = budget(len(s), ratio=top_ratio, num=top_k)
+    if (select_ratio is None) == (select_num is None):
+        raise ValueError("give exactly one of select_ratio and select_num")
+    k = budget(len(s), ratio=select_ratio, num=select_num)
     mask = np.zeros(len(s), dtype=bool)
     mask[rank_order(s)[:k]] = True
     return mask
@@ -69,7 +74,7 @@ def quota_mask(scores: Sequence[float] | np.ndarray, groups: Sequence[Hashable],
     for name in present:
         members = np.flatnonzero(g == name)
         ratio = float(ratios.get(name, default_ratio))
-        keep = top_mask(s[members], top_ratio=ratio)
+        keep = top_mask(s[members], select_ratio=ratio)
         mask[members[keep]] = True
     return mask
 
@@ -86,6 +91,85 @@ def range_mask(scores: Sequence[float] | np.ndarray, min_score: float | None = N
     if min_score is not None or max_score is not None:
         mask &= np.isfinite(s)
     return mask
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """DaaR's choice over scored samples, checked once when built (a ValueError names the field).
+
+    :param select_ratio: keep the best ``floor(select_ratio * N)`` samples (:func:`budget`), in
+        [0, 1]; with ``domain_ratios``, the ratio of the groups not listed there.
+    :param select_num: keep the best ``select_num`` samples (all if N is smaller), an integer
+        >= 0; not together with ``select_ratio`` or ``domain_ratios``.
+    :param domain_ratios: ``{group: fraction in [0, 1]}``: quota mode, the best fraction of each
+        group's samples (DaaR's customized quotas; :func:`quota_mask`).
+    :param min_score, max_score: closed-interval thresholds (finite; min <= max) every kept
+        sample also meets; a non-finite score never passes one.
+    """
+
+    select_ratio: float | None = None
+    select_num: int | None = None
+    domain_ratios: Mapping[str, float] | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.select_ratio is not None and not (_real(self.select_ratio)
+                                                  and 0.0 <= self.select_ratio <= 1.0):
+            raise ValueError(f"select_ratio must be in [0, 1], got {self.select_ratio!r}")
+        if self.select_num is not None and not (_real(self.select_num) and self.select_num >= 0
+                                                and int(self.select_num) == self.select_num):
+            raise ValueError(f"select_num must be an integer >= 0, got {self.select_num!r}")
+        if self.select_num is not None and (self.select_ratio is not None or self.domain_ratios):
+            raise ValueError("select_num cannot be combined with select_ratio or domain_ratios; "
+                             "pick one global rule")
+        bad = {k: v for k, v in (self.domain_ratios or {}).items()
+               if not (_real(v) and 0.0 <= v <= 1.0)}
+        if bad:
+            raise ValueError(f"domain_ratios values must be in [0, 1], got {bad}")
+        for name in ("min_score", "max_score"):
+            value = getattr(self, name)
+            if value is not None and not (_real(value) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if None not in (self.min_score, self.max_score) and self.min_score > self.max_score:
+            raise ValueError(f"min_score {self.min_score} > max_score {self.max_score}")
+        object.__setattr__(self, "domain_ratios",
+                           {str(k): float(v) for k, v in self.domain_ratios.items()}
+                           if self.domain_ratios else None)
+
+    @property
+    def mode(self) -> str | None:
+        """``quota``, ``ratio``, ``num``, or None (thresholds only, no global choice)."""
+        return ("quota" if self.domain_ratios else "ratio" if self.select_ratio is not None
+                else "num" if self.select_num is not None else None)
+
+    def unknown_groups(self, groups: Sequence[str]) -> list[str]:
+        """Groups ``domain_ratios`` names that are not in ``groups``; a ValueError when one of
+        ``groups`` has no ratio and no ``select_ratio`` covers it."""
+        if not self.domain_ratios:
+            return []
+        missing = [g for g in groups if g not in self.domain_ratios]
+        if missing and self.select_ratio is None:
+            raise ValueError(f"domain_ratios lacks {missing}; list every domain or set "
+                             "select_ratio as the ratio of the unlisted ones")
+        return sorted(set(self.domain_ratios) - set(groups))
+
+    def mask(self, scores: Sequence[float] | np.ndarray, groups: Sequence[Hashable]
+             ) -> np.ndarray:
+        """The rule as a boolean mask over the input order (``groups``: one per score, read in
+        quota mode only)."""
+        keep = range_mask(scores, self.min_score, self.max_score)
+        if self.mode == "quota":
+            default = self.select_ratio if self.select_ratio is not None else 0.0
+            keep &= quota_mask(scores, groups, self.domain_ratios, default_ratio=default)
+        elif self.mode is not None:
+            keep &= top_mask(scores, select_ratio=self.select_ratio, select_num=self.select_num)
+        return keep
+
+
+def _real(value: Any) -> bool:
+    """A real number (bools are not), NaN excluded."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _scaled_log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:

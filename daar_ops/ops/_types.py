@@ -6,7 +6,8 @@ dataset is loaded and, for a parameter annotated with a plain class, tests the r
 fails at load time with ``[qdit_selector] Parameter 'select_ratio' expects type 'a number in
 [0, 1]', got 'float' (value: 1.5)`` instead of a traceback after the data was read. (Its own
 ``Annotated[float, Field(ge=0, le=1)]`` types are not range-checked there.) The ops receive plain
-Python numbers; their ``__init__`` still validates, for callers that build them directly.
+Python numbers; their ``__init__`` still validates, for callers that build them directly
+(:func:`check_range`, or the parameter object of the method).
 
 The op modules use ``from __future__ import annotations``, so their annotations are strings;
 :func:`resolve_range_annotations` (run once when the ops are registered) puts the classes back.
@@ -14,8 +15,10 @@ The op modules use ``from __future__ import annotations``, so their annotations 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from typing import Iterator
 
 
 class _Range(type):
@@ -64,3 +67,30 @@ def resolve_range_annotations(package: str) -> None:
             for name, ann in list(annotations.items()):
                 if isinstance(ann, str) and ann in _BY_NAME:
                     annotations[name] = _BY_NAME[ann]
+
+
+
+def check_range(name: str, value: object, kind: type) -> None:
+    """The preflight's range test for a caller that builds an op in Python (the preflight only
+    runs on recipes): a ValueError naming the parameter. ``None`` passes."""
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+
+
+def alias(name: str, value: object, alias_name: str, alias_value: object) -> object:
+    """A parameter given under its name or under a documented alias (e.g. the DaaR design card's
+    ``top_ratio`` for ``select_ratio``): the one given, or None; both is a ValueError. The alias
+    stays in the op's signature with the same range type, so the preflight checks it too."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"give {name} or its alias {alias_name}, not both")
+    return alias_value if value is None else value
+
+
+@contextlib.contextmanager
+def op_errors(op_name: str) -> Iterator[None]:
+    """A ValueError raised inside (the checks of a parameter object, :func:`check_range`,
+    :func:`alias`) is raised again with the op's name in front."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{op_name}: {err}") from err

@@ -9,19 +9,23 @@ from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
-from daar_ops.algorithms.centroids import (DomainSpec, check_feature, compute_centroids,
-                                           embed_texts, parse_domains, save_centroids,
-                                           synthesize)
+from daar_ops.algorithms.centroids import check_feature, compute_centroids
+from daar_ops.algorithms.synthesis import DomainSpec, SynthesisConfig, parse_domains, synthesize
+from daar_ops.centroid_file import save_centroids
 from daar_ops.core import SYNTHESIS_META_KEY, as_dict
-from daar_ops.defaults import FEATURE_DTYPE, SYNTHESIS_DEFAULTS  # noqa: F401 (also importable from here)
+from daar_ops.defaults import FEATURE_DTYPE, SYNTHESIS_DEFAULTS
+from daar_ops.features import embed_texts
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import DEFAULT_LAYER, SMOLLM2
-from daar_ops.ops._types import NonNegativeFloat, OpenRatio, PositiveInt
+from daar_ops.ops._types import (NonNegativeFloat, NonNegativeInt, OpenRatio, PositiveInt,
+                                 check_range, op_errors)
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
 
 OP_NAME = "centroid_synthesis_mapper"
 OUTPUT_FIELDS = ("instruction", "input", "output")
+EXTRACTOR_BATCH_SIZE = 32  # texts per forward pass of the feature model
+
 
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
@@ -62,19 +66,19 @@ class CentroidSynthesisMapper(Mapper):
         samples_per_domain: PositiveInt = SYNTHESIS_DEFAULTS["samples_per_domain"],
         max_attempts: PositiveInt = SYNTHESIS_DEFAULTS["max_attempts"],
         tau: Union[float, Dict[str, float]] = SYNTHESIS_DEFAULTS["tau"],
-        n_seed_pairs: int = 5,
-        n_counterexamples: int = 3,
-        candidates_per_round: PositiveInt = 4,
+        n_seed_pairs: PositiveInt = SYNTHESIS_DEFAULTS["n_seed_pairs"],
+        n_counterexamples: NonNegativeInt = SYNTHESIS_DEFAULTS["n_counterexamples"],
+        candidates_per_round: PositiveInt = SYNTHESIS_DEFAULTS["candidates_per_round"],
         backend: str = "hf",
         model: str = SMOLLM2,
         backend_kwargs: Optional[Dict[str, Any]] = None,
-        generation_batch_size: PositiveInt = SYNTHESIS_DEFAULTS["generation_batch_size"],
+        batch_size: PositiveInt = SYNTHESIS_DEFAULTS["batch_size"],
         max_new_tokens: PositiveInt = SYNTHESIS_DEFAULTS["max_new_tokens"],
         temperature: NonNegativeFloat = SYNTHESIS_DEFAULTS["temperature"],
         top_p: OpenRatio = SYNTHESIS_DEFAULTS["top_p"],
-        response_prefix: Optional[str] = "Instruction:",
+        response_prefix: Optional[str] = SYNTHESIS_DEFAULTS["response_prefix"],
         dtype: str = SYNTHESIS_DEFAULTS["dtype"],
-        seed: int = 0,
+        seed: NonNegativeInt = SYNTHESIS_DEFAULTS["seed"],
         feature_model: Optional[str] = None,
         feature: str = "embedding",
         layer: int = DEFAULT_LAYER,
@@ -85,7 +89,9 @@ class CentroidSynthesisMapper(Mapper):
         **kwargs,
     ):
         """
-        Initialization method.
+        Initialization method. Long because Data-Juicer recipes are flat: each parameter is a
+        typed argument with its line here; the body only builds the :class:`SynthesisConfig`
+        (which checks the synthesis settings once) and the two model keys.
 
         :param domains: domains as a list of ``{"name", "description"}`` dicts, a list of names,
             or a ``{name: description}`` mapping (K >= 2). None: read them from the input rows,
@@ -94,8 +100,8 @@ class CentroidSynthesisMapper(Mapper):
         :param description_key: input field with the domain description.
         :param samples_per_domain: accepted pairs wanted per domain (paper: 30).
         :param max_attempts: generations per domain at most (seed + augmentation).
-        :param tau: novelty threshold: accept if max cosine to accepted pairs < tau. A float, or
-            ``{domain: tau, "default": tau}`` for per-domain overrides.
+        :param tau: novelty threshold in (0, 1]: accept if max cosine to accepted pairs < tau. A
+            float, or ``{domain: tau, "default": tau}`` for per-domain overrides.
         :param n_seed_pairs: pairs asked for by a seed prompt (paper: 5).
         :param n_counterexamples: accepted pairs shown in an augmentation prompt (paper: 3).
         :param candidates_per_round: generations per domain generated together per round.
@@ -103,7 +109,7 @@ class CentroidSynthesisMapper(Mapper):
             model) or ``vllm``.
         :param model: generator model (short name, folder, or API model name).
         :param backend_kwargs: extra backend arguments (e.g. ``base_url`` for ``api``).
-        :param generation_batch_size: conversations per generate call (hf backend).
+        :param batch_size: conversations per generate call (hf backend).
         :param max_new_tokens: generation budget per call (paper: 2048).
         :param temperature: sampling temperature (paper: 0.9).
         :param top_p: nucleus sampling (paper: 0.95).
@@ -123,57 +129,30 @@ class CentroidSynthesisMapper(Mapper):
         """
         kwargs.setdefault("num_proc", 1)
         super().__init__(*args, **kwargs)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        ints = dict(samples_per_domain=samples_per_domain, max_attempts=max_attempts,
-                    n_seed_pairs=n_seed_pairs, candidates_per_round=candidates_per_round,
-                    generation_batch_size=generation_batch_size, max_new_tokens=max_new_tokens,
-                    max_length=max_length)
-        for name, value in ints.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(n_counterexamples, int) or n_counterexamples < 0:
-            raise ValueError(f"n_counterexamples must be an int >= 0, got {n_counterexamples!r}")
-        for t in (tau.values() if isinstance(tau, dict) else [tau]):
-            if not isinstance(t, (int, float)) or not 0 < float(t) <= 1:
-                raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
-                             f"{top_p}")
-        self.domains = parse_domains(domains) if domains is not None else None
-        self.domain_key = domain_key
-        self.description_key = description_key
-        self.samples_per_domain = samples_per_domain
-        self.max_attempts = max_attempts
-        self.tau = dict(tau) if isinstance(tau, dict) else float(tau)
-        self.n_seed_pairs = n_seed_pairs
-        self.n_counterexamples = n_counterexamples
-        self.candidates_per_round = candidates_per_round
-        self.backend = backend
-        self.model = model
-        self.backend_kwargs = dict(backend_kwargs or {})
-        self.generation_batch_size = generation_batch_size
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.response_prefix = response_prefix or None
-        self.dtype = dtype
-        self.seed = int(seed)
-        self.feature_model = feature_model or (model if backend != "api"
-                                               else SMOLLM2)
-        self.feature = feature
-        self._feature_layer = check_feature(feature, layer)
-        self.max_length = max_length
-        self.feature_dtype = feature_dtype
+        with op_errors(OP_NAME):
+            if backend not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            check_range("batch_size", batch_size, PositiveInt)
+            check_range("max_length", max_length, PositiveInt)
+            self.config = SynthesisConfig(
+                samples_per_domain=samples_per_domain, max_attempts=max_attempts, tau=tau,
+                n_seed_pairs=n_seed_pairs, n_counterexamples=n_counterexamples,
+                candidates_per_round=candidates_per_round, seed=seed,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                response_prefix=response_prefix)
+            self.domains = parse_domains(domains) if domains is not None else None
+            feature_layer = check_feature(feature, layer)
+        self.domain_key, self.description_key = domain_key, description_key
+        self.backend, self.model, self.feature = backend, model, feature
         self.centroids_path = centroids_path
         self.template = ALPACA_TEMPLATE
-
-        self.extractor_key = model_key("layer_features", model=self.feature_model,
-                                       layer=self._feature_layer, max_length=max_length,
-                                       batch_size=32, dtype=feature_dtype)
+        self.extractor_key = model_key(
+            "layer_features", model=feature_model or (model if backend != "api" else SMOLLM2),
+            layer=feature_layer, max_length=max_length, batch_size=EXTRACTOR_BATCH_SIZE,
+            dtype=feature_dtype)
         self.generator_key = model_key("generator", backend=backend, model=model, dtype=dtype,
-                                       batch_size=generation_batch_size,
-                                       backend_kwargs=self.backend_kwargs)
+                                       batch_size=batch_size,
+                                       backend_kwargs=dict(backend_kwargs or {}))
 
     # -------------------------------------------------------------------------------- helpers
     def _features(self, texts: List[str], rank: Optional[int] = None) -> np.ndarray:
@@ -212,18 +191,13 @@ class CentroidSynthesisMapper(Mapper):
         n = len(samples[keys[0]]) if keys else 0
         domains, source_rows = self._domains_from_rows(samples, n)
         generator = load(self.generator_key, rank, self.use_cuda() and self.backend != "api")
-        result = synthesize(
-            generator, domains, lambda texts: self._features(texts, rank),
-            samples_per_domain=self.samples_per_domain, max_attempts=self.max_attempts,
-            tau=self.tau, n_seed_pairs=self.n_seed_pairs, n_counterexamples=self.n_counterexamples,
-            candidates_per_round=self.candidates_per_round, seed=self.seed,
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-            response_prefix=self.response_prefix)
+        result = synthesize(generator, domains, lambda texts: self._features(texts, rank),
+                            self.config)
         out_keys = list(dict.fromkeys(keys + list(OUTPUT_FIELDS) + [self.domain_key, Fields.meta]))
         out: Dict[str, List[Any]] = {k: [] for k in out_keys}
         described = generator.describe()
         for d, src in zip(domains, source_rows):
-            prov = {**result.stats[d.name].as_dict(), "seed": self.seed,
+            prov = {**result.stats[d.name].as_dict(), "seed": self.config.seed,
                     "backend": self.backend, "model": str(described.get("model", self.model))}
             prov = {k: (float(v) if k == "acceptance_rate" else v) for k, v in prov.items()}
             for pair in result.samples[d.name]:
@@ -285,6 +259,7 @@ class CentroidSynthesisMapper(Mapper):
         names = [d.name for d in domains]
         centroids, n_per = compute_centroids(feats, [r[self.domain_key] for r in records], names)
         extractor = load(self.extractor_key, None, self.use_cuda())
+        cfg = self.config
         synthesis = {}
         for r in records:
             meta = as_dict(r.get(Fields.meta))
@@ -293,8 +268,8 @@ class CentroidSynthesisMapper(Mapper):
         save_centroids(self.centroids_path, centroids, domains, extractor.describe(),
                        self.feature, self.template, n_per,
                        extra={"synthesis": synthesis, "generator": {
-                           "backend": self.backend, "model": self.model, "seed": self.seed,
-                           "temperature": self.temperature, "top_p": self.top_p,
-                           "max_new_tokens": self.max_new_tokens, "tau": self.tau}})
+                           "backend": self.backend, "model": self.model, "seed": cfg.seed,
+                           "temperature": cfg.temperature, "top_p": cfg.top_p,
+                           "max_new_tokens": cfg.max_new_tokens, "tau": cfg.tau}})
         logger.info(f"{OP_NAME}: wrote centroids of {dict(zip(names, n_per.tolist()))} to "
                     f"{self.centroids_path}")

@@ -1,5 +1,5 @@
 """DaaR's diversity reward (predicted domain entropy): per-sample scoring as a Filter
-(``diversity_reward_filter``) and the global top ratio / top k / per-domain quotas as a Selector
+(``diversity_reward_filter``) and the global budget / per-domain quotas as a Selector
 (``diversity_reward_selector``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
-from daar_ops.algorithms.selection import quota_mask, range_mask, top_mask
+from daar_ops.algorithms.selection import SelectionRule
 from daar_ops.artifacts import ArtifactError, artifact_digest
 from daar_ops.core import (CHECKPOINT_SHA_KEY, PROBE_DOMAIN_KEY, PROBS_KEY, REWARD_KEY, as_dict,
                            resolve_dtype, uniform_dicts)
@@ -23,26 +23,36 @@ from daar_ops.models import describe_model
 from daar_ops.ops._columns import (check_template_columns, float_feature, float_list_feature,
                                    render_rows, string_feature, with_fields)
 from daar_ops.ops._selector import StatsSelector, stats_values
+from daar_ops.ops._types import (NonNegativeInt, PositiveInt, Ratio, alias, check_range,
+                                 op_errors)
 from daar_ops.probe_checkpoint import (check_checkpoint_compatible, checkpoint_model,
                                        load_probe_checkpoint)
-from daar_ops.ops._types import NonNegativeInt, PositiveInt, Ratio
 from daar_ops.text import TextTemplate
 
 OP_NAME = "diversity_reward_filter"
 SELECTOR_NAME = "diversity_reward_selector"
 DOMAIN_KEY = PROBE_DOMAIN_KEY
-# Samples per compute_stats call. Data-Juicer gives a "cuda" op 10; the scorer makes its own
-# forward batches (feature_batch_size), so a larger call only spreads the per-call costs (a
-# feature-cache lookup, one cache chunk file per call): at 10 they cost a tiny model ~5x.
+# Samples per compute_stats call (Data-Juicer's own batch_size, which this op's `batch_size`, the
+# texts per forward pass, replaces). Data-Juicer gives a "cuda" op 10; the scorer makes its own
+# forward batches, so a larger call only spreads the per-call costs (a feature-cache lookup, one
+# cache chunk file per call): at 10 they cost a tiny model ~5x.
 SCORE_BATCH_SIZE = 256
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
-GLOBAL_PARAMS = ("top_ratio", "top_k", "domain_ratios")
+# top_ratio / top_k: the DaaR design card's names, documented aliases of select_ratio / select_num
+GLOBAL_PARAMS = ("select_ratio", "select_num", "domain_ratios", "top_ratio", "top_k")
 RANGE_MODIFIERS = ("reversed_range", "min_closed_interval", "max_closed_interval")
 
 
-def _check_threshold(name: str, value: Optional[float]) -> None:
-    if value is not None and not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+def selection_rule(op_name: str, select_ratio: Optional[float], select_num: Optional[int],
+                   top_ratio: Optional[float], top_k: Optional[int],
+                   domain_ratios: Optional[Dict[str, float]], min_score: Optional[float],
+                   max_score: Optional[float]) -> SelectionRule:
+    """The op's :class:`SelectionRule` (aliases resolved); a ValueError names the op."""
+    with op_errors(op_name):
+        return SelectionRule(
+            select_ratio=alias("select_ratio", select_ratio, "top_ratio", top_ratio),
+            select_num=alias("select_num", select_num, "top_k", top_k),
+            domain_ratios=domain_ratios, min_score=min_score, max_score=max_score)
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -68,10 +78,11 @@ class DiversityRewardFilter(Filter):
     ``max_closed_interval`` work as for every native Filter; without bounds it keeps every sample
     (stats only). Runs under every executor, Ray included.
 
-    The global choices (``top_ratio``, ``top_k``, ``domain_ratios``) are whole-dataset decisions:
-    given here, the op is built as :class:`DiversityRewardSelector` (a Data-Juicer Selector that
-    scores, then keeps the best), so recipes written with this name keep working and the op still
-    behaves as a Selector under ``dj-analyze``, ``op_fusion``, the tracer and Ray (as a Pipeline).
+    The global choices (``select_ratio``, ``select_num``, ``domain_ratios``, or the aliases
+    ``top_ratio`` / ``top_k``) are whole-dataset decisions: given here, the op is built as
+    :class:`DiversityRewardSelector` (a Data-Juicer Selector that scores, then keeps the best), so
+    recipes written with this name keep working and the op still behaves as a Selector under
+    ``dj-analyze``, ``op_fusion``, the tracer and Ray (as a Pipeline).
     """
 
     _accelerator = "cuda"
@@ -82,9 +93,9 @@ class DiversityRewardFilter(Filter):
             modifiers = [k for k in RANGE_MODIFIERS if k in kwargs]
             if modifiers:
                 raise ValueError(f"{OP_NAME}: {modifiers} apply to the per-sample score range; "
-                                 f"they cannot be combined with {GLOBAL_PARAMS}. Use "
-                                 f"{OP_NAME} for the range and {SELECTOR_NAME} after it for the "
-                                 f"global choice")
+                                 f"they cannot be combined with a global choice "
+                                 f"({', '.join(GLOBAL_PARAMS)}). Use {OP_NAME} for the range and "
+                                 f"{SELECTOR_NAME} after it for the global choice")
             selector = DiversityRewardSelector(*args, **kwargs)
             selector._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
             return selector
@@ -96,14 +107,16 @@ class DiversityRewardFilter(Filter):
         model: Optional[str] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
-        top_ratio: Ratio = None,
-        top_k: NonNegativeInt = None,
+        select_ratio: Ratio = None,
+        select_num: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
         dtype: str = FEATURE_DTYPE,
-        feature_batch_size: PositiveInt = 32,
+        batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
+        top_ratio: Ratio = None,
+        top_k: NonNegativeInt = None,
         *args,
         **kwargs,
     ):
@@ -116,32 +129,32 @@ class DiversityRewardFilter(Filter):
             hash or hidden size differs from the checkpoint's is refused.
         :param min_score: keep samples with reward >= min_score (None: no lower bound).
         :param max_score: keep samples with reward <= max_score (None: no upper bound).
-        :param top_ratio: global: keep the best ``floor(top_ratio * N)`` samples (the op is then
-            a :class:`DiversityRewardSelector`); with ``domain_ratios``, the ratio of the
+        :param select_ratio: global: keep the best ``floor(select_ratio * N)`` samples (the op is
+            then a :class:`DiversityRewardSelector`); with ``domain_ratios``, the ratio of the
             domains not listed there.
-        :param top_k: global: keep the best top_k samples (all if N < top_k).
+        :param select_num: global: keep the best select_num samples (all if N is smaller).
         :param domain_ratios: global: {pseudo-domain: fraction in [0, 1]}, the best fraction of
             the samples predicted as each domain (DaaR's customized quotas).
         :param dtype: feature precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the
             device has it natively, else float32; the default is ``FEATURE_DTYPE``).
-        :param feature_batch_size: texts per forward pass of the extractor.
+        :param batch_size: texts per forward pass of the extractor (Data-Juicer hands the op
+            ``SCORE_BATCH_SIZE`` samples per call).
         :param max_batch_tokens: padded tokens per forward pass of the extractor.
         :param feature_cache: read/write layer features through the on-disk feature cache shared
             with ``daar-ops select`` and ``train-probe``.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
+        :param top_ratio: alias of ``select_ratio`` (the DaaR design card's name); not both.
+        :param top_k: alias of ``select_num`` (the DaaR design card's name); not both.
         :param args: extra args
-        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
+        :param kwargs: extra args
         """
-        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
-        super().__init__(*args, **kwargs)
-        if any(v is not None for v in (top_ratio, top_k, domain_ratios)):
+        super().__init__(*args, **kwargs, batch_size=SCORE_BATCH_SIZE)
+        rule = selection_rule(OP_NAME, select_ratio, select_num, top_ratio, top_k, domain_ratios,
+                              min_score, max_score)
+        if rule.mode is not None:
             raise ValueError(f"{OP_NAME}: global rules belong to {SELECTOR_NAME}")
-        _check_threshold("min_score", min_score)
-        _check_threshold("max_score", max_score)
-        if min_score is not None and max_score is not None and min_score > max_score:
-            raise ValueError(f"{OP_NAME}: min_score {min_score} > max_score {max_score}")
-        self.min_score, self.max_score = min_score, max_score
-        setup_scorer(self, checkpoint, model, dtype, feature_batch_size, max_batch_tokens,
+        self.min_score, self.max_score = rule.min_score, rule.max_score
+        setup_scorer(self, checkpoint, model, dtype, batch_size, max_batch_tokens,
                      feature_cache, cache_dir)
 
     # -- stats -------------------------------------------------------------------------------------
@@ -161,16 +174,16 @@ class DiversityRewardFilter(Filter):
                 for r in reward_scores(samples[Fields.stats])]
 
 
-def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
-                 feature_batch_size: int, max_batch_tokens: int, feature_cache: bool,
-                 cache_dir: Optional[str]) -> None:
+def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str, batch_size: int,
+                 max_batch_tokens: int, feature_cache: bool, cache_dir: Optional[str]) -> None:
     """Load and check a probe checkpoint for ``op``: sets ``domains``, ``checkpoint``,
     ``checkpoint_sha``, ``model``, ``template`` and the ``get_model`` key ``model_key``."""
     if not checkpoint:
         raise ValueError(f"{OP_NAME}: 'checkpoint' (a probe checkpoint directory written by "
                          "`daar-ops train-probe`) is required")
-    if feature_batch_size < 1 or max_batch_tokens < 1:
-        raise ValueError(f"{OP_NAME}: feature_batch_size and max_batch_tokens must be >= 1")
+    with op_errors(OP_NAME):
+        check_range("batch_size", batch_size, PositiveInt)
+        check_range("max_batch_tokens", max_batch_tokens, PositiveInt)
     try:
         probes, manifest = load_probe_checkpoint(checkpoint)
     except ArtifactError as err:
@@ -194,7 +207,7 @@ def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
     op.template = TextTemplate(manifest["template"])
     op.model_key = model_key("probe_scorer", checkpoint=op.checkpoint,
                              model=str(live["model_path"]), dtype=op.dtype,
-                             batch_size=int(feature_batch_size),
+                             batch_size=int(batch_size),
                              max_batch_tokens=int(max_batch_tokens),
                              feature_cache=bool(feature_cache),
                              cache_dir=None if cache_dir is None else str(cache_dir))
@@ -264,8 +277,9 @@ def reward_values(rewards: List[Any], domains: List[Any]) -> np.ndarray:
 
 @OPERATORS.register_module(SELECTOR_NAME)
 class DiversityRewardSelector(StatsSelector):
-    """DaaR's selection over the whole dataset by ``daar_diversity_reward``: the global top ratio
-    (the paper keeps the top 20%), the top k, or per-pseudo-domain quotas.
+    """DaaR's selection over the whole dataset by ``daar_diversity_reward``: the global budget
+    (the paper keeps the top 20%: ``select_ratio: 0.2``), a number of samples, or
+    per-pseudo-domain quotas.
 
     With ``checkpoint`` it first scores the samples that lack (or carry stale) reward stats,
     exactly as ``diversity_reward_filter`` does (same stats, same feature cache); without it, it
@@ -285,16 +299,18 @@ class DiversityRewardSelector(StatsSelector):
         self,
         checkpoint: Optional[str] = None,
         model: Optional[str] = None,
-        top_ratio: Ratio = None,
-        top_k: NonNegativeInt = None,
+        select_ratio: Ratio = None,
+        select_num: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
         dtype: str = FEATURE_DTYPE,
-        feature_batch_size: PositiveInt = 32,
+        batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
+        top_ratio: Ratio = None,
+        top_k: NonNegativeInt = None,
         *args,
         **kwargs,
     ):
@@ -304,76 +320,54 @@ class DiversityRewardSelector(StatsSelector):
         :param checkpoint: probe checkpoint to score with (None: read the stats written by a
             ``diversity_reward_filter`` earlier in the recipe).
         :param model: LM for the features; default: the checkpoint's model.
-        :param top_ratio: keep the best ``floor(top_ratio * N)`` samples, in [0, 1]; with
+        :param select_ratio: keep the best ``floor(select_ratio * N)`` samples, in [0, 1]; with
             ``domain_ratios``, the ratio of the domains not listed there.
-        :param top_k: keep the best top_k samples (all if N < top_k).
+        :param select_num: keep the best select_num samples (all if N is smaller).
         :param domain_ratios: {pseudo-domain: fraction in [0, 1]}: keep the best fraction of the
             samples predicted as each domain (DaaR's customized quotas).
         :param min_score: also require reward >= min_score (closed interval).
         :param max_score: also require reward <= max_score (closed interval).
         :param dtype: feature extractor dtype when scoring.
-        :param feature_batch_size: texts per forward pass when scoring.
+        :param batch_size: texts per forward pass when scoring (Data-Juicer hands the scorer
+            ``SCORE_BATCH_SIZE`` samples per call).
         :param max_batch_tokens: padded tokens per forward pass when scoring.
         :param feature_cache: use the on-disk feature cache when scoring.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
+        :param top_ratio: alias of ``select_ratio`` (the DaaR design card's name); not both.
+        :param top_k: alias of ``select_num`` (the DaaR design card's name); not both.
         :param args: extra args
-        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
+        :param kwargs: extra args
         """
-        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs, batch_size=SCORE_BATCH_SIZE)
         name = self._name or SELECTOR_NAME
-        _check_threshold("min_score", min_score)
-        _check_threshold("max_score", max_score)
-        if min_score is not None and max_score is not None and min_score > max_score:
-            raise ValueError(f"{name}: min_score {min_score} > max_score {max_score}")
-        if top_ratio is not None and not 0.0 <= float(top_ratio) <= 1.0:
-            raise ValueError(f"{name}: top_ratio must be in [0, 1], got {top_ratio}")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
-            raise ValueError(f"{name}: top_k must be an integer >= 0, got {top_k}")
-        if top_k is not None and (top_ratio is not None or domain_ratios):
-            raise ValueError(f"{name}: top_k cannot be combined with top_ratio or "
-                             "domain_ratios; pick one global rule")
-        if top_ratio is None and top_k is None and not domain_ratios:
-            raise ValueError(f"{name}: give top_ratio, top_k or domain_ratios (for a score range "
-                             f"alone use {OP_NAME})")
-        if domain_ratios:
-            bad = {k: v for k, v in domain_ratios.items() if not 0.0 <= float(v) <= 1.0}
-            if bad:
-                raise ValueError(f"{name}: domain_ratios values must be in [0, 1], got {bad}")
+        self.rule = selection_rule(name, select_ratio, select_num, top_ratio, top_k,
+                                   domain_ratios, min_score, max_score)
+        if self.rule.mode is None:
+            raise ValueError(f"{name}: give select_ratio, select_num or domain_ratios (or the "
+                             f"aliases top_ratio / top_k); for a score range alone use {OP_NAME}")
         self.scores_itself = bool(checkpoint)
         self.domains: Optional[List[str]] = None
         # under Ray the scoring is the Filter's own stats pass, built from these arguments
         self.scorer_kwargs = dict(kwargs, checkpoint=checkpoint, model=model, dtype=dtype,
-                                  feature_batch_size=feature_batch_size,
-                                  max_batch_tokens=max_batch_tokens, feature_cache=feature_cache,
-                                  cache_dir=cache_dir)
+                                  batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                  feature_cache=feature_cache, cache_dir=cache_dir)
         if checkpoint:
-            setup_scorer(self, checkpoint, model, dtype, feature_batch_size, max_batch_tokens,
+            setup_scorer(self, checkpoint, model, dtype, batch_size, max_batch_tokens,
                          feature_cache, cache_dir)
-            self._check_domain_ratios(domain_ratios, top_ratio, self.domains)
-        self.min_score, self.max_score = min_score, max_score
-        self.top_ratio, self.top_k = top_ratio, top_k
-        self.domain_ratios = dict(domain_ratios) if domain_ratios else None
-        self.global_mode = ("quota" if domain_ratios else "top_ratio" if top_ratio is not None
-                            else "top_k")
+            self._check_domains(self.domains, from_checkpoint=True)
 
-    def _check_domain_ratios(self, domain_ratios, top_ratio, domains, unknown_is_error=True
-                             ) -> None:
-        """Every domain needs a ratio (or ``top_ratio`` for the rest); a ratio for a domain the
-        checkpoint lacks is an error, one for a domain no sample was predicted as a warning."""
-        if not domain_ratios:
-            return
+    def _check_domains(self, domains: List[str], from_checkpoint: bool) -> None:
+        """Every domain needs a ratio (or ``select_ratio`` for the rest); a ratio for a domain
+        the checkpoint lacks is an error, one for a domain no sample was predicted as a
+        warning."""
         name = self._name or SELECTOR_NAME
-        unknown = sorted(set(domain_ratios) - set(domains))
-        if unknown and unknown_is_error:
+        with op_errors(name):
+            unknown = self.rule.unknown_groups(domains)
+        if unknown and from_checkpoint:
             raise ValueError(f"{name}: domain_ratios names {unknown}, not domains of the "
                              f"checkpoint {domains}")
         if unknown:
             logger.warning(f"{name}: domain_ratios names {unknown}, predicted for no sample")
-        missing = [d for d in domains if d not in domain_ratios]
-        if missing and top_ratio is None:
-            raise ValueError(f"{name}: domain_ratios lacks {missing}; list every domain or set "
-                             "top_ratio as the ratio of the unlisted ones")
 
     def prepare(self, dataset):
         if not self.scores_itself:
@@ -419,25 +413,12 @@ class DiversityRewardSelector(StatsSelector):
         the predicted domains, "" for none): ``daar-ops select`` streams its pool and keeps only
         these."""
         if not self.scores_itself:  # the domains are known only now, from the stats
-            self._check_domain_ratios(self.domain_ratios, self.top_ratio,
-                                      sorted({d for d in domains if d}), unknown_is_error=False)
+            self._check_domains(sorted({d for d in domains if d}), from_checkpoint=False)
         n_invalid = int(np.isnan(scores).sum())
         if n_invalid:
             logger.warning(f"{self._name}: {n_invalid} samples have no valid "
                            f"{REWARD_KEY}; they rank last")
-        return self.select(scores, domains)
-
-    def select(self, scores: np.ndarray, domains: List[str]) -> np.ndarray:
-        """The global rule (and thresholds) as a boolean mask over the dataset order."""
-        keep = range_mask(scores, self.min_score, self.max_score)
-        if self.global_mode == "quota":
-            default = self.top_ratio if self.top_ratio is not None else 0.0
-            keep &= quota_mask(scores, domains, self.domain_ratios, default_ratio=default)
-        elif self.global_mode == "top_ratio":
-            keep &= top_mask(scores, top_ratio=self.top_ratio)
-        else:
-            if self.top_k > len(scores):
-                logger.info(f"{self._name}: top_k={self.top_k} >= dataset size {len(scores)}; "
-                            "keeping every sample")
-            keep &= top_mask(scores, top_k=self.top_k)
-        return keep
+        if self.rule.mode == "num" and self.rule.select_num > len(scores):
+            logger.info(f"{self._name}: select_num={self.rule.select_num} >= dataset size "
+                        f"{len(scores)}; keeping every sample")
+        return self.rule.mask(scores, domains)

@@ -105,7 +105,7 @@ class DomainContrastiveSelector(StatsSelector):
         self.device = device
         self.centroid_manifest = None
         if centroids_path is not None:
-            from daar_ops.algorithms.centroids import load_centroids
+            from daar_ops.centroid_file import load_centroids
 
             # load_centroids checks the file itself (one row per domain, finite values)
             centroids, manifest = load_centroids(centroids_path)

@@ -18,10 +18,10 @@ from daar_ops.algorithms.pseudo_labels import (Stage1Config, Stage1Model, agreem
                                                build_prototypes, domain_anchor_texts,
                                                fit_stage1, half_split_health, label_fixed,
                                                label_stage1)
-from daar_ops.algorithms.centroids import (DEFAULT_DOMAINS, DomainSpec, assign_nearest,
-                                           check_feature, parse_domains,
-                                           compatibility_keys, embed_texts, feature_description,
-                                           load_centroids)
+from daar_ops.algorithms.centroids import assign_nearest, check_feature
+from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS, DomainSpec, parse_domains
+from daar_ops.centroid_file import compatibility_keys, feature_description, load_centroids
+from daar_ops.features import embed_texts
 from daar_ops.artifacts import artifact_digest, check_compatible, recorded_model, sha256_file
 from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, STAGE1
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
