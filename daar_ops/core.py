@@ -7,6 +7,7 @@ pipeline, reports, tools) imports from here instead of repeating a literal or a 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -252,36 +253,49 @@ def iter_jsonl(path: str | os.PathLike, report: JsonlReport | None = None, stric
     files = jsonl_files(path, strict)
     sharded = path.is_dir()
     for file in files:
-        opener = gzip.open if file.name.lower().endswith(".gz") else open
-        try:
-            with opener(file, "rb") as handle:
-                for number, raw in enumerate(handle, 1):
-                    where = f"{file.name}:{number}" if sharded else number
-                    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        line = raw.decode("utf-8", errors="surrogateescape")
-                        report.invalid_utf8.append(where)
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except (json.JSONDecodeError, RecursionError):
-                        report.malformed.append(where)
-                        yield number, None
-                        continue
-                    if not isinstance(record, dict):
-                        report.non_dict.append(where)
-                        yield number, None
-                        continue
-                    yield number, record
-        except (EOFError, gzip.BadGzipFile, OSError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
-            raise ValueError(f"{file}: cannot be read to the end ({type(err).__name__}: {err}); "
-                             f"is the file truncated or not gzip?") from err
+        with _reading(file), _open_bytes(file) as handle:
+            for number, raw in enumerate(handle, 1):
+                where = f"{file.name}:{number}" if sharded else number
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = raw.decode("utf-8", errors="surrogateescape")
+                    report.invalid_utf8.append(where)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    report.malformed.append(where)
+                    yield number, None
+                    continue
+                if not isinstance(record, dict):
+                    report.non_dict.append(where)
+                    yield number, None
+                    continue
+                yield number, record
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _open_bytes(file: Path):
+    return gzip.open(file, "rb") if file.name.lower().endswith(".gz") else open(file, "rb")
+
+
+@contextlib.contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A truncated or corrupt file read inside is a ValueError naming it (not a bare EOFError);
+    a missing one stays FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (EOFError, gzip.BadGzipFile, OSError) as err:
+        raise ValueError(f"{file}: cannot be read to the end ({type(err).__name__}: {err}); is "
+                         f"the file truncated or not gzip?") from err
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None, strict: bool = False
@@ -303,6 +317,37 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None, strict: bool =
         if limit is not None and len(records) >= limit:
             break
     return records, report
+
+
+def read_json_records(path: str | os.PathLike, limit: int | None = None) -> list[Any]:
+    """The items of a file holding one JSON list (its first non-blank character is ``[``; .gz
+    allowed), else the records of JSONL as :func:`read_jsonl` with ``strict=True`` reads them (a
+    malformed line is a ValueError naming the file and line). A list's items come as they are,
+    objects or not; ``limit`` keeps the first ones."""
+    path = Path(path)
+    if not (path.is_file() and _first_byte(path) == b"["):
+        return read_jsonl(path, limit, strict=True)[0]
+    with _reading(path), _open_bytes(path) as handle:
+        raw = handle.read()
+    try:
+        items = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid JSON list ({type(err).__name__}: {err})") from err
+    return items[:limit]
+
+
+def _first_byte(file: Path) -> bytes:
+    """The file's first byte that is not ASCII whitespace (a byte-order mark skipped); b"" when
+    there is none."""
+    with _reading(file), _open_bytes(file) as handle:
+        head = handle.read(1 << 16)
+        head = head[len(_BOM):] if head.startswith(_BOM) else head
+        while head:
+            head = head.lstrip()
+            if head:
+                return head[:1]
+            head = handle.read(1 << 16)
+    return b""
 
 
 def dumps_record(record: Mapping[str, Any]) -> bytes:

@@ -20,14 +20,13 @@ rows not found in the pool are encoded on their own and count only for the subse
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -39,7 +38,7 @@ from daar_ops.algorithms.contrastive import (encode_labels, global_phi_inter, gl
 from daar_ops.algorithms.coverage import (entropy_from_counts, facility_location_coverage,
                                           label_distribution, mean_nearest_selected_cosine,
                                           mean_pairwise_similarity)
-from daar_ops.core import STATS_FIELD, read_jsonl
+from daar_ops.core import STATS_FIELD, read_json_records
 from daar_ops.models import MINILM, SENTENCE_MAX_TOKENS
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, lookup, present_fields
 
@@ -52,27 +51,16 @@ PROJECTIONS = ("pca", "tsne")
 
 
 def read_records(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a JSONL (optionally .gz) or JSON-list file, in order.
+    """Records of a JSONL (optionally .gz, or a folder of shards) or JSON-list file, in order,
+    through :func:`daar_ops.core.read_json_records` (a list item that is not an object becomes
+    ``{"text": item}``).
 
     A Data-Juicer export ``x.jsonl`` whose stats were written to ``x_stats.jsonl`` gets them back
     under ``__dj__stats__`` (matched line by line). Blank lines are skipped; a malformed line is a
-    ValueError naming the line.
+    ValueError naming the file and line.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        head = handle.read(1)
-        while head and head.isspace():
-            head = handle.read(1)
-        is_list = head == "["
-        if is_list:
-            handle.seek(0)
-            records = json.load(handle)[:limit]
-    if not is_list:
-        records, _ = read_jsonl(path, limit, strict=True)
-    records = [r if isinstance(r, dict) else {"text": r} for r in records]
+    records = [r if isinstance(r, dict) else {"text": r} for r in read_json_records(path, limit)]
     stats_path = path.with_name(path.name.replace(".jsonl", "_stats.jsonl"))
     if (stats_path != path and stats_path.exists() and records
             and not any(STATS_FIELD in r for r in records)):
@@ -83,7 +71,6 @@ def read_records(path: str | os.PathLike, limit: int | None = None) -> list[dict
         else:
             logger.warning(f"{stats_path}: {len(stats)} rows for {len(records)} records; ignored")
     return records
-
 
 
 def numeric_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -419,14 +406,33 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
         raise ValueError("give at least one subset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     tpl = TextTemplate(template)
+    pool_records, subset_records = _read_inputs(pool, subsets, pool_limit, label_keys,
+                                                require_labels)
+    space = _Space(tpl, model, Path(cache_dir) if cache_dir is not None else out / "cache",
+                   batch_size, device, progress, max_seq_length)
+    pool_emb = space.embed_pool(pool_records)
+    subs = [space.subset(name, records, pool_records, pool_emb, label_keys)
+            for name, records in subset_records.items()]
+    metrics = _metrics(pool_records, pool_emb, subs, label_keys)
+    metrics = {"embedding_model": model, "max_seq_length": max_seq_length, "template": template,
+               "projection": projection, **metrics}
+    metrics["figures"] = _figures(out, metrics, pool_emb, subs, projection, max_points, seed)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    (out / "report.md").write_text(render_markdown(metrics))
+    logger.info(f"report written to {out / 'report.md'}")
+    return metrics
 
+
+def _read_inputs(pool: Any, subsets: Mapping[str, Any], pool_limit: int | None,
+                 label_keys: Sequence[str], require_labels: bool
+                 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """(pool records, {subset name: records}), read from files or taken as given; with
+    ``require_labels`` a label key no record has is a ValueError naming the fields present."""
     pool_records = (read_records(pool, pool_limit) if isinstance(pool, (str, os.PathLike))
                     else list(pool)[:pool_limit])
     if not pool_records:
         raise ValueError("the pool is empty")
-    pool_texts = tpl.render_all(pool_records, source="the pool records")
     subset_records = {name: read_records(src) if isinstance(src, (str, os.PathLike))
                       else list(src) for name, src in subsets.items()}
     if require_labels:
@@ -438,30 +444,57 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
             raise ValueError(f"label key(s) {', '.join(absent)} found in no pool or subset "
                              f"record; fields present: "
                              f"{', '.join(present_fields(pool_records)) or 'none'}")
-    n_empty = sum(1 for t in pool_texts if not t)
-    if n_empty:
-        logger.warning(f"report: {n_empty} pool records render to empty text under {template!r}")
-    pool_emb = embed_texts(pool_texts, model, cache_dir, batch_size, device, progress,
-                           max_seq_length)
-    row_of: dict[str, int] = {}
-    for i, t in enumerate(pool_texts):
-        row_of.setdefault(t, i)
+    return pool_records, subset_records
 
-    subs: list[SubsetData] = []
-    for name, records in subset_records.items():
-        texts = tpl.render_all(records, source=f"the records of subset {name}")
-        rows = np.array([row_of.get(t, -1) for t in texts], dtype=np.int64)
+
+@dataclass
+class _Space:
+    """The report's one embedding space: ``model`` over ``template``-rendered records."""
+
+    tpl: TextTemplate
+    model: str
+    cache_dir: Path
+    batch_size: int
+    device: str
+    progress: bool
+    max_seq_length: int | None
+    row_of: dict[str, int] = field(default_factory=dict)  # a pool text's first row
+
+    def embed_pool(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The pool's embeddings (cached under ``cache_dir``); notes each text's first row."""
+        texts = self.tpl.render_all(records, source="the pool records")
+        n_empty = sum(1 for t in texts if not t)
+        if n_empty:
+            logger.warning(f"report: {n_empty} pool records render to empty text under "
+                           f"{self.tpl.template!r}")
+        for i, t in enumerate(texts):
+            self.row_of.setdefault(t, i)
+        return embed_texts(texts, self.model, self.cache_dir, self.batch_size, self.device,
+                           self.progress, self.max_seq_length)
+
+    def subset(self, name: str, records: list[dict[str, Any]],
+               pool_records: Sequence[Mapping[str, Any]], pool_emb: np.ndarray,
+               label_keys: Sequence[str]) -> SubsetData:
+        """A subset matched to the pool by rendered text; rows not in the pool are encoded on
+        their own (they do not count as selected pool rows)."""
+        texts = self.tpl.render_all(records, source=f"the records of subset {name}")
+        rows = np.array([self.row_of.get(t, -1) for t in texts], dtype=np.int64)
         emb = np.zeros((len(records), pool_emb.shape[1]), dtype=np.float32)
         emb[rows >= 0] = pool_emb[rows[rows >= 0]]
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             logger.warning(f"report: {len(missing)} rows of '{name}' are not in the pool; "
                            "encoding them separately (they do not count as selected pool rows)")
-            emb[missing] = embed_texts([texts[i] for i in missing], model, None, batch_size,
-                                       device, progress=False, max_seq_length=max_seq_length)
+            emb[missing] = embed_texts([texts[i] for i in missing], self.model, None,
+                                       self.batch_size, self.device, progress=False,
+                                       max_seq_length=self.max_seq_length)
         records = _labels_from_pool(records, rows, pool_records, label_keys)
-        subs.append(SubsetData(name, records, emb, rows))
+        return SubsetData(name, records, emb, rows)
 
+
+def _metrics(pool_records: Sequence[Mapping[str, Any]], pool_emb: np.ndarray,
+             subs: Sequence[SubsetData], label_keys: Sequence[str]) -> dict[str, Any]:
+    """``label_keys`` (those present), ``pool`` and ``subsets`` of ``metrics.json``."""
     present_keys = [k for k in label_keys
                     if any(lookup(r, k) is not None for r in pool_records)
                     or any(lookup(r, k) is not None for s in subs for r in s.records)]
@@ -473,21 +506,24 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
         "contrast": next((_phi_block(pool_emb, pool_records, k) for k in present_keys
                           if _label_block(pool_records, k) is not None), None),
     }
-    metrics: dict[str, Any] = {
-        "embedding_model": model, "max_seq_length": max_seq_length, "template": template,
-        "projection": projection,
-        "label_keys": present_keys, "pool": pool_metrics,
-        "subsets": {s.name: subset_metrics(
-            pool_emb, pool_records, s, present_keys,
-            {k: sum(1 for lab in b["counts"] if lab != "<none>")
-             for k, b in pool_metrics["labels"].items()}) for s in subs},
-    }
+    n_classes = {k: sum(1 for lab in b["counts"] if lab != "<none>")
+                 for k, b in pool_metrics["labels"].items()}
+    return {"label_keys": present_keys, "pool": pool_metrics,
+            "subsets": {s.name: subset_metrics(pool_emb, pool_records, s, present_keys,
+                                               n_classes) for s in subs}}
 
+
+def _figures(out: Path, metrics: dict[str, Any], pool_emb: np.ndarray,
+             subs: Sequence[SubsetData], projection: str, max_points: int, seed: int
+             ) -> dict[str, str]:
+    """Write the PNGs (label bars, stats histograms, the projection) into ``out``; returns
+    {figure key: file name}. Adds each subset's ``stats_keys`` to ``metrics``."""
     figures: dict[str, str] = {}
+    present_keys = metrics["label_keys"]
     for key in present_keys:
         blocks = {s: m["labels"][key] for s, m in metrics["subsets"].items() if key in m["labels"]}
         fname = f"labels_{_slug(key)}.png"
-        plot_label_bars(key, pool_metrics["labels"].get(key), blocks, out / fname)
+        plot_label_bars(key, metrics["pool"]["labels"].get(key), blocks, out / fname)
         figures[f"labels:{key}"] = fname
     for sub in subs:
         stats = numeric_stats(sub.records)
@@ -502,12 +538,7 @@ def build_report(pool: str | os.PathLike | Sequence[Mapping[str, Any]],
     plot_projection(pool_emb, subs, colour_key, out / "projection.png", projection,
                     max_points, seed)
     figures["projection"] = "projection.png"
-    metrics["figures"] = figures
-
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    (out / "report.md").write_text(render_markdown(metrics))
-    logger.info(f"report written to {out / 'report.md'}")
-    return metrics
+    return figures
 
 
 def _json_default(v: Any) -> Any:

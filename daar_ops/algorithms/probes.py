@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -314,33 +314,16 @@ def train_daar_probes(features: np.ndarray, labels: Sequence[int] | np.ndarray,
     cfg.validate()
     x_np = np.asarray(features, dtype=np.float32)
     y_np = np.asarray(labels, dtype=np.int64)
+    _check_training_data(x_np, y_np, domains)
     k = len(domains)
-    if x_np.ndim != 2 or len(x_np) != len(y_np):
-        raise ValueError(f"features must be [N, d] with one label per row; got {x_np.shape} "
-                         f"features and {y_np.shape} labels")
-    if len(x_np) < 2:
-        raise ValueError(f"need at least 2 labelled samples to train the probes, got {len(x_np)}")
-    if k < 2:
-        raise ValueError(f"need at least 2 domains, got {list(domains)}")
-    if y_np.min() < 0 or y_np.max() >= k:
-        raise ValueError(f"labels must lie in [0, {k}), got range [{y_np.min()}, {y_np.max()}]")
-    if not np.isfinite(x_np).all():
-        raise ValueError("features contain NaN or inf; refusing to train on them")
-
     train_idx, val_idx = split_indices(len(x_np), cfg.val_fraction, cfg.seed)
     counts = np.bincount(y_np[train_idx], minlength=k)
     for name, c in zip(domains, counts):
         if c == 0:
             logger.warning(f"domain '{name}' has no training sample; psi_dom cannot learn it")
-    d = x_np.shape[1]
-    dom = _seeded_probe(d, k, cfg, cfg.seed)
-    div = _seeded_probe(d, 1, cfg, cfg.seed + 1)  # fresh init, not a copy of psi_dom's body
-    if cfg.standardize:
-        mean, scale = _standardization(x_np, train_idx)
-        dom.set_standardization(mean, scale)
-        div.set_standardization(mean, scale)
-    logger.info(f"probes: {len(train_idx)} train / {len(val_idx)} validation samples, d={d}, "
-                f"K={k}, psi_dom {dom.n_parameters:,} parameters")
+    dom, div = _new_probes(x_np, train_idx, k, cfg)
+    logger.info(f"probes: {len(train_idx)} train / {len(val_idx)} validation samples, "
+                f"d={x_np.shape[1]}, K={k}, psi_dom {dom.n_parameters:,} parameters")
     x = torch.from_numpy(x_np)
     dom_hist = _fit(dom, x, torch.from_numpy(y_np), "ce", train_idx, val_idx, cfg,
                     "psi_dom (cross-entropy)", progress)
@@ -353,47 +336,84 @@ def train_daar_probes(features: np.ndarray, labels: Sequence[int] | np.ndarray,
     div_hist = _fit(div, x, torch.from_numpy(targets), "mse", train_idx, val_idx, cfg,
                     "psi_div (MSE on entropy)", progress)
     pred_h = predict(div, x_np, cfg.eval_batch_size)[:, 0]
+    metrics = _training_metrics(y_np, probs.argmax(1), targets, pred_h, train_idx, val_idx,
+                                domains, dom_hist, div_hist)
+    return ProbeTrainingResult(dom=dom, div=div, domains=list(domains), train_idx=train_idx,
+                               val_idx=val_idx, entropy_targets=targets, metrics=metrics,
+                               history={"dom": dom_hist, "div": div_hist})
 
-    pred_label = probs.argmax(1)
-    majority = int(np.bincount(y_np[train_idx], minlength=k).argmax())
+
+def _check_training_data(x: np.ndarray, y: np.ndarray, domains: Sequence[str]) -> None:
+    k = len(domains)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"features must be [N, d] with one label per row; got {x.shape} "
+                         f"features and {y.shape} labels")
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 labelled samples to train the probes, got {len(x)}")
+    if k < 2:
+        raise ValueError(f"need at least 2 domains, got {list(domains)}")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must lie in [0, {k}), got range [{y.min()}, {y.max()}]")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or inf; refusing to train on them")
+
+
+def _new_probes(x: np.ndarray, train_idx: np.ndarray, k: int, cfg: TrainConfig
+                ) -> tuple[ProbeMLP, ProbeMLP]:
+    """Freshly seeded psi_dom ([d] -> K) and psi_div ([d] -> 1), standardised alike."""
+    d = x.shape[1]
+    dom = _seeded_probe(d, k, cfg, cfg.seed)
+    div = _seeded_probe(d, 1, cfg, cfg.seed + 1)  # fresh init, not a copy of psi_dom's body
+    if cfg.standardize:
+        mean, scale = _standardization(x, train_idx)
+        dom.set_standardization(mean, scale)
+        div.set_standardization(mean, scale)
+    return dom, div
+
+
+def _training_metrics(y: np.ndarray, pred_label: np.ndarray, targets: np.ndarray,
+                      pred_h: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                      domains: Sequence[str], dom_hist: Mapping[str, Any],
+                      div_hist: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``metrics``: accuracies, the reward's fit against baselines (logged)."""
+    k = len(domains)
+    counts = np.bincount(y[train_idx], minlength=k)
+    majority = int(counts.argmax())
+    nan = float("nan")
 
     def acc(idx: np.ndarray) -> float:
-        return float((pred_label[idx] == y_np[idx]).mean()) if len(idx) else float("nan")
+        return float((pred_label[idx] == y[idx]).mean()) if len(idx) else nan
 
     def mse(idx: np.ndarray) -> float:
-        return float(((pred_h[idx] - targets[idx]) ** 2).mean()) if len(idx) else float("nan")
+        return float(((pred_h[idx] - targets[idx]) ** 2).mean()) if len(idx) else nan
 
     baseline = float(((targets[val_idx] - targets[train_idx].mean()) ** 2).mean()) \
-        if len(val_idx) else float("nan")
+        if len(val_idx) else nan
     metrics = {
-        "n_samples": int(len(x_np)), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+        "n_samples": int(len(y)), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
         "train_label_counts": {name: int(c) for name, c in zip(domains, counts)},
         "dom_train_accuracy": acc(train_idx), "dom_val_accuracy": acc(val_idx),
-        "dom_val_majority_baseline": float((y_np[val_idx] == majority).mean())
-        if len(val_idx) else float("nan"),
+        "dom_val_majority_baseline": float((y[val_idx] == majority).mean())
+        if len(val_idx) else nan,
         "dom_val_loss": dom_hist["val_loss"][-1],
         "div_train_mse": mse(train_idx), "div_val_mse": mse(val_idx),
         "div_val_mse_predict_mean_baseline": baseline,
         # R^2 against predicting the training mean: how much of the held-out entropy the
         # reward explains (near 0 or below: the reward is close to noise)
-        "div_val_r2": 1.0 - mse(val_idx) / baseline if len(val_idx) and baseline > 0
-        else float("nan"),
+        "div_val_r2": 1.0 - mse(val_idx) / baseline if len(val_idx) and baseline > 0 else nan,
         "div_val_spearman": _rank_corr(pred_h[val_idx], targets[val_idx]),
         "dom_best_epoch": dom_hist["best_epoch"], "div_best_epoch": div_hist["best_epoch"],
         "entropy_target_mean": float(targets.mean()), "entropy_target_std": float(targets.std()),
         # a train mean far below the validation mean means psi_dom overfitted (see TrainConfig)
         "entropy_target_train_mean": float(targets[train_idx].mean()),
-        "entropy_target_val_mean": float(targets[val_idx].mean()) if len(val_idx)
-        else float("nan"),
+        "entropy_target_val_mean": float(targets[val_idx].mean()) if len(val_idx) else nan,
         "entropy_max": float(math.log(k)),
     }
     logger.info(f"psi_dom validation accuracy {metrics['dom_val_accuracy']:.4f} "
                 f"(majority baseline {metrics['dom_val_majority_baseline']:.4f}); psi_div "
                 f"validation MSE {metrics['div_val_mse']:.5f} (predict-mean baseline "
                 f"{baseline:.5f}, R^2 {metrics['div_val_r2']:.3f})")
-    return ProbeTrainingResult(dom=dom, div=div, domains=list(domains), train_idx=train_idx,
-                               val_idx=val_idx, entropy_targets=targets, metrics=metrics,
-                               history={"dom": dom_hist, "div": div_hist})
+    return metrics
 
 
 class DaarProbes:
