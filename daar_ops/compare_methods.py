@@ -51,6 +51,7 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 BASELINES = ("random", "instruction_length", "ifd", "alpagasus", "qdit", "ds2")
 LLM_METHODS = ("ifd", "alpagasus", "ds2")
 RATIO_KEYS = ("select_ratio", "top_ratio")
+DEFAULT_RATIO = 0.2  # the paper's budget: every method keeps 20% of the pool
 COUNT_KEYS = ("topk", "select_num")
 MODEL_KEYS = ("hf_model", "api_or_hf_model", "model", "hf_model_path",
               "model_path")
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: $DAAR_OPS_POOL, else the shared pool beside a checkout")
     parser.add_argument("--n", type=int, default=1000, help="slice size (default 1000)")
     parser.add_argument("--full", action="store_true", help="use the whole pool")
-    parser.add_argument("--ratio", type=float, default=0.2, help="fraction to select")
+    parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="fraction to select")
     parser.add_argument("--seed", type=int, default=0, help="seed of the slice")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of methods (default: every available one)")

@@ -12,7 +12,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO / "recipes" / "baselines"
 OURS = ("random", "instruction_length", "ifd", "alpagasus")
-POOL_SIZE = 37993
 
 
 def _compare_module():
@@ -30,7 +29,7 @@ def _params(recipe):
 
 
 @pytest.mark.parametrize("name", OURS)
-def test_recipe_selects_20_percent_with_registered_ops_and_local_models(name):
+def test_recipe_selects_the_comparison_ratio_with_registered_ops_and_local_models(name):
     from data_juicer.ops import OPERATORS
 
     import daar_ops.ops  # noqa: F401
@@ -43,14 +42,29 @@ def test_recipe_selects_20_percent_with_registered_ops_and_local_models(name):
     assert all(op in OPERATORS.modules for op, _ in ops)
     last_op, last = ops[-1]
     assert last_op.endswith("_selector")
-    budget = last.get("select_ratio") or last.get("top_ratio")
-    from daar_ops.core import budget as budget_rule
-
-    assert budget == 0.2 or last.get("topk") == budget_rule(POOL_SIZE, ratio=0.2)
+    ratios = [last[k] for k in _compare_module().RATIO_KEYS if k in last]
+    if "topk" not in last:  # a count is checked against the pool below
+        assert ratios == [_compare_module().DEFAULT_RATIO]
     for _, params in ops:
         for key in ("hf_model", "api_or_hf_model"):
             if key in params:  # a prepared local model, never a hub id
                 assert params[key] in KNOWN_MODELS
+
+
+@pytest.mark.integration
+def test_a_count_budget_is_the_ratio_of_the_recipes_own_pool(shared_pool):
+    """A baseline that keeps a count (IFD's ``topk``: its filter drops samples before the
+    selector) keeps the comparison ratio of the pool its recipe reads, by the one budget rule."""
+    from daar_ops.core import budget, read_jsonl
+
+    cm = _compare_module()
+    counted = [name for name in OURS if "topk" in _params(_recipe(name))[-1][1]]
+    assert counted  # the case this test is about exists
+    for name in counted:
+        recipe = _recipe(name)
+        assert (REPO / recipe["dataset_path"]).resolve() == shared_pool.resolve()
+        n = len(read_jsonl(shared_pool)[0])
+        assert _params(recipe)[-1][1]["topk"] == budget(n, ratio=cm.DEFAULT_RATIO), name
 
 
 @pytest.mark.parametrize("name", OURS)
@@ -149,7 +163,7 @@ def test_ifd_recipe_runs_on_a_handful_of_records(tmp_path, smollm2_path, shared_
     res = cm.run_method("ifd", BASELINES / "ifd.yaml", inp, tmp_path, 0.34, n, timeout=500)
     assert res["status"] == "ok", res
     picked = [json.loads(l) for l in Path(res["export"]).read_text().splitlines()]
-    assert len(picked) == 1  # topk = round(0.34 * 3); these records have IFD <= 1
+    assert len(picked) == 1  # topk = budget(3, ratio=0.34) = 1; these records have IFD <= 1
     scores = [r["__dj__stats__"]["ifd_score"] for r in picked]
     assert all(0 <= s <= 1 for s in scores)
 

@@ -4,6 +4,7 @@ outputs/daar_select)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -25,14 +26,23 @@ def _select_help() -> str:
     return re.sub(r"\s+", " ", out.getvalue())
 
 
+def _select_helps() -> dict[str, str]:
+    """{dest: help} of every option of ``daar-ops select``."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a.help for a in sub.choices["select"]._actions}
+
+
 def test_select_help_states_the_quick_presets_output_dir_and_every_changed_default():
-    text = _select_help()
+    text, helps = _select_help(), _select_helps()
     full, quick = SelectConfig(), SelectConfig.quick()
     assert f"(default: {full.output_dir}; with --quick: {quick.output_dir})" in text
-    for f in dataclasses.fields(SelectConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if getattr(quick, f.name) != getattr(full, f.name) and flag in text:
-            assert f"with --quick: {getattr(quick, f.name)}" in text, f.name
+    changed = [f.name for f in dataclasses.fields(SelectConfig)
+               if getattr(quick, f.name) != getattr(full, f.name)]
+    assert changed  # what the preset is about
+    for name in changed:  # each on its own flag, and in the --quick help
+        assert helps[name].endswith(f"; with --quick: {getattr(quick, name)})"), name
+        flag = f"--{name.replace('_', '-')} {getattr(quick, name)}"
+        assert flag in helps["quick"], name
 
 
 def test_readme_names_both_output_dirs():

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from daar_ops.algorithms.probes import TrainConfig
-from daar_ops.algorithms.selection import quota_mask, range_mask, rank_order, top_mask
+from daar_ops.core import budget
+from daar_ops.algorithms.selection import (SelectionRule, quota_mask, range_mask, rank_order,
+                                           top_mask)
 from daar_ops.probe_checkpoint import train_probe_checkpoint
 from daar_ops.text import TemplateFieldError
 
@@ -49,11 +51,11 @@ def test_top_mask_ties_break_by_index_and_non_finite_rank_last():
     assert not top_mask([], select_ratio=0.2).any()
 
 
-def test_select_ratio_keeps_floor_of_ratio_times_n():
+def test_select_ratio_keeps_the_budget_of_the_one_rule():
     rng = np.random.default_rng(0)
-    for n in (1, 4, 5, 99, 40000):
+    for n in (1, 4, 5, 99, 40000):  # 99: floor(19.8) = 19 where round() would keep 20
         mask = top_mask(rng.random(n), select_ratio=0.2)
-        assert mask.sum() == math.floor(0.2 * n + 1e-9)
+        assert mask.sum() == budget(n, ratio=0.2)
     s = rng.random(50)
     kept = top_mask(s, select_ratio=0.2)
     assert s[kept].min() > s[~kept].max()
@@ -77,6 +79,22 @@ def test_range_mask_rejects_non_finite():
     assert list(range_mask(s, 0.2, None)) == [False, True, False, True]
     assert list(range_mask(s, None, 0.5)) == [True, True, False, False]
     assert range_mask(s).all()  # no threshold: nothing dropped
+
+
+def test_selection_rule_combines_the_budget_with_thresholds_and_checks_quota_groups():
+    scores = np.array([0.1, 0.9, 0.5, np.nan, 0.7])
+    rule = SelectionRule(select_ratio=0.4, min_score=0.8)
+    assert rule.mode == "ratio"  # the best 2 (rows 1 and 4), of which only row 1 is >= 0.8
+    assert rule.mask(scores, [""] * 5).tolist() == [False, True, False, False, False]
+    assert SelectionRule(select_num=2).mask(scores, [""] * 5).tolist() == \
+        [False, True, False, False, True]
+    assert SelectionRule(min_score=0.2).mode is None  # thresholds only: no global choice
+    quota = SelectionRule(domain_ratios={"a": 1.0, "z": 0.5}, select_ratio=0.0)
+    assert quota.mode == "quota" and quota.unknown_groups(["a", "b"]) == ["z"]
+    assert quota.mask(scores, ["a", "b", "a", "b", "b"]).tolist() == [True, False, True, False,
+                                                                      False]
+    with pytest.raises(ValueError, match="lacks"):  # "b" has no ratio and no select_ratio
+        SelectionRule(domain_ratios={"a": 0.5}).unknown_groups(["a", "b"])
 
 
 # -- the operator ---------------------------------------------------------------------------------

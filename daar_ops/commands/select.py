@@ -51,12 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "score and select",
         description="Run DaaR end to end on a pool and write the selected JSONL, scores, the "
                     "probe checkpoint and a summary. Defaults: SmolLM2 + the shared pool.")
-    parser.add_argument("--quick", action="store_true",
-                        help="preset for a fast run: 3 samples/domain, probe pool 800, "
-                             "selection pool 2000, 20 probe epochs, output in "
-                             f"{SelectConfig.quick().output_dir} (so it never replaces a full "
-                             "run's output)")
     defaults, quick = SelectConfig(), SelectConfig.quick()
+    preset = ", ".join(f"--{f.name.replace('_', '-')} {getattr(quick, f.name)}"
+                       for f in dataclasses.fields(SelectConfig)
+                       if getattr(quick, f.name) != getattr(defaults, f.name))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"preset for a fast run: {preset} (its own output folder, so it "
+                             "never replaces a full run's output)")
     for f in dataclasses.fields(SelectConfig):
         if f.name in ("progress", "domains", "per_domain", "descriptions"):
             continue
