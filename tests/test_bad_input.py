@@ -109,7 +109,7 @@ def make(name: str, art: dict, **kw):
     if name == "domain_contrastive_selector":
         kw.pop("batch_size"), kw.pop("num_proc")
         kw.setdefault("centroids_path", str(art["centroids"]))
-        return DomainContrastiveSelector(hf_model=kw.pop("hf_model", model), lower_percentile=0.0,
+        return DomainContrastiveSelector(model=kw.pop("model", model), lower_percentile=0.0,
                                          upper_percentile=100.0, **kw)
     raise KeyError(name)
 
@@ -399,7 +399,7 @@ def test_missing_model_path_is_refused_at_init(name, art):
 
 
 @pytest.mark.parametrize("name,kw", [("qdit_filter", dict(model=BAD_MODEL)),
-                                     ("domain_contrastive_selector", dict(hf_model=BAD_MODEL)),
+                                     ("domain_contrastive_selector", dict(model=BAD_MODEL)),
                                      ("ds2_filter", dict(model=BAD_MODEL))])
 def test_missing_model_path_of_global_ops_is_a_clear_error(name, kw, art):
     rows = _prepare(name, _records(4))

@@ -98,7 +98,7 @@ def _op(tiny_llama, **kw):
     from data_juicer.ops import OPERATORS
 
     return OPERATORS.modules["domain_contrastive_selector"](
-        hf_model=str(tiny_llama), label_key="label", **kw)
+        model=str(tiny_llama), label_key="label", **kw)
 
 
 def test_operator_keeps_a_band_per_domain_and_writes_float_stats(tiny_llama):

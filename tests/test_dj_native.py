@@ -36,7 +36,7 @@ def _process_list(art: dict) -> list[dict]:
         {"diversity_reward_filter": {"checkpoint": str(art["probe"]), "min_score": 0.0}},
         {"ds2_rating_filter": {"mode": "probability", "model": model, "max_length": 64,
                                "text_template": "{instruction} {output}"}},
-        {"domain_contrastive_selector": {"hf_model": model, "lower_percentile": 0.0,
+        {"domain_contrastive_selector": {"model": model, "lower_percentile": 0.0,
                                          "upper_percentile": 90.0}},
         {"diversity_reward_filter": {"checkpoint": str(art["probe"]), "select_ratio": 0.9}},
         {"ds2_filter": {"score_key": "score", "embedding_key": "vec", "select_ratio": 0.9,

@@ -184,7 +184,7 @@ def test_contrastive_selector_refuses_a_centroid_file_with_too_few_rows(tiny_art
                   {k: v for k, v in manifest.items() if k not in ("sha256", "tensors")},
                   kind="daar_centroids")
     with pytest.raises(ValueError, match="K domain names"):
-        DomainContrastiveSelector(centroids_path=str(bad), hf_model=str(tiny_artifacts["model"]))
+        DomainContrastiveSelector(centroids_path=str(bad), model=str(tiny_artifacts["model"]))
 
 
 # -- reading a pool (issue 22 item 3) --------------------------------------------------------------

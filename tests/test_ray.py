@@ -308,7 +308,7 @@ def test_qdit_ds2_and_contrastive_under_ray_keep_the_default_executors_rows(arti
                                     detection_rounds=1),
                 ("ds2_raw_score", "ds2_curated_score", "ds2_long_tail")),
         "contrastive": (lambda: DomainContrastiveSelector(
-            centroids_path=str(artifacts["centroids"]), hf_model=model,
+            centroids_path=str(artifacts["centroids"]), model=model,
             lower_percentile=50.0), ("daar_phi_inter", "daar_phi_intra")),
     }
     for name, (factory, keys) in cases.items():
@@ -426,7 +426,7 @@ def _global_ops(artifacts):
         "diversity_reward_filter domain_ratios": lambda: DiversityRewardFilter(
             checkpoint=probe, domain_ratios={"coding": 0.5}, select_ratio=0.1),
         "domain_contrastive_selector": lambda: DomainContrastiveSelector(
-            centroids_path=str(artifacts["centroids"]), hf_model=str(artifacts["model"])),
+            centroids_path=str(artifacts["centroids"]), model=str(artifacts["model"])),
     }
 
 

@@ -49,12 +49,12 @@ class DomainContrastiveSelector(StatsSelector):
         metric: str = "inter",
         lower_percentile: Percentile = 80.0,
         upper_percentile: Percentile = 100.0,
-        hf_model: str = SMOLLM2,
+        model: str = SMOLLM2,
         text_template: str = ALPACA_TEMPLATE,
         centroids_path: Optional[str] = None,
         keep_unlabeled: bool = False,
         max_length: PositiveInt = 512,
-        feature_batch_size: PositiveInt = 64,
+        batch_size: PositiveInt = 64,
         dtype: str = FEATURE_DTYPE,
         device: str = "cpu",
         *args,
@@ -69,13 +69,13 @@ class DomainContrastiveSelector(StatsSelector):
         :param metric: ``inter`` (rank by phi_inter) or ``intra`` (rank by phi_intra).
         :param lower_percentile: lower end of the kept band, in [0, 100).
         :param upper_percentile: upper end of the kept band, in (lower, 100].
-        :param hf_model: short model name or local HF folder whose embedding layer gives features.
+        :param model: short model name or local HF folder whose embedding layer gives features.
         :param text_template: record fields rendered into the text that is embedded.
         :param centroids_path: optional ``daar_centroids`` artifact directory (feature must be
             ``embedding`` and the model must match); default: centroids of this dataset's labels.
         :param keep_unlabeled: keep samples without a usable label (default drop them, logged).
         :param max_length: tokens kept per text.
-        :param feature_batch_size: texts per embedding batch.
+        :param batch_size: texts per embedding batch.
         :param dtype: ``float32`` or ``bfloat16``/``float16``.
         :param device: ``cpu``, ``cuda`` or ``auto``.
         :param args: extra args
@@ -89,21 +89,20 @@ class DomainContrastiveSelector(StatsSelector):
                              f"{lower_percentile}, {upper_percentile}")
         if not isinstance(label_key, str) or not label_key.strip():
             raise ValueError("label_key must be a non-empty field name")
-        if max_length < 1 or feature_batch_size < 1:
-            raise ValueError("max_length and feature_batch_size must be >= 1")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError("max_length and batch_size must be >= 1")
         self.label_key = label_key
         self.metric = metric
         self.lower_percentile = float(lower_percentile)
         self.upper_percentile = float(upper_percentile)
-        self.hf_model = hf_model
+        self.model = model
         self.template = TextTemplate(text_template)
         self.centroids_path = centroids_path
         self.keep_unlabeled = keep_unlabeled
-        self.max_length = max_length
-        self.feature_batch_size = feature_batch_size
-        self.dtype = dtype
         self.device = device
         self.centroid_manifest = None
+        self.extractor_key = model_key("layer_features", model=model, layer=0,
+                                       max_length=max_length, batch_size=batch_size, dtype=dtype)
         if centroids_path is not None:
             from daar_ops.centroid_file import load_centroids
 
@@ -133,10 +132,7 @@ class DomainContrastiveSelector(StatsSelector):
         if not domains or n_unlabeled == n:
             raise ValueError(f"{OP_NAME}: no sample has a label in '{self.label_key}'")
 
-        key = model_key("layer_features", model=self.hf_model, layer=0,
-                        max_length=self.max_length, batch_size=self.feature_batch_size,
-                        dtype=self.dtype)
-        extractor = load(key, None, self.use_cuda())
+        extractor = load(self.extractor_key, None, self.use_cuda())
         if self.centroid_manifest is not None:
             from daar_ops.artifacts import check_compatible
 
