@@ -91,10 +91,10 @@ def test_selection_rule_combines_the_budget_with_thresholds_and_checks_quota_gro
     assert SelectionRule(min_score=0.2).mode is None  # thresholds only: no global choice
     quota = SelectionRule(domain_ratios={"a": 1.0, "z": 0.5}, select_ratio=0.0)
     assert quota.mode == "quota" and quota.unknown_groups(["a", "b"]) == ["z"]
+    assert quota.uncovered_groups(["a", "b"]) == []  # select_ratio covers "b"
     assert quota.mask(scores, ["a", "b", "a", "b", "b"]).tolist() == [True, False, True, False,
                                                                       False]
-    with pytest.raises(ValueError, match="lacks"):  # "b" has no ratio and no select_ratio
-        SelectionRule(domain_ratios={"a": 0.5}).unknown_groups(["a", "b"])
+    assert SelectionRule(domain_ratios={"a": 0.5}).uncovered_groups(["a", "b"]) == ["b"]
 
 
 # -- the operator ---------------------------------------------------------------------------------

@@ -144,15 +144,14 @@ class SelectionRule:
                 else "num" if self.select_num is not None else None)
 
     def unknown_groups(self, groups: Sequence[str]) -> list[str]:
-        """Groups ``domain_ratios`` names that are not in ``groups``; a ValueError when one of
-        ``groups`` has no ratio and no ``select_ratio`` covers it."""
-        if not self.domain_ratios:
+        """The groups ``domain_ratios`` names that are not among ``groups``."""
+        return sorted(set(self.domain_ratios or ()) - set(groups))
+
+    def uncovered_groups(self, groups: Sequence[str]) -> list[str]:
+        """In quota mode, the ``groups`` with no ratio that no ``select_ratio`` covers."""
+        if not self.domain_ratios or self.select_ratio is not None:
             return []
-        missing = [g for g in groups if g not in self.domain_ratios]
-        if missing and self.select_ratio is None:
-            raise ValueError(f"domain_ratios lacks {missing}; list every domain or set "
-                             "select_ratio as the ratio of the unlisted ones")
-        return sorted(set(self.domain_ratios) - set(groups))
+        return [g for g in groups if g not in self.domain_ratios]
 
     def mask(self, scores: Sequence[float] | np.ndarray, groups: Sequence[Hashable]
              ) -> np.ndarray:

@@ -89,9 +89,8 @@ class CentroidSynthesisMapper(Mapper):
         **kwargs,
     ):
         """
-        Initialization method. Long because Data-Juicer recipes are flat: each parameter is a
-        typed argument with its line here; the body only builds the :class:`SynthesisConfig`
-        (which checks the synthesis settings once) and the two model keys.
+        Initialization method: builds the :class:`SynthesisConfig` (which checks the synthesis
+        settings once) and the two model keys.
 
         :param domains: domains as a list of ``{"name", "description"}`` dicts, a list of names,
             or a ``{name: description}`` mapping (K >= 2). None: read them from the input rows,

@@ -361,13 +361,16 @@ class DiversityRewardSelector(StatsSelector):
         the checkpoint lacks is an error, one for a domain no sample was predicted as a
         warning."""
         name = self._name or SELECTOR_NAME
-        with op_errors(name):
-            unknown = self.rule.unknown_groups(domains)
+        unknown = self.rule.unknown_groups(domains)
         if unknown and from_checkpoint:
             raise ValueError(f"{name}: domain_ratios names {unknown}, not domains of the "
                              f"checkpoint {domains}")
         if unknown:
             logger.warning(f"{name}: domain_ratios names {unknown}, predicted for no sample")
+        missing = self.rule.uncovered_groups(domains)
+        if missing:
+            raise ValueError(f"{name}: domain_ratios lacks {missing}; list every domain or set "
+                             "select_ratio as the ratio of the unlisted ones")
 
     def prepare(self, dataset):
         if not self.scores_itself:
