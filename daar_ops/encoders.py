@@ -1,4 +1,6 @@
-"""Sentence-encoder embeddings (sentence-transformers), L2-normalised. No Data-Juicer import."""
+"""Sentence-encoder embeddings (sentence-transformers), L2-normalised, and :func:`embed_texts`,
+the centroid features of texts from a loaded layer-feature extractor. No Data-Juicer import, and
+no torch at import time (registering the operators stays light: tests/test_startup.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ def load_sentence_encoder(model: str = MINILM, device: str | None = "cpu",
     if max_seq_length is not None:
         encoder.max_seq_length = int(max_seq_length)
     return encoder
+
+
+def embed_texts(extractor: Any, texts: Sequence[Any], feature: str = "embedding",
+                progress: bool = False) -> np.ndarray:
+    """[N, d] float32 features of ``texts`` from a :class:`daar_ops.features.LayerFeatureExtractor`
+    (or anything with its ``encode`` and ``hidden_size``): ``embedding`` or ``layer`` (the
+    centroid features, :data:`daar_ops.algorithms.centroids.FEATURES`)."""
+    if len(texts) == 0:
+        return np.zeros((0, int(extractor.hidden_size)), dtype=np.float32)
+    feats = extractor.encode(list(texts), progress=progress)
+    return feats.embedding if feature == "embedding" else feats.layer
 
 
 def encode_sentences(texts: Sequence[Any], model: str = MINILM,

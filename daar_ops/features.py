@@ -274,17 +274,6 @@ class LayerFeatureExtractor:
         return self.encode([tpl.render(r) for r in records], progress=progress)
 
 
-def embed_texts(extractor: Any, texts: Sequence[Any], feature: str = "embedding",
-                progress: bool = False) -> np.ndarray:
-    """[N, d] float32 features of ``texts`` from a :class:`LayerFeatureExtractor` (or anything
-    with its ``encode`` and ``hidden_size``): ``embedding`` or ``layer`` (the centroid features,
-    :data:`daar_ops.algorithms.centroids.FEATURES`)."""
-    if len(texts) == 0:
-        return np.zeros((0, int(extractor.hidden_size)), dtype=np.float32)
-    feats = extractor.encode(list(texts), progress=progress)
-    return feats.embedding if feature == "embedding" else feats.layer
-
-
 def log_feature_counts(n: int, truncated: np.ndarray, empty: np.ndarray, max_length: int) -> None:
     """One INFO line for truncated texts, one WARNING for empty ones, counted over ``n`` inputs."""
     if truncated.any():

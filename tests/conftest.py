@@ -97,7 +97,7 @@ def tiny_artifacts(tiny_llama, tmp_path_factory) -> dict:
     """A probe checkpoint and a centroid file built on the tiny random model."""
     from daar_ops.algorithms.synthesis import DomainSpec
     from daar_ops.centroid_file import save_centroids
-    from daar_ops.features import embed_texts
+    from daar_ops.encoders import embed_texts
     from daar_ops.algorithms.probes import TrainConfig
     from daar_ops.features import LayerFeatureExtractor
     from daar_ops.probe_checkpoint import train_probe_checkpoint

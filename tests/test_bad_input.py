@@ -22,7 +22,7 @@ import yaml
 
 from daar_ops.algorithms.synthesis import DomainSpec
 from daar_ops.centroid_file import save_centroids
-from daar_ops.features import embed_texts
+from daar_ops.encoders import embed_texts
 from daar_ops.algorithms.probes import TrainConfig
 from daar_ops.artifacts import ArtifactError
 from daar_ops.features import LayerFeatureExtractor

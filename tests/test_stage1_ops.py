@@ -18,7 +18,7 @@ from data_juicer.utils.constant import Fields
 import daar_ops.ops.centroid_synthesis_mapper as synth_mod
 from daar_ops.algorithms.synthesis import DomainSpec
 from daar_ops.centroid_file import load_centroids, save_centroids
-from daar_ops.features import embed_texts
+from daar_ops.encoders import embed_texts
 from daar_ops.artifacts import ArtifactError
 from daar_ops.features import LayerFeatureExtractor
 from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper

@@ -107,7 +107,7 @@ class Fuzz:
     def __init__(self, workdir: Path, seed: int):
         from daar_ops.algorithms.synthesis import DomainSpec
         from daar_ops.centroid_file import save_centroids
-        from daar_ops.features import embed_texts
+        from daar_ops.encoders import embed_texts
         from daar_ops.algorithms.probes import TrainConfig
         from daar_ops.features import LayerFeatureExtractor
         from daar_ops.probe_checkpoint import train_probe_checkpoint

@@ -70,7 +70,8 @@ def synthetic_samples(seed: int, settings: SynthSettings = SynthSettings(),
             records = [json.loads(line) for line in handle if line.strip()]
         return records, json.loads(meta_path.read_text())
     from daar_ops.algorithms.synthesis import SynthesisConfig, synthesize
-    from daar_ops.features import LayerFeatureExtractor, embed_texts
+    from daar_ops.encoders import embed_texts
+    from daar_ops.features import LayerFeatureExtractor
     from daar_ops.generation import load_generator
 
     torch.set_num_threads(threads)

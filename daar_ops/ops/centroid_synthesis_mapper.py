@@ -14,7 +14,7 @@ from daar_ops.algorithms.synthesis import DomainSpec, SynthesisConfig, parse_dom
 from daar_ops.centroid_file import save_centroids
 from daar_ops.core import SYNTHESIS_META_KEY, as_dict
 from daar_ops.defaults import FEATURE_DTYPE, SYNTHESIS_DEFAULTS
-from daar_ops.features import embed_texts
+from daar_ops.encoders import embed_texts
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import DEFAULT_LAYER, SMOLLM2

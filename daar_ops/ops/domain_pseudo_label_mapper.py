@@ -21,7 +21,7 @@ from daar_ops.algorithms.pseudo_labels import (Stage1Config, Stage1Model, agreem
 from daar_ops.algorithms.centroids import assign_nearest, check_feature
 from daar_ops.algorithms.synthesis import DEFAULT_DOMAINS, DomainSpec, parse_domains
 from daar_ops.centroid_file import compatibility_keys, feature_description, load_centroids
-from daar_ops.features import embed_texts
+from daar_ops.encoders import embed_texts
 from daar_ops.artifacts import artifact_digest, check_compatible, recorded_model, sha256_file
 from daar_ops.defaults import FEATURE_DTYPE, PSEUDO_LABEL_DEFAULTS, STAGE1
 from daar_ops.core import (CENTROIDS_SHA_KEY, DOMAIN_SIMILARITY_KEY, PSEUDO_DOMAIN_KEY, as_dict,
