@@ -177,8 +177,8 @@ def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
 
 def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_llama, small_pool,
                                                                          tmp_path):
-    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with select_ratio, in
-    dj-process's executor) on the pipeline's own artifacts reproduces the pipeline exactly."""
+    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with select_ratio,
+    in dj-process's executor) on the pipeline's own artifacts reproduces the pipeline exactly."""
     import yaml
     from data_juicer.config import init_configs
     from data_juicer.core import DefaultExecutor

@@ -84,8 +84,9 @@ def synthetic_samples(seed: int, settings: SynthSettings = SynthSettings(),
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
         top_p=settings.top_p, response_prefix=settings.response_prefix)
     t0 = time.perf_counter()
-    result = synthesize(generator, domains, lambda texts: embed_texts(extractor, texts, "embedding"),
-                        config, progress=False)
+    result = synthesize(generator, domains,
+                        lambda texts: embed_texts(extractor, texts, "embedding"), config,
+                        progress=False)
     seconds = time.perf_counter() - t0
     records = result.records()
     info = {"key": key, "seed": seed, "settings": asdict(settings), "seconds": round(seconds, 1),
