@@ -66,6 +66,12 @@ def as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def is_number(value: Any) -> bool:
+    """A finite real number; bools are not numbers here (a parameter check's first test)."""
+    return (isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
 def resolve_device(device: str | None) -> str:
     """``None``/``"auto"`` -> ``cuda`` when available, else ``cpu``; an unavailable CUDA device is
     a ValueError. Callers above the algorithms resolve devices; algorithms receive the result."""

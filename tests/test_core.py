@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from daar_ops.core import as_dict, budget, rank_order, read_json_records, uniform_dicts
+from daar_ops.core import (as_dict, budget, is_number, rank_order, read_json_records,
+                           uniform_dicts)
 
 
 def test_the_one_budget_rule():
@@ -58,3 +59,9 @@ def test_json_records_are_a_json_list_or_jsonl_and_a_bad_file_is_named(tmp_path)
         read_json_records(tmp_path / "cut.json.gz")
     with pytest.raises(FileNotFoundError, match="absent.json"):
         read_json_records(tmp_path / "absent.json")
+
+
+def test_is_number_is_finite_and_not_a_bool():
+    assert all(is_number(v) for v in (0, -3, 0.5, np.float32(2.0), np.int64(7)))
+    assert not any(is_number(v) for v in (True, np.bool_(False), float("nan"), float("inf"),
+                                          "1", None, [1]))

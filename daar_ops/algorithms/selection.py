@@ -21,13 +21,12 @@ rule (``tools/eval_daar.py --rules``); the pipeline's default stays psi_div.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from daar_ops.core import budget, rank_order
+from daar_ops.core import budget, is_number, rank_order
 
 __all__ = ["budget", "rank_order", "top_mask", "quota_mask", "range_mask", "SelectionRule",
            "fit_temperature", "softmax_uncertainty", "UNCERTAINTY_KINDS"]
@@ -114,22 +113,23 @@ class SelectionRule:
     max_score: float | None = None
 
     def __post_init__(self) -> None:
-        if self.select_ratio is not None and not (_real(self.select_ratio)
+        if self.select_ratio is not None and not (is_number(self.select_ratio)
                                                   and 0.0 <= self.select_ratio <= 1.0):
             raise ValueError(f"select_ratio must be in [0, 1], got {self.select_ratio!r}")
-        if self.select_num is not None and not (_real(self.select_num) and self.select_num >= 0
+        if self.select_num is not None and not (is_number(self.select_num)
+                                                and self.select_num >= 0
                                                 and int(self.select_num) == self.select_num):
             raise ValueError(f"select_num must be an integer >= 0, got {self.select_num!r}")
         if self.select_num is not None and (self.select_ratio is not None or self.domain_ratios):
             raise ValueError("select_num cannot be combined with select_ratio or domain_ratios; "
                              "pick one global rule")
         bad = {k: v for k, v in (self.domain_ratios or {}).items()
-               if not (_real(v) and 0.0 <= v <= 1.0)}
+               if not (is_number(v) and 0.0 <= v <= 1.0)}
         if bad:
             raise ValueError(f"domain_ratios values must be in [0, 1], got {bad}")
         for name in ("min_score", "max_score"):
             value = getattr(self, name)
-            if value is not None and not (_real(value) and math.isfinite(value)):
+            if value is not None and not is_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if None not in (self.min_score, self.max_score) and self.min_score > self.max_score:
             raise ValueError(f"min_score {self.min_score} > max_score {self.max_score}")
@@ -164,11 +164,6 @@ class SelectionRule:
         elif self.mode is not None:
             keep &= top_mask(scores, select_ratio=self.select_ratio, select_num=self.select_num)
         return keep
-
-
-def _real(value: Any) -> bool:
-    """A real number (bools are not), NaN excluded."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _scaled_log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:

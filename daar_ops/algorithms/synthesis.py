@@ -24,6 +24,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from daar_ops.algorithms.centroids import unit_rows
+from daar_ops.core import is_number
 from daar_ops.text import to_text
 
 
@@ -316,12 +317,12 @@ class SynthesisConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         taus = list(self.tau.values()) if isinstance(self.tau, Mapping) else [self.tau]
-        if not all(_number(t) and 0 < t <= 1 for t in taus):
+        if not all(is_number(t) and 0 < t <= 1 for t in taus):
             raise ValueError(f"tau must be in (0, 1] (or a mapping of such values), got "
                              f"{self.tau!r}")
-        if not (_number(self.temperature) and self.temperature >= 0):
+        if not (is_number(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not (_number(self.top_p) and 0 < self.top_p <= 1):
+        if not (is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         tau = ({str(k): float(v) for k, v in self.tau.items()} if isinstance(self.tau, Mapping)
                else float(self.tau))
@@ -338,10 +339,6 @@ class SynthesisConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def synthesize(generator: Any, domains: Sequence[DomainSpec],
