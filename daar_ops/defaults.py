@@ -20,7 +20,7 @@ SYNTHESIS_DEFAULTS: Dict[str, Any] = dict(
     # conversations per generate call: one call per round (4 domains x 4 candidates); decoding a
     # 135M model on CPU is bound by reading the weights, so 16 rows cost ~1.2x what 8 do
     # (tools/bench_select.py)
-    batch_size=16,
+    model_batch_size=16,
     # float32: bfloat16 is ~2x faster only where the CPU has AMX / AVX512-BF16 (or on a GPU);
     # without them (e.g. AMD EPYC) torch emulates it and generation is ~3x slower.
     dtype="float32",

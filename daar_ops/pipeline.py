@@ -75,7 +75,7 @@ class SelectConfig:
     max_attempts: int = SYNTHESIS_DEFAULTS["max_attempts"]
     tau: float = SYNTHESIS_DEFAULTS["tau"]
     max_new_tokens: int = SYNTHESIS_DEFAULTS["max_new_tokens"]
-    generation_batch_size: int = SYNTHESIS_DEFAULTS["batch_size"]
+    generation_batch_size: int = SYNTHESIS_DEFAULTS["model_batch_size"]
     generation_dtype: str = SYNTHESIS_DEFAULTS["dtype"]
     temperature: float = SYNTHESIS_DEFAULTS["temperature"]
     top_p: float = SYNTHESIS_DEFAULTS["top_p"]
@@ -242,7 +242,7 @@ def _synthetic_records(cfg: SelectConfig, names: list[str], domains) -> tuple[li
         domains=[{"name": d.name, "description": d.description} for d in domains],
         model=cfg.model, samples_per_domain=cfg.samples_per_domain,
         max_attempts=cfg.max_attempts, tau=cfg.tau, max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.generation_batch_size, dtype=cfg.generation_dtype,
+        model_batch_size=cfg.generation_batch_size, dtype=cfg.generation_dtype,
         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_length=cfg.max_length)
     out = op.run(NestedDataset.from_list([{"domain": n} for n in names])).to_list()
     stats = {}

@@ -257,7 +257,7 @@ def test_op_is_picklable(checkpoint):
     (dict(domain_ratios={"coding": 0.5}), "lacks"),
     (dict(domain_ratios={"coding": 2.0}, select_ratio=0.1), r"\[0, 1\]"),
     (dict(min_score=float("nan")), "finite"),
-    (dict(batch_size=0), "batch_size"),
+    (dict(model_batch_size=0), "model_batch_size"),
     (dict(select_ratio=0.2, max_batch_tokens=0), "max_batch_tokens"),
 ])
 def test_invalid_parameters_are_refused_at_init(checkpoint, kwargs, match):

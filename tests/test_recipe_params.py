@@ -26,7 +26,7 @@ OURS = sorted(name for name, cls in OPERATORS.modules.items()
     ("diversity_reward_filter", "select_ratio", 2, "a number in [0, 1]"),
     ("diversity_reward_filter", "top_ratio", 2, "a number in [0, 1]"),  # the alias, too
     ("diversity_reward_selector", "top_k", -1, "an integer >= 0"),
-    ("diversity_reward_filter", "batch_size", 0, "an integer >= 1"),
+    ("diversity_reward_filter", "model_batch_size", 0, "an integer >= 1"),
     ("domain_contrastive_selector", "upper_percentile", 101, "a number in [0, 100]"),
     ("centroid_synthesis_mapper", "top_p", 0.0, "a number in (0, 1]"),
     ("domain_pseudo_label_mapper", "refine_iters", 1.5, "an integer >= 0"),

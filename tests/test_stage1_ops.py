@@ -314,7 +314,7 @@ def test_real_smollm2_synthesis_writes_parsed_pairs_and_centroids(smollm2_path, 
     op = CentroidSynthesisMapper(
         domains={"mathematics": "calculations with numbers", "coding": "write Python code"},
         samples_per_domain=1, max_attempts=4, candidates_per_round=2, max_new_tokens=64,
-        batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
+        model_batch_size=4, tau=0.95, centroids_path=str(tmp_path / "c"))
     rows = op.run(NestedDataset.from_list([{"text": "x"}])).to_list()  # seeded: deterministic
     assert {r["domain"] for r in rows} == {"mathematics", "coding"}
     for r in rows:

@@ -106,7 +106,7 @@ def bench_synthesis(args, records) -> float:
 
     convs, wanted = conversations(records, args.synth_convs)
     gen = HFGenerator(args.model, dtype=SYNTHESIS_DEFAULTS["dtype"],
-                      batch_size=SYNTHESIS_DEFAULTS["batch_size"])
+                      batch_size=SYNTHESIS_DEFAULTS["model_batch_size"])
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=SYNTHESIS_DEFAULTS["temperature"],
                     top_p=SYNTHESIS_DEFAULTS["top_p"], seed=args.seed)
 
@@ -120,7 +120,7 @@ def bench_synthesis(args, records) -> float:
     print(f"synthesis: {len(convs)} conversations ({sum(w == 5 for w in wanted)} seed, "
           f"{sum(w == 1 for w in wanted)} augmentation), max_new_tokens {args.max_new_tokens}, "
           f"{SYNTHESIS_DEFAULTS['dtype']}, {torch.get_num_threads()} thread(s)", flush=True)
-    batch_default = SYNTHESIS_DEFAULTS["batch_size"]
+    batch_default = SYNTHESIS_DEFAULTS["model_batch_size"]
     for name, batch, use_stop, n in (
             ("batch 1", 1, False, args.baseline_convs), ("batch 8 (former)", 8, False, len(convs)),
             (f"batch {batch_default}", batch_default, False, len(convs)),

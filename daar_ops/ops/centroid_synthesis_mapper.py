@@ -72,7 +72,7 @@ class CentroidSynthesisMapper(Mapper):
         backend: str = "hf",
         model: str = SMOLLM2,
         backend_kwargs: Optional[Dict[str, Any]] = None,
-        batch_size: PositiveInt = SYNTHESIS_DEFAULTS["batch_size"],
+        model_batch_size: PositiveInt = SYNTHESIS_DEFAULTS["model_batch_size"],
         max_new_tokens: PositiveInt = SYNTHESIS_DEFAULTS["max_new_tokens"],
         temperature: NonNegativeFloat = SYNTHESIS_DEFAULTS["temperature"],
         top_p: OpenRatio = SYNTHESIS_DEFAULTS["top_p"],
@@ -108,7 +108,7 @@ class CentroidSynthesisMapper(Mapper):
             model) or ``vllm``.
         :param model: generator model (short name, folder, or API model name).
         :param backend_kwargs: extra backend arguments (e.g. ``base_url`` for ``api``).
-        :param batch_size: conversations per generate call (hf backend).
+        :param model_batch_size: conversations per generate call (hf backend).
         :param max_new_tokens: generation budget per call (paper: 2048).
         :param temperature: sampling temperature (paper: 0.9).
         :param top_p: nucleus sampling (paper: 0.95).
@@ -131,7 +131,7 @@ class CentroidSynthesisMapper(Mapper):
         with op_errors(OP_NAME):
             if backend not in BACKENDS:
                 raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-            check_range("batch_size", batch_size, PositiveInt)
+            check_range("model_batch_size", model_batch_size, PositiveInt)
             check_range("max_length", max_length, PositiveInt)
             self.config = SynthesisConfig(
                 samples_per_domain=samples_per_domain, max_attempts=max_attempts, tau=tau,
@@ -150,7 +150,7 @@ class CentroidSynthesisMapper(Mapper):
             layer=feature_layer, max_length=max_length, batch_size=EXTRACTOR_BATCH_SIZE,
             dtype=feature_dtype)
         self.generator_key = model_key("generator", backend=backend, model=model, dtype=dtype,
-                                       batch_size=batch_size,
+                                       batch_size=model_batch_size,
                                        backend_kwargs=dict(backend_kwargs or {}))
 
     # -------------------------------------------------------------------------------- helpers

@@ -32,10 +32,10 @@ from daar_ops.text import TextTemplate
 OP_NAME = "diversity_reward_filter"
 SELECTOR_NAME = "diversity_reward_selector"
 DOMAIN_KEY = PROBE_DOMAIN_KEY
-# Samples per compute_stats call (Data-Juicer's own batch_size, which this op's `batch_size`, the
-# texts per forward pass, replaces). Data-Juicer gives a "cuda" op 10; the scorer makes its own
-# forward batches, so a larger call only spreads the per-call costs (a feature-cache lookup, one
-# cache chunk file per call): at 10 they cost a tiny model ~5x.
+# Samples per compute_stats call (Data-Juicer's batch_size). Data-Juicer gives a "cuda" op 10; the
+# scorer makes its own forward batches (model_batch_size), so a larger call only spreads the
+# per-call costs (a feature-cache lookup, one cache chunk file per call): at 10 they cost a tiny
+# model ~5x.
 SCORE_BATCH_SIZE = 256
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
 # top_ratio / top_k: the DaaR design card's names, documented aliases of select_ratio / select_num
@@ -111,7 +111,7 @@ class DiversityRewardFilter(Filter):
         select_num: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
         dtype: str = FEATURE_DTYPE,
-        batch_size: PositiveInt = 32,
+        model_batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
@@ -137,8 +137,7 @@ class DiversityRewardFilter(Filter):
             the samples predicted as each domain (DaaR's customized quotas).
         :param dtype: feature precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the
             device has it natively, else float32; the default is ``FEATURE_DTYPE``).
-        :param batch_size: texts per forward pass of the extractor (Data-Juicer hands the op
-            ``SCORE_BATCH_SIZE`` samples per call).
+        :param model_batch_size: texts per forward pass of the extractor.
         :param max_batch_tokens: padded tokens per forward pass of the extractor.
         :param feature_cache: read/write layer features through the on-disk feature cache shared
             with ``daar-ops select`` and ``train-probe``.
@@ -146,15 +145,16 @@ class DiversityRewardFilter(Filter):
         :param top_ratio: alias of ``select_ratio`` (the DaaR design card's name); not both.
         :param top_k: alias of ``select_num`` (the DaaR design card's name); not both.
         :param args: extra args
-        :param kwargs: extra args
+        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
         """
-        super().__init__(*args, **kwargs, batch_size=SCORE_BATCH_SIZE)
+        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
+        super().__init__(*args, **kwargs)
         rule = selection_rule(OP_NAME, select_ratio, select_num, top_ratio, top_k, domain_ratios,
                               min_score, max_score)
         if rule.mode is not None:
             raise ValueError(f"{OP_NAME}: global rules belong to {SELECTOR_NAME}")
         self.min_score, self.max_score = rule.min_score, rule.max_score
-        setup_scorer(self, checkpoint, model, dtype, batch_size, max_batch_tokens,
+        setup_scorer(self, checkpoint, model, dtype, model_batch_size, max_batch_tokens,
                      feature_cache, cache_dir)
 
     # -- stats -------------------------------------------------------------------------------------
@@ -174,15 +174,16 @@ class DiversityRewardFilter(Filter):
                 for r in reward_scores(samples[Fields.stats])]
 
 
-def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str, batch_size: int,
-                 max_batch_tokens: int, feature_cache: bool, cache_dir: Optional[str]) -> None:
+def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str,
+                 model_batch_size: int, max_batch_tokens: int, feature_cache: bool,
+                 cache_dir: Optional[str]) -> None:
     """Load and check a probe checkpoint for ``op``: sets ``domains``, ``checkpoint``,
     ``checkpoint_sha``, ``model``, ``template`` and the ``get_model`` key ``model_key``."""
     if not checkpoint:
         raise ValueError(f"{OP_NAME}: 'checkpoint' (a probe checkpoint directory written by "
                          "`daar-ops train-probe`) is required")
     with op_errors(OP_NAME):
-        check_range("batch_size", batch_size, PositiveInt)
+        check_range("model_batch_size", model_batch_size, PositiveInt)
         check_range("max_batch_tokens", max_batch_tokens, PositiveInt)
     try:
         probes, manifest = load_probe_checkpoint(checkpoint)
@@ -207,7 +208,7 @@ def setup_scorer(op: Any, checkpoint: str, model: Optional[str], dtype: str, bat
     op.template = TextTemplate(manifest["template"])
     op.model_key = model_key("probe_scorer", checkpoint=op.checkpoint,
                              model=str(live["model_path"]), dtype=op.dtype,
-                             batch_size=int(batch_size),
+                             batch_size=int(model_batch_size),
                              max_batch_tokens=int(max_batch_tokens),
                              feature_cache=bool(feature_cache),
                              cache_dir=None if cache_dir is None else str(cache_dir))
@@ -305,7 +306,7 @@ class DiversityRewardSelector(StatsSelector):
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
         dtype: str = FEATURE_DTYPE,
-        batch_size: PositiveInt = 32,
+        model_batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
         feature_cache: bool = True,
         cache_dir: Optional[str] = None,
@@ -328,17 +329,17 @@ class DiversityRewardSelector(StatsSelector):
         :param min_score: also require reward >= min_score (closed interval).
         :param max_score: also require reward <= max_score (closed interval).
         :param dtype: feature extractor dtype when scoring.
-        :param batch_size: texts per forward pass when scoring (Data-Juicer hands the scorer
-            ``SCORE_BATCH_SIZE`` samples per call).
+        :param model_batch_size: texts per forward pass when scoring.
         :param max_batch_tokens: padded tokens per forward pass when scoring.
         :param feature_cache: use the on-disk feature cache when scoring.
         :param cache_dir: feature cache directory (default ``$DAAR_OPS_HOME/feature_cache``).
         :param top_ratio: alias of ``select_ratio`` (the DaaR design card's name); not both.
         :param top_k: alias of ``select_num`` (the DaaR design card's name); not both.
         :param args: extra args
-        :param kwargs: extra args
+        :param kwargs: extra args (``batch_size``: samples per scoring call, default 256)
         """
-        super().__init__(*args, **kwargs, batch_size=SCORE_BATCH_SIZE)
+        kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
+        super().__init__(*args, **kwargs)
         name = self._name or SELECTOR_NAME
         self.rule = selection_rule(name, select_ratio, select_num, top_ratio, top_k,
                                    domain_ratios, min_score, max_score)
@@ -349,10 +350,11 @@ class DiversityRewardSelector(StatsSelector):
         self.domains: Optional[List[str]] = None
         # under Ray the scoring is the Filter's own stats pass, built from these arguments
         self.scorer_kwargs = dict(kwargs, checkpoint=checkpoint, model=model, dtype=dtype,
-                                  batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                  model_batch_size=model_batch_size,
+                                  max_batch_tokens=max_batch_tokens,
                                   feature_cache=feature_cache, cache_dir=cache_dir)
         if checkpoint:
-            setup_scorer(self, checkpoint, model, dtype, batch_size, max_batch_tokens,
+            setup_scorer(self, checkpoint, model, dtype, model_batch_size, max_batch_tokens,
                          feature_cache, cache_dir)
             self._check_domains(self.domains, from_checkpoint=True)
 

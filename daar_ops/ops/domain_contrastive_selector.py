@@ -54,7 +54,7 @@ class DomainContrastiveSelector(StatsSelector):
         centroids_path: Optional[str] = None,
         keep_unlabeled: bool = False,
         max_length: PositiveInt = 512,
-        batch_size: PositiveInt = 64,
+        model_batch_size: PositiveInt = 64,
         dtype: str = FEATURE_DTYPE,
         device: str = "cpu",
         *args,
@@ -75,7 +75,7 @@ class DomainContrastiveSelector(StatsSelector):
             ``embedding`` and the model must match); default: centroids of this dataset's labels.
         :param keep_unlabeled: keep samples without a usable label (default drop them, logged).
         :param max_length: tokens kept per text.
-        :param batch_size: texts per embedding batch.
+        :param model_batch_size: texts per embedding batch.
         :param dtype: ``float32`` or ``bfloat16``/``float16``.
         :param device: ``cpu``, ``cuda`` or ``auto``.
         :param args: extra args
@@ -89,8 +89,8 @@ class DomainContrastiveSelector(StatsSelector):
                              f"{lower_percentile}, {upper_percentile}")
         if not isinstance(label_key, str) or not label_key.strip():
             raise ValueError("label_key must be a non-empty field name")
-        if max_length < 1 or batch_size < 1:
-            raise ValueError("max_length and batch_size must be >= 1")
+        if max_length < 1 or model_batch_size < 1:
+            raise ValueError("max_length and model_batch_size must be >= 1")
         self.label_key = label_key
         self.metric = metric
         self.lower_percentile = float(lower_percentile)
@@ -102,7 +102,8 @@ class DomainContrastiveSelector(StatsSelector):
         self.device = device
         self.centroid_manifest = None
         self.extractor_key = model_key("layer_features", model=model, layer=0,
-                                       max_length=max_length, batch_size=batch_size, dtype=dtype)
+                                       max_length=max_length, batch_size=model_batch_size,
+                                       dtype=dtype)
         if centroids_path is not None:
             from daar_ops.centroid_file import load_centroids
 
