@@ -405,6 +405,10 @@ def test_paper_preset_is_exactly_the_papers_stage1(tiny_llama, tmp_path):
         SelectConfig(pool=str(path), pseudo_label_preset="papr").validate()
     with pytest.raises(ValueError, match="preset"):
         DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama), preset="papr")
+    refined = DomainPseudoLabelMapper(samples_path=str(path), model=str(tiny_llama),
+                                      text_template="{instruction}", preset="paper",
+                                      method="kmeans", refine_iters=5)
+    assert refined.stage1 == Stage1Config.paper(method="kmeans", refine_iters=5)
 
 
 def test_refine_iters_never_switches_the_method_silently(tiny_llama, tmp_path):

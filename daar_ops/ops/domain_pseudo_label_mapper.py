@@ -50,6 +50,31 @@ def _sentence_description(model: str, dim: int) -> dict[str, Any]:
             "model_fingerprint": model_fingerprint(path), "feature_dim": int(dim)}
 
 
+def _check_arguments(stage1_path, centroids_path, samples_path, save_stage1, method,
+                     refine_iters, preset, label_key, similarity_key) -> None:
+    """The op's own argument rules (the stage-1 settings are checked by Stage1Config)."""
+    if sum(p is not None for p in (stage1_path, centroids_path, samples_path)) != 1:
+        raise ValueError(f"{OP_NAME}: give exactly one of stage1_path (a fitted stage 1), "
+                         f"centroids_path (a centroid file) and samples_path (synthesized "
+                         f"samples with a 'domain' field)")
+    if not label_key or not similarity_key:
+        raise ValueError(f"{OP_NAME}: label_key and similarity_key must be non-empty")
+    if preset not in (None, "paper"):
+        raise ValueError(f"{OP_NAME}: preset must be 'paper' or unset, got {preset!r}")
+    if save_stage1 is not None and samples_path is None:
+        raise ValueError(f"{OP_NAME}: save_stage1 writes what samples_path fits; it needs "
+                         f"samples_path")
+    if save_stage1 is not None:  # refused before any work, not after the fit
+        from daar_ops import outdir
+
+        outdir.check_target(outdir.resolve_target(save_stage1), OP_NAME)
+    if refine_iters != STAGE1.refine_iters and (samples_path is None or method != "kmeans"):
+        raise ValueError(f"{OP_NAME}: refine_iters ({refine_iters}) are the iterations of method "
+                         f"'kmeans', but method is {method!r}" if samples_path else
+                         f"{OP_NAME}: refine_iters are the iterations of method 'kmeans' fitted "
+                         f"from samples_path; a stage-1 or centroid file is not refitted")
+
+
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
 class DomainPseudoLabelMapper(Mapper):
@@ -159,30 +184,14 @@ class DomainPseudoLabelMapper(Mapper):
         :param preset: with ``samples_path``: ``paper`` labels exactly as the DaaR paper
             (:meth:`Stage1Config.paper`: fixed nearest prototypes of the synthetic samples in the
             LM's embedding space, no descriptions, no purity filter, no hubness correction); it
-            sets ``feature``, ``method`` and ``use_descriptions``.
+            sets ``feature``, ``method`` and ``use_descriptions`` (``method: kmeans`` with it:
+            the reference code's k-means refinement of the paper's prototypes).
         :param args: extra args
         :param kwargs: extra args
         """
         super().__init__(*args, **kwargs)
-        sources = [p for p in (stage1_path, centroids_path, samples_path) if p is not None]
-        if len(sources) != 1:
-            raise ValueError(f"{OP_NAME}: give exactly one of stage1_path (a fitted stage 1), "
-                             f"centroids_path (a centroid file) and samples_path (synthesized "
-                             f"samples with a 'domain' field)")
-        if not label_key or not similarity_key:
-            raise ValueError(f"{OP_NAME}: label_key and similarity_key must be non-empty")
-        if preset not in (None, "paper"):
-            raise ValueError(f"{OP_NAME}: preset must be 'paper' or unset, got {preset!r}")
-        if save_stage1 is not None and samples_path is None:
-            raise ValueError(f"{OP_NAME}: save_stage1 writes what samples_path fits; it needs "
-                             f"samples_path")
-        if save_stage1 is not None:  # refused before any work, not after the fit
-            from daar_ops import outdir
-
-            outdir.check_target(outdir.resolve_target(save_stage1), OP_NAME)
-        if samples_path is None and refine_iters != STAGE1.refine_iters:
-            raise ValueError(f"{OP_NAME}: refine_iters are the iterations of method 'kmeans' "
-                             f"fitted from samples_path; a stage-1 or centroid file is not refitted")
+        _check_arguments(stage1_path, centroids_path, samples_path, save_stage1, method,
+                         refine_iters, preset, label_key, similarity_key)
         self.max_length, self.model_batch_size = max_length, model_batch_size
         self.dtype, self.label_key, self.similarity_key = dtype, label_key, similarity_key
         self.sentence_model = sentence_model
@@ -200,11 +209,9 @@ class DomainPseudoLabelMapper(Mapper):
         elif centroids_path is not None:
             self._open_centroids(centroids_path, model, feature, layer, text_template)
         else:
-            if refine_iters != STAGE1.refine_iters and method != "kmeans":
-                raise ValueError(f"{OP_NAME}: refine_iters ({refine_iters}) are the iterations "
-                                 f"of method 'kmeans', but method is {method!r}: pass method: "
-                                 f"kmeans")
-            base = Stage1Config.paper(seed=int(seed)) if preset == "paper" else replace(
+            kmeans = {"method": "kmeans", "refine_iters": int(refine_iters)} \
+                if method == "kmeans" else {}
+            base = Stage1Config.paper(seed=int(seed), **kmeans) if preset == "paper" else replace(
                 STAGE1, method=method, space=feature or STAGE1.space,
                 use_descriptions=bool(use_descriptions), seed=int(seed),
                 refine_iters=int(refine_iters), sentence_model=sentence_model)
