@@ -234,7 +234,7 @@ def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.Pa
                            label_key: str = "__dj__meta__.daar_pseudo_domain",
                            domains: list[str] | None = None, config: Any = None,
                            cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                           feature_batch_size: int = 32, dtype: str = FEATURE_DTYPE,
+                           model_batch_size: int = 32, dtype: str = FEATURE_DTYPE,
                            device: str | None = "cpu", progress: bool = True,
                            extra: Mapping[str, Any] | None = None
                            ) -> tuple[Path, dict[str, Any]]:
@@ -284,7 +284,7 @@ def train_probe_checkpoint(records: list[Mapping[str, Any]], output: str | os.Pa
     timings: dict[str, float] = {}
     start = time.perf_counter()
     extractor = LayerFeatureExtractor(model, layer=layer, max_length=max_length,
-                                      batch_size=feature_batch_size, dtype=dtype, device=device)
+                                      batch_size=model_batch_size, dtype=dtype, device=device)
     if use_cache:
         feats = FeatureCache(extractor, cache_dir, template=tpl.template).encode(texts, progress)
     else:

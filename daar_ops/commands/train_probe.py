@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--dtype", default=FEATURE_DTYPE,
                    help="feature precision: float32, bfloat16, or auto (bfloat16 where the "
                         f"device has it natively) (default: {FEATURE_DTYPE})")
-    f.add_argument("--feature-batch-size", type=int, default=64)
+    f.add_argument("--model-batch-size", type=int, default=64, help="texts per forward pass")
     f.add_argument("--cache-dir", default=None,
                    help="feature cache directory (default $DAAR_OPS_HOME/feature_cache)")
     f.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         records, args.output, model=args.model, layer=args.layer, max_length=args.max_length,
         template=args.template, label_key=args.label_key, domains=args.domains, config=cfg,
         cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        feature_batch_size=args.feature_batch_size, dtype=args.dtype, device=args.device,
+        model_batch_size=args.model_batch_size, dtype=args.dtype, device=args.device,
         progress=not args.quiet, extra={"input": str(args.input)})
     m = manifest["metrics"]
     print(f"checkpoint: {directory}")
