@@ -425,3 +425,23 @@ def test_refine_iters_never_switches_the_method_silently(tiny_llama, tmp_path):
     assert op.method == "kmeans" and op.stage1.refine_iters == 3
     with pytest.raises(ValueError, match="--pseudo-label-method kmeans"):
         SelectConfig(pool=str(path), refine_iters=2).validate()
+
+
+def test_fit_stage1_command_writes_what_the_op_reads(tiny_llama, tmp_path, capsys):
+    """`daar-ops fit-stage1` fits on a pool file and writes a folder stage1_path labels from; a
+    folder holding a user's file is refused before any work."""
+    from daar_ops.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in _probe_rows()))
+    args = ["fit-stage1", "--samples", str(_samples_file(tmp_path)), "--input", str(pool),
+            "--model", str(tiny_llama), "--feature", "embedding", "--text-template",
+            "{instruction}"]
+    assert main(args + ["--output", str(tmp_path / "s1")]) == 0
+    assert "half-split agreement" in capsys.readouterr().out
+    op = DomainPseudoLabelMapper(stage1_path=str(tmp_path / "s1"))
+    assert op.method == "cluster" and op.domains == ["mathematics", "coding"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    assert main(args + ["--output", str(tmp_path / "mine")]) == 2
+    assert "did not write" in capsys.readouterr().err
