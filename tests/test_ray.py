@@ -458,24 +458,43 @@ def test_global_selectors_pass_ray_preflight_and_refuse_partitioned(case, artifa
         _preflight_ray([op], "ray_partitioned")
 
 
-def test_whole_dataset_mappers_are_rejected_by_preflight_under_ray(artifacts, tmp_path):
-    """centroid_synthesis_mapper and the stage-1 fit of the pseudo-labeller (samples_path with
-    method cluster / kmeans) need the whole dataset: DJ's preflight rejects them instead of
-    skipping them; the fitted stage 1 (stage1_path) and a centroid file label per sample."""
+def test_only_synthesis_is_rejected_by_preflight_under_ray(artifacts):
+    """centroid_synthesis_mapper (a few domain rows -> one centroid file) stays on the default
+    executor: DJ's preflight rejects it instead of skipping it. The stage-1 fit
+    (samples_path, method cluster) is a Pipeline op that runs under Ray; the fitted stage 1
+    (stage1_path) and a centroid file label per sample."""
     from data_juicer.core.preflight import PipelineRuntimeError
 
     from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
     from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
 
-    fit = DomainPseudoLabelMapper(samples_path=str(artifacts["stage1"].parent / "samples.jsonl"),
-                                  model=str(artifacts["model"]), feature="embedding")
-    synth = CentroidSynthesisMapper(model=str(artifacts["model"]))
-    for op in (fit, synth):
-        with pytest.raises(PipelineRuntimeError, match="(?i)ray"):
-            _preflight_ray([op])
-    _preflight_ray([DomainPseudoLabelMapper(stage1_path=str(artifacts["stage1"])),
-                    DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
-                                            model=str(artifacts["model"]))])
+    with pytest.raises(PipelineRuntimeError, match="(?i)ray"):
+        _preflight_ray([CentroidSynthesisMapper(model=str(artifacts["model"]))])
+    _preflight_ray([
+        DomainPseudoLabelMapper(samples_path=str(artifacts["stage1"].parent / "samples.jsonl"),
+                                model=str(artifacts["model"]), feature="embedding"),
+        DomainPseudoLabelMapper(stage1_path=str(artifacts["stage1"])),
+        DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
+                                model=str(artifacts["model"]))])
+
+
+@pytest.mark.integration
+def test_the_stage1_fit_labels_the_same_under_ray_and_default(artifacts, tmp_path):
+    """samples_path with the default method (consensus clusters in the joint space) under
+    dj-process: fitted on the driver from the gathered texts, labelled on the workers; the same
+    labels and similarities as the default executor."""
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(30, label=False)))
+    process = [{"domain_pseudo_label_mapper": {
+        "samples_path": str(artifacts["stage1"].parent / "samples.jsonl"),
+        "model": str(artifacts["model"]), "feature": "embedding", "batch_size": 8}}]
+    default, ray = _run_both_executors(data, process, tmp_path, "ray-fit")
+    assert len(default) == len(ray) == 30
+    assert [r["id"] for r in ray] == [r["id"] for r in default]
+    for d, r in zip(default, ray):
+        assert r["__dj__meta__"]["daar_pseudo_domain"] == d["__dj__meta__"]["daar_pseudo_domain"]
+        _assert_close(d["__dj__stats__"]["daar_domain_similarity"],
+                      r["__dj__stats__"]["daar_domain_similarity"], f"id {d['id']}")
 
 
 def test_per_sample_ops_are_accepted_under_ray(artifacts, ray_mode):
@@ -505,7 +524,7 @@ def test_ray_recipes_are_valid_and_use_only_ray_capable_ops(recipe_path):
     for item in recipe["process"]:
         (name, args), = item.items()
         assert "ray" in OPERATORS.modules[name]._supported_exec_modes, name
-        assert "samples_path" not in (args or {}), "the stage-1 fit is default-only"
+        assert "samples_path" not in (args or {}), "recipes label the pool from stage1_path"
 
 
 @pytest.mark.parametrize("name", ["qdit", "ds2"])

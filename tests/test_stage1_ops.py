@@ -172,7 +172,11 @@ def test_a_fitted_stage1_file_labels_per_sample_as_the_fit_did(method, tiny_llam
         samples_path=str(_samples_file(tmp_path)), model=str(tiny_llama),
         text_template="{instruction}", feature="embedding", method=method,
         save_stage1=str(tmp_path / "stage1"), num_proc=1)
-    assert "ray" not in fit._supported_exec_modes
+    from data_juicer.ops.base_op import Mapper, Pipeline
+
+    # the fit sees every row first: a Pipeline op (whole dataset, under Ray too), not a Mapper
+    assert isinstance(fit, Pipeline) and not isinstance(fit, Mapper)
+    assert "ray" in fit._supported_exec_modes and fit._name == "domain_pseudo_label_mapper"
     fitted = fit.run(NestedDataset.from_list(rows)).to_list()
     assert (tmp_path / "stage1" / "manifest.json").is_file()
     per_sample = DomainPseudoLabelMapper(stage1_path=str(tmp_path / "stage1"))
@@ -357,7 +361,8 @@ def test_pseudo_label_recipe_runs_under_dj_process(minilm_path, shared_pool, tmp
 @pytest.mark.integration
 def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
     """The default stage 1: MiniLM space, anchors = synthetic samples + descriptions, k-means
-    clusters of the whole dataset labelled by prototype; default executor only."""
+    clusters of the whole dataset labelled by prototype (a fit that sees every row: a Pipeline
+    op, so it runs under Ray too)."""
     from data_juicer.core.data import NestedDataset
 
     path = tmp_path / "samples.jsonl"
@@ -367,7 +372,7 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
     op = DomainPseudoLabelMapper(samples_path=str(path), text_template="{instruction}")
     assert op.feature == "sentence" and op.method == "cluster"
-    assert op._supported_exec_modes == ("default",)
+    assert op._supported_exec_modes == ("default", "ray")
     rows = ([{"instruction": f"Compute {i} * {i + 3} and give the sum of the digits."}
              for i in range(12)] +
             [{"instruction": f"Write a Python function f{i} that sorts a list of integers."}

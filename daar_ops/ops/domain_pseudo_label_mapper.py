@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
+from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper, Pipeline
 from data_juicer.utils.constant import Fields
 from loguru import logger
 from tqdm.auto import tqdm
@@ -75,9 +75,30 @@ def _check_arguments(stage1_path, centroids_path, samples_path, save_stage1, met
                          f"from samples_path; a stage-1 or centroid file is not refitted")
 
 
+def _fits_on_dataset(kwargs: Dict[str, Any]) -> bool:
+    """Whether these arguments fit stage 1 on the op's own dataset (samples_path with method
+    cluster or kmeans; preset: paper is fixed prototypes unless method: kmeans)."""
+    method = kwargs.get("method", PSEUDO_LABEL_DEFAULTS["method"])
+    if kwargs.get("preset") == "paper":
+        method = "kmeans" if method == "kmeans" else "fixed"
+    return kwargs.get("samples_path") is not None and method != "fixed"
+
+
+class _FitWhenNeeded:
+    """A stage 1 fitted on the op's own dataset sees every row before it labels one: such an op
+    is built as :class:`DomainStage1Fit`, a Pipeline op, which Data-Juicer hands the whole
+    dataset under Ray too. (Inherited, so Data-Juicer's config parser still reads the Mapper's
+    ``__init__`` for command-line overrides.)"""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is DomainPseudoLabelMapper and _fits_on_dataset(kwargs):
+            return DomainStage1Fit(*args, **kwargs)
+        return super().__new__(cls)
+
+
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
-class DomainPseudoLabelMapper(Mapper):
+class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
     """Pseudo-label each sample with a DaaR domain, each sample on its own.
 
     The labels come from one of three sources (exactly one):
@@ -220,9 +241,6 @@ class DomainPseudoLabelMapper(Mapper):
                 refine_iters=int(refine_iters), sentence_model=sentence_model)
             self.stage1 = replace(base, layer=layer)
             self._open_samples(samples_path, model, text_template, domains)
-        if self.method != "fixed" and samples_path is not None:
-            # the fit needs the whole dataset before labelling: the default executor's run()
-            self._supported_exec_modes = ("default",)
 
     # -- the three sources ------------------------------------------------------------------------
     def _set_space(self, feature: str, layer: int, model: str) -> None:
@@ -512,3 +530,56 @@ class DomainPseudoLabelMapper(Mapper):
     @property
     def domain_specs(self) -> list[DomainSpec]:
         return [DomainSpec(d) for d in self.domains]
+
+
+class DomainStage1Fit(Pipeline):
+    """``domain_pseudo_label_mapper`` with ``samples_path`` and ``method: cluster`` / ``kmeans``:
+    fit stage 1 on the whole dataset, then label every sample with the fitted model (the same
+    parameters, stats and labels as the Mapper; attributes are the labeller's).
+
+    Default executor: the Mapper's own ``run`` (fit, then its per-sample pass). Under
+    ``executor_type: ray``: the rendered texts (only the template's columns) are gathered to the
+    driver, stage 1 is fitted there exactly as on the default executor, and the labelling runs
+    per sample on the workers (``map_batches`` of the Mapper's ``process``, carrying the fitted
+    model, not the fit's texts). What the driver holds: the texts of the dataset this op sees,
+    so put it on the probe pool, and label the whole pool with ``stage1_path`` (docs/ray.md).
+    """
+
+    _supported_exec_modes = ("default", "ray")
+
+    def __init__(self, *args, **kwargs):
+        labeller = object.__new__(DomainPseudoLabelMapper)
+        DomainPseudoLabelMapper.__init__(labeller, *args, **kwargs)
+        super().__init__(*args, **kwargs)
+        self.labeller = labeller
+        self._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
+
+    def __getattr__(self, name: str) -> Any:
+        labeller = self.__dict__.get("labeller")
+        if labeller is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(labeller, name)
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        from daar_ops.ops._ray import is_ray_dataset
+
+        if not is_ray_dataset(dataset):
+            return self.labeller.run(dataset, exporter=exporter, tracer=tracer)
+        labeller = self.labeller
+        check_template_columns(labeller.template, dataset.columns(), self._name)
+        labeller.fit_texts(self._ray_texts(dataset))
+        labeller._memo = {}  # the workers label from the model, not from the fit's texts
+        return dataset.map_batches(labeller.process, batch_format="pyarrow",
+                                   batch_size=labeller.batch_size)
+
+    def _ray_texts(self, dataset) -> List[str]:
+        """The rendered text of every row, in the dataset's order, read on the driver."""
+        template = self.labeller.template
+        columns = [c for c in dict.fromkeys(f.split(".")[0] for f in template.fields)
+                   if c in dataset.columns()]
+        texts: List[str] = []
+        for batch in dataset.select_columns(columns).iter_batches(batch_format="pyarrow",
+                                                                  batch_size=4096):
+            data = batch.to_pydict()
+            texts.extend(render_rows(template, data, range(batch.num_rows), OP_NAME))
+        return texts
