@@ -110,10 +110,10 @@ class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
     - ``centroids_path``: a centroid file of ``centroid_synthesis_mapper``: the nearest centroid
       (the paper's fixed prototypes). Runs under Ray.
     - ``samples_path``: synthesized samples with a ``domain`` field: stage 1 is fitted on this
-      op's dataset first (the probe pool; ``method: cluster`` and ``kmeans`` need the whole
-      dataset, so the default executor only; ``fixed`` runs under Ray), then every sample is
-      labelled by the fitted model, exactly as ``stage1_path`` would label it. ``save_stage1``
-      writes the fitted model for a later run.
+      op's dataset first (the probe pool; with ``method: cluster`` or ``kmeans`` the op is
+      built as :class:`DomainStage1Fit`, a Pipeline op that sees every row first, under Ray
+      too), then every sample is labelled by the fitted model, exactly as ``stage1_path`` would
+      label it. ``save_stage1`` writes the fitted model for a later run.
 
     Each sample's text (``text_template`` over fields) is embedded in the labelling space
     (``sentence``: all-MiniLM-L6-v2; ``embedding``: masked mean of the LM's token embeddings, the
