@@ -458,24 +458,48 @@ def test_global_selectors_pass_ray_preflight_and_refuse_partitioned(case, artifa
         _preflight_ray([op], "ray_partitioned")
 
 
-def test_only_synthesis_is_rejected_by_preflight_under_ray(artifacts):
-    """centroid_synthesis_mapper (a few domain rows -> one centroid file) stays on the default
-    executor: DJ's preflight rejects it instead of skipping it. The stage-1 fit
-    (samples_path, method cluster) is a Pipeline op that runs under Ray; the fitted stage 1
+def test_every_op_of_the_package_passes_ray_preflight(artifacts):
+    """Data-Juicer's refusal never appears: centroid_synthesis_mapper and the stage-1 fit
+    (samples_path, method cluster) are Pipeline ops over the whole dataset; the fitted stage 1
     (stage1_path) and a centroid file label per sample."""
-    from data_juicer.core.preflight import PipelineRuntimeError
-
     from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
     from daar_ops.ops.domain_pseudo_label_mapper import DomainPseudoLabelMapper
 
-    with pytest.raises(PipelineRuntimeError, match="(?i)ray"):
-        _preflight_ray([CentroidSynthesisMapper(model=str(artifacts["model"]))])
     _preflight_ray([
+        CentroidSynthesisMapper(model=str(artifacts["model"])),
         DomainPseudoLabelMapper(samples_path=str(artifacts["stage1"].parent / "samples.jsonl"),
                                 model=str(artifacts["model"]), feature="embedding"),
         DomainPseudoLabelMapper(stage1_path=str(artifacts["stage1"])),
         DomainPseudoLabelMapper(centroids_path=str(artifacts["centroids"]),
                                 model=str(artifacts["model"]))])
+
+
+def test_synthesis_under_ray_gives_the_default_executors_samples(artifacts, local_ray,
+                                                                 monkeypatch, tmp_path):
+    """The few domain rows are gathered to the driver and synthesized there: the same samples and
+    centroid file as the default executor (a scripted generator stands in for the LM)."""
+    import ray
+    from data_juicer.core.data import NestedDataset
+
+    import daar_ops.model_keys
+    from daar_ops.centroid_file import load_centroids
+    from daar_ops.ops.centroid_synthesis_mapper import CentroidSynthesisMapper
+    from test_stage1_ops import _Scripted
+
+    rows = [{"domain": "mathematics", "description": "numbers"},
+            {"domain": "coding", "description": "programs"}]
+    outs, cents = [], []
+    for i, data in enumerate([NestedDataset.from_list(rows), ray.data.from_items(rows)]):
+        monkeypatch.setitem(daar_ops.model_keys.LOADERS, "generator", lambda **k: _Scripted())
+        op = CentroidSynthesisMapper(samples_per_domain=2, max_attempts=6, tau=0.9999,
+                                     feature_model=str(artifacts["model"]),
+                                     centroids_path=str(tmp_path / f"c{i}"))
+        out = op.run(data)
+        outs.append([(r["domain"], r["instruction"], r["output"])
+                     for r in (out.to_list() if i == 0 else out.take_all())])
+        cents.append(load_centroids(tmp_path / f"c{i}")[0])
+    assert len(outs[0]) == 4 and outs[1] == outs[0]
+    assert (cents[0] == cents[1]).all()
 
 
 @pytest.mark.integration

@@ -308,7 +308,9 @@ def test_synthesis_op_validates_parameters():
         CentroidSynthesisMapper(domains=["only"])
     with pytest.raises(ValueError, match="feature"):
         CentroidSynthesisMapper(feature="logits")
-    assert "ray" not in CentroidSynthesisMapper._supported_exec_modes
+    # built as a Pipeline op over the whole dataset: it runs under Ray too (tests/test_ray.py)
+    op = CentroidSynthesisMapper()
+    assert "ray" in op._supported_exec_modes and op._name == "centroid_synthesis_mapper"
 
 
 # ------------------------------------------------------------------------------ integration

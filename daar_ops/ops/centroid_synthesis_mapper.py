@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
+from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper, Pipeline
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
@@ -27,9 +27,21 @@ OUTPUT_FIELDS = ("instruction", "input", "output")
 EXTRACTOR_BATCH_SIZE = 32  # texts per forward pass of the feature model
 
 
+class _WholeDataset:
+    """The op turns all domain rows into samples at once (prompts name the other domains, the
+    centroid file needs all of them): it is built as :class:`CentroidSynthesis`, a Pipeline op,
+    which Data-Juicer hands the whole dataset under Ray too. (Inherited, so Data-Juicer's config
+    parser still reads the Mapper's ``__init__`` for command-line overrides.)"""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is CentroidSynthesisMapper and not kwargs.pop("_as_mapper", False):
+            return CentroidSynthesis(*args, **kwargs)
+        return super().__new__(cls)
+
+
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
-class CentroidSynthesisMapper(Mapper):
+class CentroidSynthesisMapper(_WholeDataset, Mapper):
     """Synthesize DaaR domain samples with the model itself and (optionally) write centroids.
 
     Input: one row per domain (``domain_key`` = name, ``description_key`` = description), or the
@@ -49,14 +61,14 @@ class CentroidSynthesisMapper(Mapper):
     ``backend``, ``model``). With ``centroids_path``, a ``daar_centroids`` artifact (tensor
     ``centroids`` [K, d], manifest with ``domains``, ``feature``, ``template``, ``counts``, the
     feature model's description and the synthesis provenance) is written after the run; a domain
-    without any accepted sample then raises a clear error. Default executor only (a whole-dataset
-    step); under Ray run it with the default executor first and label with
-    ``domain_pseudo_label_mapper``.
+    without any accepted sample then raises a clear error. Built as :class:`CentroidSynthesis`
+    (a Pipeline op over the whole dataset), so it runs under ``executor_type: ray`` too: the few
+    domain rows are gathered to the driver and synthesized there.
     """
 
     _accelerator = "cpu"
     _batched_op = True
-    _supported_exec_modes = ("default",)
+    _supported_exec_modes = ("default",)  # the Mapper itself; CentroidSynthesis runs it on Ray
 
     def __init__(
         self,
@@ -275,3 +287,37 @@ class CentroidSynthesisMapper(Mapper):
                            "max_new_tokens": cfg.max_new_tokens, "tau": cfg.tau}})
         logger.info(f"{OP_NAME}: wrote centroids of {dict(zip(names, n_per.tolist()))} to "
                     f"{self.centroids_path}")
+
+
+class CentroidSynthesis(Pipeline):
+    """``centroid_synthesis_mapper`` as Data-Juicer runs it: the Mapper's own ``run`` on the
+    default executor; under Ray the domain rows (one per domain: a few) are gathered to the
+    driver, synthesized there by the same ``run``, and the samples become the Ray dataset. The
+    parameters and attributes are the Mapper's."""
+
+    _supported_exec_modes = ("default", "ray")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.synthesizer = CentroidSynthesisMapper(*args, _as_mapper=True, **kwargs)
+        self._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
+
+    def __getattr__(self, name: str) -> Any:
+        synthesizer = self.__dict__.get("synthesizer")
+        if synthesizer is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(synthesizer, name)
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        from daar_ops.ops._ray import is_ray_dataset
+
+        if not is_ray_dataset(dataset):
+            return self.synthesizer.run(dataset, exporter=exporter, tracer=tracer)
+        import ray
+        from data_juicer.core.data import NestedDataset
+
+        rows = dataset.take_all()
+        if len(rows) > 10_000:
+            raise ValueError(f"{OP_NAME}: {len(rows)} input rows; it takes one row per domain")
+        out = self.synthesizer.run(NestedDataset.from_list([dict(r) for r in rows]))
+        return ray.data.from_items(out.to_list())
