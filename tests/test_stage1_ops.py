@@ -372,7 +372,8 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
         for name, texts in TOPIC_TEXTS.items():
             for t in texts:
                 handle.write(json.dumps({"instruction": t, "output": "", "domain": name}) + "\n")
-    op = DomainPseudoLabelMapper(samples_path=str(path), text_template="{instruction}")
+    op = DomainPseudoLabelMapper(samples_path=str(path), text_template="{instruction}",
+                                 save_stage1=str(tmp_path / "stage1"))
     assert op.feature == "sentence" and op.method == "cluster"
     assert op._supported_exec_modes == ("default", "ray")
     rows = ([{"instruction": f"Compute {i} * {i + 3} and give the sum of the digits."}
@@ -385,6 +386,11 @@ def test_default_stage1_clusters_in_the_sentence_space(minilm_path, tmp_path):
     assert all(len(r["__dj__stats__"]["daar_domain_similarity"]) == 2 for r in out)
     # the default clusters in the joint space: the LM's embedding-layer features were passed
     assert op.stage1_info["cluster_space"] == "joint" and "consensus" in op.stage1_info
+    # the file labels per sample in the same spaces: MiniLM, and the LM named by `model`
+    again = DomainPseudoLabelMapper(stage1_path=str(tmp_path / "stage1"), model=op.model)
+    assert again.sentence_model != again.model and again.feature == "sentence"
+    relabelled = again.run(NestedDataset.from_list(rows)).to_list()
+    assert [r["__dj__meta__"]["daar_pseudo_domain"] for r in relabelled] == labels
 
 
 def test_paper_preset_is_exactly_the_papers_stage1(tiny_llama, tmp_path):

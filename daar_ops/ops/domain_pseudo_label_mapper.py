@@ -253,7 +253,8 @@ class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
         lm = model or (recorded_model(manifest["joint_model"], f"stage-1 file {path}")
                        if manifest.get("joint_model") else SMOLLM2)
         if space == SENTENCE:
-            self.sentence_model = model or recorded_model(manifest, f"stage-1 file {path}")
+            # the file's sentence encoder; ``model`` is the LM of the joint clustering space
+            self.sentence_model = recorded_model(manifest, f"stage-1 file {path}")
             live = _sentence_description(self.sentence_model, fitted.prototypes.shape[1])
             self._set_space(SENTENCE, DEFAULT_LAYER, lm)
         else:
