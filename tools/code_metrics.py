@@ -49,7 +49,9 @@ def op_parameters(root: Path) -> dict[str, int]:
                 if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
                     a = fn.args
                     names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-                    counts[path.stem] = len([n for n in names if n != "self"])
+                    # the registered op (a module may add a wrapper taking *args/**kwargs)
+                    counts[path.stem] = max(counts.get(path.stem, 0),
+                                            len([n for n in names if n != "self"]))
     return counts
 
 
