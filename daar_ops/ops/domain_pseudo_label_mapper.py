@@ -574,7 +574,9 @@ class DomainStage1Fit(Pipeline):
                                    batch_size=labeller.batch_size)
 
     def _ray_texts(self, dataset) -> List[str]:
-        """The rendered text of every row, in the dataset's order, read on the driver."""
+        """The rendered text of every row, in the input order (as the default executor sees it:
+        k-means' initialisation depends on the row order), read on the driver."""
+        dataset.context.execution_options.preserve_order = True
         template = self.labeller.template
         columns = [c for c in dict.fromkeys(f.split(".")[0] for f in template.fields)
                    if c in dataset.columns()]
