@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper, Pipeline
+from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
@@ -18,6 +18,7 @@ from daar_ops.encoders import embed_texts
 from daar_ops.generation import BACKENDS
 from daar_ops.model_keys import load, model_key
 from daar_ops.models import DEFAULT_LAYER, SMOLLM2
+from daar_ops.ops._whole import BuiltWhole, WholeDatasetOp
 from daar_ops.ops._types import (NonNegativeFloat, NonNegativeInt, OpenRatio, PositiveInt,
                                  check_range, op_errors)
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate, to_text
@@ -27,21 +28,9 @@ OUTPUT_FIELDS = ("instruction", "input", "output")
 EXTRACTOR_BATCH_SIZE = 32  # texts per forward pass of the feature model
 
 
-class _WholeDataset:
-    """The op turns all domain rows into samples at once (prompts name the other domains, the
-    centroid file needs all of them): it is built as :class:`CentroidSynthesis`, a Pipeline op,
-    which Data-Juicer hands the whole dataset under Ray too. (Inherited, so Data-Juicer's config
-    parser still reads the Mapper's ``__init__`` for command-line overrides.)"""
-
-    def __new__(cls, *args, **kwargs):
-        if cls is CentroidSynthesisMapper and not kwargs.pop("_as_mapper", False):
-            return CentroidSynthesis(*args, **kwargs)
-        return super().__new__(cls)
-
-
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
-class CentroidSynthesisMapper(_WholeDataset, Mapper):
+class CentroidSynthesisMapper(BuiltWhole, Mapper):
     """Synthesize DaaR domain samples with the model itself and (optionally) write centroids.
 
     Input: one row per domain (``domain_key`` = name, ``description_key`` = description), or the
@@ -289,35 +278,23 @@ class CentroidSynthesisMapper(_WholeDataset, Mapper):
                     f"{self.centroids_path}")
 
 
-class CentroidSynthesis(Pipeline):
-    """``centroid_synthesis_mapper`` as Data-Juicer runs it: the Mapper's own ``run`` on the
-    default executor; under Ray the domain rows (one per domain: a few) are gathered to the
-    driver, synthesized there by the same ``run``, and the samples become the Ray dataset. The
-    parameters and attributes are the Mapper's."""
+class CentroidSynthesis(WholeDatasetOp):
+    """``centroid_synthesis_mapper`` as Data-Juicer runs it (:mod:`daar_ops.ops._whole`): the
+    Mapper's own ``run`` on the default executor; under Ray the domain rows (one per domain: a
+    few) are gathered to the driver, synthesized there by the same ``run``, and the samples
+    become the Ray dataset."""
 
-    _supported_exec_modes = ("default", "ray")
+    mapper_class = CentroidSynthesisMapper
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.synthesizer = CentroidSynthesisMapper(*args, _as_mapper=True, **kwargs)
-        self._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
-
-    def __getattr__(self, name: str) -> Any:
-        synthesizer = self.__dict__.get("synthesizer")
-        if synthesizer is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(synthesizer, name)
-
-    def run(self, dataset, *, exporter=None, tracer=None):
-        from daar_ops.ops._ray import is_ray_dataset
-
-        if not is_ray_dataset(dataset):
-            return self.synthesizer.run(dataset, exporter=exporter, tracer=tracer)
+    def run_on_ray(self, dataset):
         import ray
         from data_juicer.core.data import NestedDataset
 
         rows = dataset.take_all()
         if len(rows) > 10_000:
             raise ValueError(f"{OP_NAME}: {len(rows)} input rows; it takes one row per domain")
-        out = self.synthesizer.run(NestedDataset.from_list([dict(r) for r in rows]))
+        out = self.inner.run(NestedDataset.from_list([dict(r) for r in rows]))
         return ray.data.from_items(out.to_list())
+
+
+CentroidSynthesisMapper.whole_dataset_op = CentroidSynthesis

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper, Pipeline
+from data_juicer.ops.base_op import OPERATORS, TAGGING_OPS, Mapper
 from data_juicer.utils.constant import Fields
 from loguru import logger
 from tqdm.auto import tqdm
@@ -32,6 +32,7 @@ from daar_ops.ops._columns import (check_template_columns, float_list_feature, r
 from daar_ops.models import DEFAULT_LAYER, SMOLLM2, describe_model, model_fingerprint, \
     resolve_model_path
 from daar_ops.ops._types import NonNegativeInt, PositiveInt
+from daar_ops.ops._whole import BuiltWhole, WholeDatasetOp
 from daar_ops.stage1_artifact import load_stage1, save_stage1
 from daar_ops.text import ALPACA_TEMPLATE, TextTemplate
 
@@ -84,21 +85,9 @@ def _fits_on_dataset(kwargs: Dict[str, Any]) -> bool:
     return kwargs.get("samples_path") is not None and method != "fixed"
 
 
-class _FitWhenNeeded:
-    """A stage 1 fitted on the op's own dataset sees every row before it labels one: such an op
-    is built as :class:`DomainStage1Fit`, a Pipeline op, which Data-Juicer hands the whole
-    dataset under Ray too. (Inherited, so Data-Juicer's config parser still reads the Mapper's
-    ``__init__`` for command-line overrides.)"""
-
-    def __new__(cls, *args, **kwargs):
-        if cls is DomainPseudoLabelMapper and _fits_on_dataset(kwargs):
-            return DomainStage1Fit(*args, **kwargs)
-        return super().__new__(cls)
-
-
 @TAGGING_OPS.register_module(OP_NAME)
 @OPERATORS.register_module(OP_NAME)
-class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
+class DomainPseudoLabelMapper(BuiltWhole, Mapper):
     """Pseudo-label each sample with a DaaR domain, each sample on its own.
 
     The labels come from one of three sources (exactly one):
@@ -112,7 +101,7 @@ class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
     - ``samples_path``: synthesized samples with a ``domain`` field: stage 1 is fitted on this
       op's dataset first (the probe pool; with ``method: cluster`` or ``kmeans`` the op is
       built as :class:`DomainStage1Fit`, a Pipeline op that sees every row first, under Ray
-      too), then every sample is labelled by the fitted model, exactly as ``stage1_path`` would
+      too: :mod:`daar_ops.ops._whole`), then every sample is labelled by the fitted model, exactly as ``stage1_path`` would
       label it. ``save_stage1`` writes the fitted model for a later run.
 
     Each sample's text (``text_template`` over fields) is embedded in the labelling space
@@ -134,6 +123,11 @@ class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
 
     _accelerator = "cpu"
     _batched_op = True
+
+    @staticmethod
+    def needs_whole(kwargs: Dict[str, Any]) -> bool:
+        """A stage 1 fitted on this op's dataset sees every row before it labels one."""
+        return _fits_on_dataset(kwargs)
 
     def __init__(
         self,
@@ -533,7 +527,7 @@ class DomainPseudoLabelMapper(_FitWhenNeeded, Mapper):
         return [DomainSpec(d) for d in self.domains]
 
 
-class DomainStage1Fit(Pipeline):
+class DomainStage1Fit(WholeDatasetOp):
     """``domain_pseudo_label_mapper`` with ``samples_path`` and ``method: cluster`` / ``kmeans``:
     fit stage 1 on the whole dataset, then label every sample with the fitted model (the same
     parameters, stats and labels as the Mapper; attributes are the labeller's).
@@ -546,27 +540,10 @@ class DomainStage1Fit(Pipeline):
     so put it on the probe pool, and label the whole pool with ``stage1_path`` (docs/ray.md).
     """
 
-    _supported_exec_modes = ("default", "ray")
+    mapper_class = DomainPseudoLabelMapper
 
-    def __init__(self, *args, **kwargs):
-        labeller = object.__new__(DomainPseudoLabelMapper)
-        DomainPseudoLabelMapper.__init__(labeller, *args, **kwargs)
-        super().__init__(*args, **kwargs)
-        self.labeller = labeller
-        self._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
-
-    def __getattr__(self, name: str) -> Any:
-        labeller = self.__dict__.get("labeller")
-        if labeller is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(labeller, name)
-
-    def run(self, dataset, *, exporter=None, tracer=None):
-        from daar_ops.ops._ray import is_ray_dataset
-
-        if not is_ray_dataset(dataset):
-            return self.labeller.run(dataset, exporter=exporter, tracer=tracer)
-        labeller = self.labeller
+    def run_on_ray(self, dataset):
+        labeller = self.inner
         check_template_columns(labeller.template, dataset.columns(), self._name)
         labeller.fit_texts(self._ray_texts(dataset))
         labeller._memo = {}  # the workers label from the model, not from the fit's texts
@@ -577,7 +554,7 @@ class DomainStage1Fit(Pipeline):
         """The rendered text of every row, in the input order (as the default executor sees it:
         k-means' initialisation depends on the row order), read on the driver."""
         dataset.context.execution_options.preserve_order = True
-        template = self.labeller.template
+        template = self.inner.template
         columns = [c for c in dict.fromkeys(f.split(".")[0] for f in template.fields)
                    if c in dataset.columns()]
         texts: List[str] = []
@@ -586,3 +563,6 @@ class DomainStage1Fit(Pipeline):
             data = batch.to_pydict()
             texts.extend(render_rows(template, data, range(batch.num_rows), OP_NAME))
         return texts
+
+
+DomainPseudoLabelMapper.whole_dataset_op = DomainStage1Fit
