@@ -408,9 +408,7 @@ class DomainPseudoLabelMapper(BuiltWhole, Mapper):
                 self.anchor_is_description, self.stage1, cluster_features=joint)
             self.stage1_info = {**self.stage1_info, **info}
         self._write_stage1(joint)
-        labels, _ = label_stage1(self.stage1_model, feats,
-                                 joint if self.stage1_model.needs_cluster_features else None)
-        _, sims = assign_nearest(feats, self.centroids, "cosine")
+        labels, sims = self._label_features(feats, joint)
         self._memo = {t: (int(lab), row) for t, lab, row in zip(distinct, labels.tolist(),
                                                                sims.tolist())}
         if self.method != "fixed" and len(distinct):
@@ -506,14 +504,21 @@ class DomainPseudoLabelMapper(BuiltWhole, Mapper):
             feats = self._embed(new, rank)
             joint = (self._joint_features(new, rank)
                      if self.stage1_model.needs_cluster_features else None)
-            nearest, sims[unseen] = assign_nearest(feats, self.centroids, "cosine")
-            # a centroid file labels by its nearest centroid; a stage 1 by its model
-            labels[unseen] = nearest if self._by_centroid else \
-                label_stage1(self.stage1_model, feats, joint)[0]
+            labels[unseen], sims[unseen] = self._label_features(feats, joint)
         for j, t in enumerate(texts):
             if t in self._memo:
                 labels[j], sims[j] = self._memo[t]
         return labels, sims
+
+    def _label_features(self, feats: np.ndarray, joint: Optional[np.ndarray]
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+        """(labels, cosine similarities to the prototypes) of features: a centroid file labels by
+        its nearest centroid, a stage 1 by its fitted model."""
+        nearest, sims = assign_nearest(feats, self.centroids)
+        if self._by_centroid:
+            return nearest, sims
+        joint = joint if self.stage1_model.needs_cluster_features else None
+        return label_stage1(self.stage1_model, feats, joint)[0], sims
 
     def _labels_sha(self) -> str:
         """What produced the labels: the stage-1 file, the centroids, or the anchors and the
