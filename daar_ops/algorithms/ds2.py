@@ -42,7 +42,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from daar_ops.algorithms.knn import KNN_INDEXES, knn_cosine, l2_normalize
-from daar_ops.core import budget
+from daar_ops.core import budget, is_number
 
 # a sample and its 2 nearest neighbours: the fewest rows HOC (and so curation) can use
 MIN_SAMPLES = 3
@@ -107,11 +107,11 @@ class DS2Config:
                 raise bad(name, f"an integer >= {low}")
 
 
-        if not (_finite(self.score_low) and _finite(self.score_high)
+        if not (is_number(self.score_low) and is_number(self.score_high)
                 and self.score_high > self.score_low):
             raise ValueError(f"DS2Config.score_low / score_high must be finite with score_low < "
                              f"score_high, got {self.score_low!r}, {self.score_high!r}")
-        if self.missing_score is not None and not _finite(self.missing_score):
+        if self.missing_score is not None and not is_number(self.missing_score):
             raise bad("missing_score", "a finite number or None")
         for name, low in (("num_classes", 2), ("k", 2), ("hoc_steps", 1),
                           ("detection_rounds", 1), ("block_size", 1), ("seed", 0)):
@@ -123,11 +123,11 @@ class DS2Config:
                 budget(0, ratio=self.select_ratio, num=self.select_num)
             except ValueError as err:
                 raise ValueError(f"DS2Config.select_ratio / select_num: {err}") from None
-        if not (_finite(self.hoc_lr) and self.hoc_lr > 0):
+        if not (is_number(self.hoc_lr) and self.hoc_lr > 0):
             raise bad("hoc_lr", "a finite number > 0")
-        if not (_finite(self.subset_fraction) and 0.0 < self.subset_fraction <= 1.0):
+        if not (is_number(self.subset_fraction) and 0.0 < self.subset_fraction <= 1.0):
             raise bad("subset_fraction", "in (0, 1]")
-        if not (_finite(self.confidence_threshold) and 0.0 <= self.confidence_threshold <= 1.0):
+        if not (is_number(self.confidence_threshold) and 0.0 <= self.confidence_threshold <= 1.0):
             raise bad("confidence_threshold", "in [0, 1]")
         if self.knn_index not in KNN_INDEXES:
             raise bad("knn_index", f"one of {KNN_INDEXES}")
@@ -146,11 +146,6 @@ class DS2Config:
 
 _INTEGER_FIELDS = ("num_classes", "select_num", "k", "k_pool", "hoc_steps", "detection_rounds",
                    "seed", "block_size")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from daar_ops.algorithms.centroids import unit_rows
 from daar_ops.models import DEFAULT_LAYER, MINILM
 
 METHODS = ("fixed", "kmeans", "cluster")
@@ -188,12 +189,6 @@ class Stage1Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    x = np.where(np.isfinite(x), x, 0.0)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def prototypes(anchor_features: np.ndarray, anchor_labels: np.ndarray, n_domains: int,
