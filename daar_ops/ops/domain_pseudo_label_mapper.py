@@ -556,18 +556,18 @@ class DomainStage1Fit(WholeDatasetOp):
                                    batch_size=labeller.batch_size)
 
     def _ray_texts(self, dataset) -> List[str]:
-        """The rendered text of every row, in the input order (as the default executor sees it:
-        k-means' initialisation depends on the row order), read on the driver."""
-        dataset.context.execution_options.preserve_order = True
+        """The rendered text of every row in the input order (as the default executor sees it:
+        k-means' initialisation depends on the row order), gathered to the driver as the
+        selectors gather their fields (:mod:`daar_ops.ops._ray`: row ids, only these columns)."""
+        from daar_ops.ops._ray import gather, with_row_ids
+
         template = self.inner.template
         columns = [c for c in dict.fromkeys(f.split(".")[0] for f in template.fields)
                    if c in dataset.columns()]
-        texts: List[str] = []
-        for batch in dataset.select_columns(columns).iter_batches(batch_format="pyarrow",
-                                                                  batch_size=4096):
-            data = batch.to_pydict()
-            texts.extend(render_rows(template, data, range(batch.num_rows), OP_NAME))
-        return texts
-
+        numbered = with_row_ids(dataset)
+        if numbered is None:
+            return []
+        table = gather(numbered, columns)
+        return render_rows(template, table.to_pydict(), range(table.num_rows), OP_NAME)
 
 DomainPseudoLabelMapper.whole_dataset_op = DomainStage1Fit
