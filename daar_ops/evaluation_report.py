@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from daar_ops.algorithms.downstream_stats import PENDING, paired_comparison
-from daar_ops.evaluation import (BASE, CONTROL_NAMES, CONTROLS, DEFAULT_METHODS, FULL, RANDOM,
-                                 SINGLE_DOMAIN, write_json_atomic)
+from daar_ops.evaluation import (ALL_SEEDS, BASE, CONTROL_NAMES, CONTROLS, DEFAULT_METHODS, FULL,
+                                 MIX_FILE, RANDOM, SINGLE_DOMAIN, write_json_atomic)
 
 METRICS = {"answer": ("nll", "tokens"), "final": ("final_nll", "final_tokens")}
 
@@ -126,26 +126,66 @@ def control_outcome(pid: str, comp: Mapping[str, Any] | None, min_seeds: int = 3
             **numbers}
 
 
+def selected_mix(mix: Mapping[str, Mapping[str, Mapping[str, int]]] | None, method: str,
+                 seeds: Sequence[int], domains: Sequence[str] = ()) -> dict[str, float] | None:
+    """The ground-truth domain counts of ``method``'s selection (``selections/domains.json``,
+    written by :func:`daar_ops.evaluation.prepare_comparison`), averaged over the draws of
+    ``seeds`` for a per-seed selection, 0 for each of ``domains`` it has none of; None when not
+    recorded."""
+    by_draw = (mix or {}).get(method)
+    if not by_draw:
+        return None
+    draws = ([by_draw[ALL_SEEDS]] if ALL_SEEDS in by_draw
+             else [by_draw[str(s)] for s in seeds if str(s) in by_draw])
+    if not draws:
+        return None
+    names = sorted({*domains, *(d for draw in draws for d in draw)})
+    return {d: float(np.mean([draw.get(d, 0) for draw in draws])) for d in names}
+
+
+def format_mix(counts: Mapping[str, float] | None) -> str:
+    """``"41/53/56/50"``: the counts in sorted domain order ("-" when not recorded)."""
+    if not counts:
+        return "-"
+    return "/".join(f"{counts[d]:.0f}" if float(counts[d]).is_integer() else f"{counts[d]:.1f}"
+                    for d in sorted(counts))
+
+
+def load_mix(results_dir: str | Path) -> dict[str, Any] | None:
+    """``selections/domains.json`` under ``results_dir`` (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(results_dir) / "selections" / MIX_FILE).read_text())["mix"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def build_report(runs: Sequence[Mapping[str, Any]], methods: Sequence[str] = DEFAULT_METHODS,
-                 n_boot: int = 2000) -> dict[str, Any]:
-    """Controls P0-P3, every method (and ``full``) vs random, per domain, both metrics."""
+                 n_boot: int = 2000,
+                 mix: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None
+                 ) -> dict[str, Any]:
+    """Controls P0-P3, every method (and ``full``) vs random, per domain, both metrics; with
+    ``mix`` (:func:`load_mix`) the ground-truth domain counts of each selection."""
     key = main_config(runs)
     chosen = [r for r in runs if r.get("config_key") == key]
     runs_by: dict[str, dict[Any, Mapping[str, Any]]] = {}
     for r in chosen:
         runs_by.setdefault(r["method"], {})[r["seed"]] = r
+    domains = sorted(chosen[0]["losses"]) if chosen else []
     controls = {}
     for pid, (method, reference, what) in CONTROLS.items():
         comp = compare(runs_by, method, reference, "answer", n_boot)
         controls[pid] = {**control_outcome(pid, comp), "what": what, "method": method,
                          "reference": reference,
+                         "mix": selected_mix(mix, method, sorted(
+                             s for s in runs_by.get(method, {}) if s is not None), domains),
                          "final": (compare(runs_by, method, reference, "final", n_boot) or {}
                                    ).get("average")}
     rows = []
     for method in [m for m in [*methods, FULL] if m in runs_by]:
         seeds = sorted(s for s in runs_by[method] if s is not None)
         row: dict[str, Any] = {"method": method, "seeds": seeds,
-                               "n_selected": runs_by[method][seeds[0]]["n_selected"]}
+                               "n_selected": runs_by[method][seeds[0]]["n_selected"],
+                               "mix": selected_mix(mix, method, seeds, domains)}
         for d in sorted(runs_by[method][seeds[0]]["losses"]):
             row[d] = float(np.mean([runs_by[method][s]["losses"][d]["loss"] for s in seeds]))
             row[f"{d}_final"] = float(np.mean([runs_by[method][s]["losses"][d]["final_loss"]
@@ -168,7 +208,7 @@ def build_report(runs: Sequence[Mapping[str, Any]], methods: Sequence[str] = DEF
             "resolved": chosen[0].get("resolved") if chosen else None,
             "base": ({"avg_loss": base["avg_loss"], "avg_final_loss": base.get("avg_final_loss"),
                       **{d: v["loss"] for d, v in base["losses"].items()}} if base else None),
-            "controls": controls, "rows": rows,
+            "domains": domains, "controls": controls, "rows": rows,
             "mde": float(np.median(mdes)) if mdes else None,
             "best_method": best["method"] if best else None}
 
@@ -200,15 +240,16 @@ def result_line(report: Mapping[str, Any]) -> str:
 
 
 def format_controls(report: Mapping[str, Any]) -> str:
-    lines = ["| control | what must hold | seeds | delta avg (answer tokens) | 95% CI | MDE | "
-             "verdict | per domain (delta, Holm p) | final-answer delta | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    mix = " / ".join(report.get("domains", []))
+    lines = [f"| control | what must hold | selected ({mix}) | seeds | delta avg (answer tokens) | "
+             "95% CI | MDE | verdict | per domain (delta, Holm p) | final-answer delta | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for pid, c in report["controls"].items():
         dom = "; ".join(f"{d} {_f(e['delta'], sign=True)} (p {_f(e['p_holm'], 3)}, "
                         f"{e['verdict']})" for d, e in c.get("domains", {}).items()) or "-"
         fin = c.get("final") or {}
         lines.append(
-            f"| {pid} | {c['what']} | {c['seeds']} | {_f(c.get('delta'), sign=True)} | "
+            f"| {pid} | {c['what']} | {format_mix(c.get('mix'))} | {c['seeds']} | {_f(c.get('delta'), sign=True)} | "
             f"± {_f(c.get('ci95'))} | {_f(c.get('mde'))} | {c.get('verdict', PENDING)} | {dom} | "
             f"{_f(fin.get('delta'), sign=True)} ± {_f(fin.get('ci95'))} | {c['status']} |")
     return "\n".join(lines) + "\n"
@@ -218,17 +259,18 @@ def format_methods(report: Mapping[str, Any]) -> str:
     rows = report["rows"]
     if not rows:
         return "(no method has a finished run yet)\n"
-    domains = sorted(k for k in rows[0] if k not in ("method", "seeds", "n_selected", "avg_loss",
-                                                    "avg_final_loss", "vs_random",
+    domains = sorted(k for k in rows[0] if k not in ("method", "seeds", "n_selected", "mix",
+                                                    "avg_loss", "avg_final_loss", "vs_random",
                                                     "vs_random_final") and
                      not k.endswith("_final"))
-    head = (["method", "n", "seeds"] + domains + ["avg loss", "avg final-answer loss",
+    head = (["method", "n", f"selected ({' / '.join(domains)})", "seeds"] + domains + ["avg loss", "avg final-answer loss",
                                                   "delta vs random (95% CI)", "MDE", "verdict",
                                                   "final-answer delta (95% CI)",
                                                   "per-domain deltas (Holm verdict)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["n_selected"]), str(len(r["seeds"]))]
+        cells = [r["method"], str(r["n_selected"]), format_mix(r.get("mix")),
+                 str(len(r["seeds"]))]
         cells += [_f(r[d]) for d in domains]
         cells += [_f(r["avg_loss"]), _f(r["avg_final_loss"])]
         comp, fin = r.get("vs_random"), r.get("vs_random_final")
@@ -284,7 +326,7 @@ def write_report(results_dir: str | Path, methods: Sequence[str] = DEFAULT_METHO
                  n_boot: int = 2000) -> dict[str, Any]:
     """report.json, table.md, summary.md and deltas.png under ``results_dir`` from its runs."""
     results_dir = Path(results_dir)
-    report = build_report(load_runs(results_dir), methods, n_boot)
+    report = build_report(load_runs(results_dir), methods, n_boot, load_mix(results_dir))
     report["result_line"] = result_line(report)
     write_json_atomic(results_dir / "report.json", report)
     controls, table = format_controls(report), format_methods(report)

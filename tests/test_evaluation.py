@@ -380,3 +380,37 @@ def test_comparison_inputs_of_a_fixed_pool_are_pinned(tmp_path):
         "coding": "ab1d8de89e11d63c", "common_sense": "db32a30c4bfc20bd",
         "mathematics": "919c211994cd6a28", "reasoning": "5aacf0c9b29436c7"}
     assert len(c.held_hashes) == 21
+
+
+def test_selection_mix_is_recorded_merged_and_reported(tmp_path):
+    """prepare_comparison records each selection's ground-truth domain counts beside the cached
+    selections (merged over calls, per seed for random); the report shows them per row."""
+    from daar_ops import evaluation_report as er
+
+    pool = write_tiny_pool(tmp_path / "pool.jsonl", per_domain=40)
+    results = tmp_path / "results"
+    common = dict(pool=pool, n=100, ratio=0.2, held_out_fraction=0.1, eval_per_domain=3,
+                  progress=False, results_dir=results)
+    ev.prepare_comparison(tmp_path / "c", methods=["random"], seeds=(0,), controls=True, **common)
+    c = ev.prepare_comparison(tmp_path / "c", methods=["random"], seeds=(1,), **common)
+    mix = json.loads((results / "selections" / ev.MIX_FILE).read_text())["mix"]
+    assert set(mix["random"]) == {"0", "1"}  # the second call added seed 1, kept seed 0
+    assert mix["ctl_mathematics"] == {ev.ALL_SEEDS: {"mathematics": 20}}
+    assert sum(mix["ctl_skew"][ev.ALL_SEEDS].values()) == 20
+    assert mix["random"]["1"] == c.context["selection_domains"]["random"]
+    assert sum(mix["random"]["1"].values()) == 20
+    loaded = er.load_mix(results)
+    avg = er.selected_mix(loaded, "random", [0, 1])
+    assert sum(avg.values()) == pytest.approx(20)
+    assert er.selected_mix(loaded, "random", [5]) is None and er.selected_mix(None, "x", [0]) is None
+    assert er.format_mix({"b": 3.0, "a": 1.5}) == "1.5/3" and er.format_mix(None) == "-"
+    rng = np.random.default_rng(0)
+    for s in (0, 1):
+        for method in ("random", "ctl_mathematics"):
+            path = results / "runs" / method / f"seed-{s}" / "result.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_fake_run(method, s, {}, rng)))
+    er.write_report(results, n_boot=50)
+    table = (results / "table.md").read_text()
+    assert "| random | 10 | " + er.format_mix(avg) + " | 2 |" in table
+    assert "| 0/0/20/0 |" in table  # P2's mathematics-only selection in the controls table

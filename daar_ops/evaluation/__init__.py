@@ -29,8 +29,9 @@ module per step (every public name is importable from ``daar_ops.evaluation``):
 
 from daar_ops.evaluation.benchmarks import (CODE_TASKS, PAPER_BENCHMARKS, evaluate_benchmarks,
                                             lm_eval_model_args, parse_tasks, run_lm_eval)
-from daar_ops.evaluation.comparison import (DEFAULT_METHODS, RECIPE_METHODS, RECIPES, Comparison,
-                                            ensure_daar_checkpoint, prepare_comparison)
+from daar_ops.evaluation.comparison import (ALL_SEEDS, DEFAULT_METHODS, MIX_FILE, RECIPE_METHODS,
+                                            RECIPES, Comparison, ensure_daar_checkpoint,
+                                            prepare_comparison, selection_mix)
 from daar_ops.evaluation.controls import (CONTROL_DOUBLE, CONTROL_NAMES, CONTROL_RANDOM,
                                           CONTROL_SINGLE, CONTROL_SKEW, CONTROLS, SINGLE_DOMAIN,
                                           SKEW_DOMAIN, SKEW_SHARE, control_selections)
@@ -52,7 +53,7 @@ from daar_ops.evaluation.summary import (format_table, plot_losses, summarize, t
                                          write_outputs)
 
 __all__ = [
-    "BASE", "BF16_MODES", "CODE_TASKS", "CONTROLS", "CONTROL_DOUBLE", "CONTROL_NAMES",
+    "ALL_SEEDS", "MIX_FILE", "selection_mix", "BASE", "BF16_MODES", "CODE_TASKS", "CONTROLS", "CONTROL_DOUBLE", "CONTROL_NAMES",
     "CONTROL_RANDOM", "CONTROL_SINGLE", "CONTROL_SKEW", "Comparison", "DEFAULT_METHODS",
     "FINETUNE_MODES", "FULL", "FULL_FINETUNE_MAX_PARAMS", "FineTuneResult", "PAPER_BENCHMARKS",
     "RANDOM", "RECIPES", "RECIPE_METHODS", "SINGLE_DOMAIN", "SKEW_DOMAIN", "SKEW_SHARE",

@@ -23,6 +23,8 @@ from daar_ops.models import SMOLLM2
 
 # name -> recipe, relative to the recipes shipped in the package (daar_ops/recipes, package data);
 # "random" is sampled here, seeded per seed.
+MIX_FILE = "domains.json"  # under the selections cache: the ground-truth mix of each selection
+ALL_SEEDS = "*"  # the mix key of a selection that is the same for every seed
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_METHODS = {
     "instruction_length": "baselines/instruction_length.yaml",
@@ -163,12 +165,16 @@ def prepare_comparison(out_dir: str | Path, pool: str | Path | None = None, n: i
         for name, chosen in control_selections(sl.records, truth, sl.k, control_seed).items():
             selections[name] = chosen
             statuses[name] = "ok (control)"
+    mix = selection_mix(selections, truth, seeds)
+    if cache_dir is not None:
+        _write_mix(cache_dir / MIX_FILE, sl.digest, mix)
     context = {"pool": str(pool), "slice": f"{len(sl.records)} records (seed {slice_seed})",
                "slice_path": str(sl.path),
                "budget": f"{ratio:.0%} = {sl.k} records", "held_out_fraction": held_out_fraction,
                "eval_records": {d: len(r) for d, r in eval_sets.items()},
                "methods": statuses,
-               "selection_domains": _composition(selections, truth, seeds[0]), "model": model}
+               "selection_domains": {name: by_draw.get(str(seeds[0]), by_draw.get(ALL_SEEDS))
+                                     for name, by_draw in mix.items()}, "model": model}
     return Comparison(selections, eval_sets, held_hashes, context)
 
 
@@ -224,17 +230,40 @@ def _select(name: str, sl: _Slice, seeds: Sequence[int], recipes: _Recipes,
     return status, chosen
 
 
-def _composition(selections: Mapping[str, Selection], truth: Mapping[str, str],
-                 seed: int) -> dict[str, dict[str, int]]:
-    """Per selection (its draw for ``seed``): how many records of each ground-truth domain."""
-    composition = {}
+def selection_mix(selections: Mapping[str, Selection], truth: Mapping[str, str],
+                  seeds: Sequence[int]) -> dict[str, dict[str, dict[str, int]]]:
+    """Evaluation only: per selection, how many records of each ground-truth domain it holds,
+    keyed by seed for a per-seed draw (``random``) and by :data:`ALL_SEEDS` for a fixed one."""
+    mix: dict[str, dict[str, dict[str, int]]] = {}
     for name, sel in selections.items():
-        counts: dict[str, int] = {}
-        for rec in selection_for_seed(sel, seed):
-            key = truth.get(text_hash(rec), "unknown")
-            counts[key] = counts.get(key, 0) + 1
-        composition[name] = dict(sorted(counts.items()))
-    return composition
+        draws = ({str(s): sel[s] for s in seeds if s in sel} if isinstance(sel, Mapping)
+                 else {ALL_SEEDS: sel})
+        mix[name] = {}
+        for key, records in draws.items():
+            counts: dict[str, int] = {}
+            for rec in records:
+                domain = truth.get(text_hash(rec), "unknown")
+                counts[domain] = counts.get(domain, 0) + 1
+            mix[name][key] = dict(sorted(counts.items()))
+    return mix
+
+
+def _write_mix(path: Path, slice_digest: str,
+               mix: Mapping[str, Mapping[str, Mapping[str, int]]]) -> None:
+    """Merge ``mix`` into ``path`` (``selections/domains.json``, read by the report); a file of
+    another slice is replaced."""
+    payload: dict[str, Any] = {"slice": slice_digest, "mix": {}}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("slice") == slice_digest:
+            payload["mix"] = old.get("mix", {})
+    for name, by_draw in mix.items():
+        payload["mix"][name] = {**payload["mix"].get(name, {}), **by_draw}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, payload)
 
 
 def _read_cached_selection(cache_dir: Path | None, name: str,
