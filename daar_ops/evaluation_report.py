@@ -86,6 +86,37 @@ def compare(runs_by: Mapping[str, Mapping[Any, Mapping[str, Any]]], method: str,
             "domains": {d: e.to_dict() for d, e in out["domains"].items()}}
 
 
+def pairwise(runs_by: Mapping[str, Mapping[Any, Mapping[str, Any]]], methods: Sequence[str],
+             n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Every pair of ``methods`` compared directly (paired by seed, average answer-token loss):
+    ``delta`` = the later method's loss minus the earlier one's. Two fixed selections pair
+    without random's draw-to-draw noise, so a pair can be told apart where each one's delta
+    against random is not."""
+    out = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            comp = compare(runs_by, b, a, "answer", n_boot)
+            if comp is not None:
+                out.append({"method": b, "reference": a, "seeds": comp["seeds"],
+                            **{k: comp["average"][k] for k in ("delta", "ci95", "mde",
+                                                                 "verdict")}})
+    return out
+
+
+def format_pairs(report: Mapping[str, Any]) -> str:
+    """The pairwise comparisons as a table (row method minus column reference)."""
+    pairs = report.get("pairs") or []
+    if not pairs:
+        return "(no two methods share a seed yet)\n"
+    lines = ["| method | vs | seeds | delta avg | 95% CI | MDE | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in pairs:
+        lines.append(f"| {c['method']} | {c['reference']} | {len(c['seeds'])} | "
+                     f"{_f(c['delta'], sign=True)} | ± {_f(c['ci95'])} | {_f(c['mde'])} | "
+                     f"{c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _f(v: Any, digits: int = 4, sign: bool = False) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "nan"
@@ -199,6 +230,8 @@ def build_report(runs: Sequence[Mapping[str, Any]], methods: Sequence[str] = DEF
         rows.append(row)
     base = runs_by.get(BASE, {}).get(None)
     budget_rows = [r for r in rows if r["method"] != FULL]
+    pairs = pairwise(runs_by, [r["method"] for r in budget_rows if r["method"] != RANDOM],
+                     n_boot)  # each one vs random is the method table
     compared = [r for r in budget_rows if r.get("vs_random")]
     mdes = [r["vs_random"]["average"]["mde"] for r in compared
             if r["vs_random"]["average"]["mde"] is not None]
@@ -208,7 +241,7 @@ def build_report(runs: Sequence[Mapping[str, Any]], methods: Sequence[str] = DEF
             "resolved": chosen[0].get("resolved") if chosen else None,
             "base": ({"avg_loss": base["avg_loss"], "avg_final_loss": base.get("avg_final_loss"),
                       **{d: v["loss"] for d, v in base["losses"].items()}} if base else None),
-            "domains": domains, "controls": controls, "rows": rows,
+            "domains": domains, "controls": controls, "rows": rows, "pairs": pairs,
             "mde": float(np.median(mdes)) if mdes else None,
             "best_method": best["method"] if best else None}
 
@@ -346,6 +379,8 @@ def write_report(results_dir: str | Path, methods: Sequence[str] = DEFAULT_METHO
         f"- resolved: {report['resolved']}\n- settings: {report['settings']}\n"
         f"- untuned model: {base}\n\n## Positive controls\n\n{controls}\n"
         f"## Methods vs random\n\n{table}\n"
+        "## Methods against each other (row minus the method in `vs`)\n\n"
+        f"{format_pairs(report)}\n"
         + (f"![deltas]({chart.name})\n\n" if chart else "")
         + f"```\n{report['result_line']}\n```\n")
     return report

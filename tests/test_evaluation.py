@@ -414,3 +414,20 @@ def test_selection_mix_is_recorded_merged_and_reported(tmp_path):
     table = (results / "table.md").read_text()
     assert "| random | 10 | " + er.format_mix(avg) + " | 2 |" in table
     assert "| 0/0/20/0 |" in table  # P2's mathematics-only selection in the controls table
+
+
+def test_pairwise_compares_fixed_selections_directly():
+    from daar_ops import evaluation_report as er
+
+    rng = np.random.default_rng(1)
+    runs_by = {m: {s: _fake_run(m, s, shift, rng) for s in range(3)}
+               for m, shift in (("qdit", {}), ("daar", {"reasoning": 0.2}), ("ds2", {}))}
+    pairs = {(c["method"], c["reference"]): c for c in er.pairwise(runs_by, ["qdit", "daar",
+                                                                          "ds2"], n_boot=200)}
+    assert set(pairs) == {("daar", "qdit"), ("ds2", "qdit"), ("ds2", "daar")}
+    assert pairs[("daar", "qdit")]["delta"] == pytest.approx(0.05, abs=0.003)
+    assert pairs[("daar", "qdit")]["verdict"] == "higher"
+    assert pairs[("ds2", "daar")]["verdict"] == "lower"
+    assert pairs[("ds2", "qdit")]["verdict"] == "not detectable"
+    table = er.format_pairs({"pairs": list(pairs.values())})
+    assert "| daar | qdit | 3 | +0.05" in table and er.format_pairs({}).startswith("(no two")
