@@ -97,6 +97,23 @@ def test_selection_rule_combines_the_budget_with_thresholds_and_checks_quota_gro
     assert SelectionRule(domain_ratios={"a": 0.5}).uncovered_groups(["a", "b"]) == ["b"]
 
 
+def test_per_domain_keeps_the_ratio_inside_every_group_whatever_its_name():
+    scores = np.array([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.6])
+    groups = ["x", "x", "y", "y", "x", "y", "z", "z"]
+    rule = SelectionRule(select_ratio=0.5, per_domain=True)
+    assert rule.mode == "quota" and rule.uncovered_groups(groups) == []
+    # x: best 1 of 3 (0.9); y: best 1 of 3 (0.5); z: best 1 of 2 (0.8)
+    assert rule.mask(scores, groups).tolist() == [False, True, True, False, False, False, True,
+                                                  False]
+    assert SelectionRule(select_ratio=0.5).mask(scores, groups).sum() == 4  # global: best 4
+    listed = SelectionRule(select_ratio=0.5, per_domain=True, domain_ratios={"x": 1.0})
+    assert listed.mask(scores, groups)[[0, 1, 4]].all()  # x keeps its own ratio
+    with pytest.raises(ValueError, match="per_domain needs select_ratio"):
+        SelectionRule(per_domain=True)
+    with pytest.raises(ValueError, match="true or false"):
+        SelectionRule(select_ratio=0.5, per_domain="yes")
+
+
 # -- the operator ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -256,6 +273,8 @@ def test_op_is_picklable(checkpoint):
     (dict(domain_ratios={"poetry": 0.5}, select_ratio=0.1), "poetry"),
     (dict(domain_ratios={"coding": 0.5}), "lacks"),
     (dict(domain_ratios={"coding": 2.0}, select_ratio=0.1), r"\[0, 1\]"),
+    (dict(per_domain=True), "per_domain needs select_ratio"),
+    (dict(per_domain=True, select_num=3), "per_domain needs select_ratio"),
     (dict(min_score=float("nan")), "finite"),
     (dict(model_batch_size=0), "model_batch_size"),
     (dict(select_ratio=0.2, max_batch_tokens=0), "max_batch_tokens"),
@@ -284,7 +303,8 @@ def test_global_rules_build_a_selector_and_ranges_stay_a_filter(checkpoint):
     from daar_ops.ops.diversity_reward_filter import DiversityRewardSelector
 
     for kw in (dict(select_ratio=0.2), dict(select_num=3), dict(top_ratio=0.2), dict(top_k=3),
-               dict(domain_ratios={"coding": 0.5}, select_ratio=0.1)):
+               dict(domain_ratios={"coding": 0.5}, select_ratio=0.1),
+               dict(select_ratio=0.2, per_domain=True)):
         op = make_op(checkpoint, **kw)
         assert isinstance(op, DiversityRewardSelector) and not isinstance(op, Filter)
         assert op._name == "diversity_reward_filter"  # traced/logged under the recipe's name
@@ -293,13 +313,14 @@ def test_global_rules_build_a_selector_and_ranges_stay_a_filter(checkpoint):
     assert make_op(checkpoint, top_k=3).rule == make_op(checkpoint, select_num=3).rule
     ranged = make_op(checkpoint, min_score=0.3)
     assert isinstance(ranged, Filter) and not isinstance(ranged, Selector)
+    assert isinstance(make_op(checkpoint, min_score=0.3, per_domain=False), Filter)
     assert "ray" in ranged._supported_exec_modes  # thresholds work under Ray
     with pytest.raises(ValueError, match="reversed_range"):
         make_op(checkpoint, select_ratio=0.2, reversed_range=True)
 
 
 @pytest.mark.integration
-def test_dj_process_recipe_keeps_the_top_20_percent(checkpoint, tmp_path):
+def test_dj_process_recipe_keeps_the_top_20_percent_of_each_domain(checkpoint, tmp_path):
     rows = records(50, 4, label=False)
     data = tmp_path / "pool.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -313,13 +334,15 @@ def test_dj_process_recipe_keeps_the_top_20_percent(checkpoint, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     kept = [json.loads(line) for line in export.read_text().splitlines() if line.strip()]
-    assert len(kept) == 10  # floor(0.2 * 50)
     ids = [r["id"] for r in kept]
     assert ids == sorted(ids)
     scores = [r["__dj__stats__"][REWARD] for r in kept]
-    op_scores = np.array([s[REWARD] for s in stats_of(
-        make_op(checkpoint).run(dataset(rows)))])
-    expected = np.flatnonzero(top_mask(op_scores, select_ratio=0.2))
+    op_stats = stats_of(make_op(checkpoint).run(dataset(rows)))
+    op_scores = np.array([s[REWARD] for s in op_stats])
+    # the recipe's per_domain: true: floor(0.2 * n) of each predicted domain
+    expected = np.flatnonzero(quota_mask(op_scores, [s[DOMAIN] for s in op_stats], {},
+                                         default_ratio=0.2))
+    assert 0 < len(kept) <= 10
     assert ids == list(expected)
     assert scores == pytest.approx(list(op_scores[expected]), abs=1e-5)
 

@@ -67,7 +67,7 @@ def _config(tiny_llama, pool, syn, out, cache, **kw) -> SelectConfig:
 def test_select_pipeline_outputs_and_determinism(tiny_llama, small_pool, tmp_path):
     pool, syn = small_pool
     first = run_select(_config(tiny_llama, pool, syn, tmp_path / "a", tmp_path / "cache_a",
-                               workers=1))
+                               workers=1, per_domain=False))  # the paper's global top
     s = first.summary
     assert s["pool_records"] == 90 and s["malformed_lines"] == [91]
     assert s["probe_pool"] == 40 and s["selection_pool"] == 50 and s["selected"] == 12
@@ -163,7 +163,7 @@ def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
 
     pool, syn = small_pool
     cfg = _config(tiny_llama, pool, syn, tmp_path / "q", tmp_path / "cache")
-    cfg.per_domain = True
+    assert cfg.per_domain and SelectConfig(pool=str(pool)).per_domain  # the measured default
     run_select(cfg)
     scores = [r for _, r in read_jsonl(tmp_path / "q" / "scores.jsonl")]
     groups = Counter(r["daar_probe_domain"] for r in scores)
@@ -177,8 +177,9 @@ def test_per_domain_selection_keeps_the_ratio_inside_each_predicted_domain(
 
 def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_llama, small_pool,
                                                                          tmp_path):
-    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with select_ratio,
-    in dj-process's executor) on the pipeline's own artifacts reproduces the pipeline exactly."""
+    """The recipe path (domain_pseudo_label_mapper, then diversity_reward_filter with per-domain
+    quotas, in dj-process's executor) on the pipeline's own artifacts reproduces the pipeline
+    exactly."""
     import yaml
     from data_juicer.config import init_configs
     from data_juicer.core import DefaultExecutor
@@ -210,9 +211,10 @@ def test_pipeline_and_recipes_give_the_same_labels_rewards_and_selection(tiny_ll
         [r["__dj__meta__"]["daar_pseudo_domain"] for r in probe]
 
     pool_rows = [records[s["pool_index"]] for s in scores]
+    domains = json.loads((out / "checkpoint" / "manifest.json").read_text())["domains"]
     selected = run_recipe("select", pool_rows, [{"diversity_reward_filter": {
-        "checkpoint": str(out / "checkpoint"), "select_ratio": 0.25,
-        "cache_dir": str(tmp_path / "cache")}}])
+        "checkpoint": str(out / "checkpoint"), "domain_ratios": {d: 0.25 for d in domains},
+        "cache_dir": str(tmp_path / "cache")}}])  # select's default: per-domain quotas
     expected = [s for s in scores if s["selected"]]
     assert [r["instruction"] for r in selected] == \
         [records[s["pool_index"]]["instruction"] for s in expected]

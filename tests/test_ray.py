@@ -245,6 +245,7 @@ REWARD_RULES = {
     "select_num": dict(select_num=7),
     "select_num above N": dict(select_num=400),
     "quotas": dict(domain_ratios={"coding": 0.5, "math": 0.2}, select_ratio=0.1),
+    "per_domain": dict(select_ratio=0.3, per_domain=True),
     "select_ratio and min_score": dict(select_ratio=0.5, min_score=1.0),
 }
 

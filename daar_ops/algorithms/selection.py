@@ -102,6 +102,9 @@ class SelectionRule:
         >= 0; not together with ``select_ratio`` or ``domain_ratios``.
     :param domain_ratios: ``{group: fraction in [0, 1]}``: quota mode, the best fraction of each
         group's samples (DaaR's customized quotas; :func:`quota_mask`).
+    :param per_domain: quota mode with ``select_ratio`` for every group not in
+        ``domain_ratios`` (all of them when it is None): the best ``select_ratio`` inside each
+        group, whatever the groups are called (DaaR's quota selection with equal ratios).
     :param min_score, max_score: closed-interval thresholds (finite; min <= max) every kept
         sample also meets; a non-finite score never passes one.
     """
@@ -111,8 +114,13 @@ class SelectionRule:
     domain_ratios: Mapping[str, float] | None = None
     min_score: float | None = None
     max_score: float | None = None
+    per_domain: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.per_domain, bool):
+            raise ValueError(f"per_domain must be true or false, got {self.per_domain!r}")
+        if self.per_domain and self.select_ratio is None:
+            raise ValueError("per_domain needs select_ratio: the ratio kept inside each domain")
         if self.select_ratio is not None and not (is_number(self.select_ratio)
                                                   and 0.0 <= self.select_ratio <= 1.0):
             raise ValueError(f"select_ratio must be in [0, 1], got {self.select_ratio!r}")
@@ -140,7 +148,8 @@ class SelectionRule:
     @property
     def mode(self) -> str | None:
         """``quota``, ``ratio``, ``num``, or None (thresholds only, no global choice)."""
-        return ("quota" if self.domain_ratios else "ratio" if self.select_ratio is not None
+        return ("quota" if self.domain_ratios or self.per_domain
+                else "ratio" if self.select_ratio is not None
                 else "num" if self.select_num is not None else None)
 
     def unknown_groups(self, groups: Sequence[str]) -> list[str]:
@@ -160,7 +169,7 @@ class SelectionRule:
         keep = range_mask(scores, self.min_score, self.max_score)
         if self.mode == "quota":
             default = self.select_ratio if self.select_ratio is not None else 0.0
-            keep &= quota_mask(scores, groups, self.domain_ratios, default_ratio=default)
+            keep &= quota_mask(scores, groups, self.domain_ratios or {}, default_ratio=default)
         elif self.mode is not None:
             keep &= top_mask(scores, select_ratio=self.select_ratio, select_num=self.select_num)
         return keep

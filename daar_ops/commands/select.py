@@ -70,9 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  + (f"; with --quick: {getattr(quick, f.name)}"
                                     if getattr(quick, f.name) != default else "") + ")")
     parser.add_argument("--domains", default=None, help=_HELP["domains"])
-    parser.add_argument("--per-domain", action="store_true", default=None,
+    parser.add_argument("--per-domain", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the top --select-ratio within each predicted pseudo-domain "
-                             "(balanced quotas) instead of over the whole pool")
+                             "(the default: measured better downstream, docs/evaluation.md); "
+                             "--no-per-domain: over the whole pool (the paper's global top)")
     parser.add_argument("--no-descriptions", dest="descriptions", action="store_false",
                         default=None, help="stage 1 anchors are the synthetic samples only "
                                            "(the paper's), not also the domain descriptions")

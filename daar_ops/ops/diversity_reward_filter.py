@@ -40,19 +40,21 @@ SCORE_BATCH_SIZE = 256
 INVALID_REWARD = -1.0  # entropies are >= 0: marks a sample whose score could not be computed
 # top_ratio / top_k: the DaaR design card's names, documented aliases of select_ratio / select_num
 GLOBAL_PARAMS = ("select_ratio", "select_num", "domain_ratios", "top_ratio", "top_k")
+PER_DOMAIN = "per_domain"  # a global choice too, when true
 RANGE_MODIFIERS = ("reversed_range", "min_closed_interval", "max_closed_interval")
 
 
 def selection_rule(op_name: str, select_ratio: Optional[float], select_num: Optional[int],
                    top_ratio: Optional[float], top_k: Optional[int],
                    domain_ratios: Optional[Dict[str, float]], min_score: Optional[float],
-                   max_score: Optional[float]) -> SelectionRule:
+                   max_score: Optional[float], per_domain: bool = False) -> SelectionRule:
     """The op's :class:`SelectionRule` (aliases resolved); a ValueError names the op."""
     with op_errors(op_name):
         return SelectionRule(
             select_ratio=alias("select_ratio", select_ratio, "top_ratio", top_ratio),
             select_num=alias("select_num", select_num, "top_k", top_k),
-            domain_ratios=domain_ratios, min_score=min_score, max_score=max_score)
+            domain_ratios=domain_ratios, min_score=min_score, max_score=max_score,
+            per_domain=per_domain)
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -89,12 +91,14 @@ class DiversityRewardFilter(Filter):
     _batched_op = True
 
     def __new__(cls, *args, **kwargs):
-        if cls is DiversityRewardFilter and any(kwargs.get(k) is not None for k in GLOBAL_PARAMS):
+        if cls is DiversityRewardFilter and (any(kwargs.get(k) is not None for k in GLOBAL_PARAMS)
+                                             or kwargs.get(PER_DOMAIN)):
             modifiers = [k for k in RANGE_MODIFIERS if k in kwargs]
             if modifiers:
                 raise ValueError(f"{OP_NAME}: {modifiers} apply to the per-sample score range; "
                                  f"they cannot be combined with a global choice "
-                                 f"({', '.join(GLOBAL_PARAMS)}). Use {OP_NAME} for the range and "
+                                 f"({', '.join(GLOBAL_PARAMS + (PER_DOMAIN,))}). Use {OP_NAME} "
+                                 f"for the range and "
                                  f"{SELECTOR_NAME} after it for the global choice")
             selector = DiversityRewardSelector(*args, **kwargs)
             selector._name = OP_NAME  # traced, logged and checkpointed under the recipe's name
@@ -110,6 +114,7 @@ class DiversityRewardFilter(Filter):
         select_ratio: Ratio = None,
         select_num: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
+        per_domain: bool = False,
         dtype: str = FEATURE_DTYPE,
         model_batch_size: PositiveInt = 32,
         max_batch_tokens: PositiveInt = 2048,
@@ -135,6 +140,10 @@ class DiversityRewardFilter(Filter):
         :param select_num: global: keep the best select_num samples (all if N is smaller).
         :param domain_ratios: global: {pseudo-domain: fraction in [0, 1]}, the best fraction of
             the samples predicted as each domain (DaaR's customized quotas).
+        :param per_domain: global: with ``select_ratio``, keep that ratio inside each predicted
+            domain (equal quotas, whatever the checkpoint's domains are called) instead of over
+            the whole dataset; ``daar-ops select``'s default, measured better downstream than the
+            paper's global top (docs/evaluation.md).
         :param dtype: feature precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the
             device has it natively, else float32; the default is ``FEATURE_DTYPE``).
         :param model_batch_size: texts per forward pass of the extractor.
@@ -150,7 +159,7 @@ class DiversityRewardFilter(Filter):
         kwargs.setdefault("batch_size", SCORE_BATCH_SIZE)
         super().__init__(*args, **kwargs)
         rule = selection_rule(OP_NAME, select_ratio, select_num, top_ratio, top_k, domain_ratios,
-                              min_score, max_score)
+                              min_score, max_score, per_domain)
         if rule.mode is not None:
             raise ValueError(f"{OP_NAME}: global rules belong to {SELECTOR_NAME}")
         self.min_score, self.max_score = rule.min_score, rule.max_score
@@ -280,7 +289,10 @@ def reward_values(rewards: List[Any], domains: List[Any]) -> np.ndarray:
 class DiversityRewardSelector(StatsSelector):
     """DaaR's selection over the whole dataset by ``daar_diversity_reward``: the global budget
     (the paper keeps the top 20%: ``select_ratio: 0.2``), a number of samples, or
-    per-pseudo-domain quotas.
+    per-pseudo-domain quotas (``per_domain: true`` with ``select_ratio``, or ``domain_ratios``).
+    On SmolLM2 the global top 20% leaned to one pseudo-domain and tuned a detectably worse model
+    than the per-domain quotas (docs/evaluation.md), so the shipped DaaR recipes and
+    ``daar-ops select`` use ``per_domain: true``.
 
     With ``checkpoint`` it first scores the samples that lack (or carry stale) reward stats,
     exactly as ``diversity_reward_filter`` does (same stats, same feature cache); without it, it
@@ -303,6 +315,7 @@ class DiversityRewardSelector(StatsSelector):
         select_ratio: Ratio = None,
         select_num: NonNegativeInt = None,
         domain_ratios: Optional[Dict[str, float]] = None,
+        per_domain: bool = False,
         min_score: Optional[float] = None,
         max_score: Optional[float] = None,
         dtype: str = FEATURE_DTYPE,
@@ -326,6 +339,10 @@ class DiversityRewardSelector(StatsSelector):
         :param select_num: keep the best select_num samples (all if N is smaller).
         :param domain_ratios: {pseudo-domain: fraction in [0, 1]}: keep the best fraction of the
             samples predicted as each domain (DaaR's customized quotas).
+        :param per_domain: with ``select_ratio``, keep that ratio inside each predicted domain
+            (equal quotas, whatever the domains are called; the domains in ``domain_ratios`` keep
+            theirs) instead of over the whole dataset; ``daar-ops select``'s default, measured
+            better downstream than the paper's global top (docs/evaluation.md).
         :param min_score: also require reward >= min_score (closed interval).
         :param max_score: also require reward <= max_score (closed interval).
         :param dtype: feature extractor dtype when scoring.
@@ -342,7 +359,7 @@ class DiversityRewardSelector(StatsSelector):
         super().__init__(*args, **kwargs)
         name = self._name or SELECTOR_NAME
         self.rule = selection_rule(name, select_ratio, select_num, top_ratio, top_k,
-                                   domain_ratios, min_score, max_score)
+                                   domain_ratios, min_score, max_score, per_domain)
         if self.rule.mode is None:
             raise ValueError(f"{name}: give select_ratio, select_num or domain_ratios (or the "
                              f"aliases top_ratio / top_k); for a score range alone use {OP_NAME}")
