@@ -282,8 +282,9 @@ def format_controls(report: Mapping[str, Any]) -> str:
                         f"{e['verdict']})" for d, e in c.get("domains", {}).items()) or "-"
         fin = c.get("final") or {}
         lines.append(
-            f"| {pid} | {c['what']} | {format_mix(c.get('mix'))} | {c['seeds']} | {_f(c.get('delta'), sign=True)} | "
-            f"± {_f(c.get('ci95'))} | {_f(c.get('mde'))} | {c.get('verdict', PENDING)} | {dom} | "
+            f"| {pid} | {c['what']} | {format_mix(c.get('mix'))} | {c['seeds']} | "
+            f"{_f(c.get('delta'), sign=True)} | ± {_f(c.get('ci95'))} | {_f(c.get('mde'))} | "
+            f"{c.get('verdict', PENDING)} | {dom} | "
             f"{_f(fin.get('delta'), sign=True)} ± {_f(fin.get('ci95'))} | {c['status']} |")
     return "\n".join(lines) + "\n"
 
@@ -296,10 +297,9 @@ def format_methods(report: Mapping[str, Any]) -> str:
                                                     "avg_loss", "avg_final_loss", "vs_random",
                                                     "vs_random_final") and
                      not k.endswith("_final"))
-    head = (["method", "n", f"selected ({' / '.join(domains)})", "seeds"] + domains + ["avg loss", "avg final-answer loss",
-                                                  "delta vs random (95% CI)", "MDE", "verdict",
-                                                  "final-answer delta (95% CI)",
-                                                  "per-domain deltas (Holm verdict)"])
+    head = (["method", "n", f"selected ({' / '.join(domains)})", "seeds"] + domains
+            + ["avg loss", "avg final-answer loss", "delta vs random (95% CI)", "MDE", "verdict",
+               "final-answer delta (95% CI)", "per-domain deltas (Holm verdict)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], str(r["n_selected"]), format_mix(r.get("mix")),

@@ -402,7 +402,8 @@ def test_selection_mix_is_recorded_merged_and_reported(tmp_path):
     loaded = er.load_mix(results)
     avg = er.selected_mix(loaded, "random", [0, 1])
     assert sum(avg.values()) == pytest.approx(20)
-    assert er.selected_mix(loaded, "random", [5]) is None and er.selected_mix(None, "x", [0]) is None
+    assert er.selected_mix(loaded, "random", [5]) is None
+    assert er.selected_mix(None, "x", [0]) is None
     assert er.format_mix({"b": 3.0, "a": 1.5}) == "1.5/3" and er.format_mix(None) == "-"
     rng = np.random.default_rng(0)
     for s in (0, 1):

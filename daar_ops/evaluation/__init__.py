@@ -53,7 +53,8 @@ from daar_ops.evaluation.summary import (format_table, plot_losses, summarize, t
                                          write_outputs)
 
 __all__ = [
-    "ALL_SEEDS", "MIX_FILE", "selection_mix", "BASE", "BF16_MODES", "CODE_TASKS", "CONTROLS", "CONTROL_DOUBLE", "CONTROL_NAMES",
+    "ALL_SEEDS", "BASE", "BF16_MODES", "CODE_TASKS", "CONTROLS", "CONTROL_DOUBLE", "CONTROL_NAMES",
+    "MIX_FILE", "selection_mix",
     "CONTROL_RANDOM", "CONTROL_SINGLE", "CONTROL_SKEW", "Comparison", "DEFAULT_METHODS",
     "FINETUNE_MODES", "FULL", "FULL_FINETUNE_MAX_PARAMS", "FineTuneResult", "PAPER_BENCHMARKS",
     "RANDOM", "RECIPES", "RECIPE_METHODS", "SINGLE_DOMAIN", "SKEW_DOMAIN", "SKEW_SHARE",

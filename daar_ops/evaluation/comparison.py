@@ -21,10 +21,10 @@ from daar_ops.evaluation.split import (held_out_eval_sets, read_records, records
                                        split_held_out, text_hash, write_eval_sets)
 from daar_ops.models import SMOLLM2
 
-# name -> recipe, relative to the recipes shipped in the package (daar_ops/recipes, package data);
-# "random" is sampled here, seeded per seed.
 MIX_FILE = "domains.json"  # under the selections cache: the ground-truth mix of each selection
 ALL_SEEDS = "*"  # the mix key of a selection that is the same for every seed
+# name -> recipe, relative to the recipes shipped in the package (daar_ops/recipes, package data);
+# "random" is sampled here, seeded per seed.
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_METHODS = {
     "instruction_length": "baselines/instruction_length.yaml",
