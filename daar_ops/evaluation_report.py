@@ -293,10 +293,7 @@ def format_methods(report: Mapping[str, Any]) -> str:
     rows = report["rows"]
     if not rows:
         return "(no method has a finished run yet)\n"
-    domains = sorted(k for k in rows[0] if k not in ("method", "seeds", "n_selected", "mix",
-                                                    "avg_loss", "avg_final_loss", "vs_random",
-                                                    "vs_random_final") and
-                     not k.endswith("_final"))
+    domains = report["domains"]
     head = (["method", "n", f"selected ({' / '.join(domains)})", "seeds"] + domains
             + ["avg loss", "avg final-answer loss", "delta vs random (95% CI)", "MDE", "verdict",
                "final-answer delta (95% CI)", "per-domain deltas (Holm verdict)"])

@@ -91,7 +91,7 @@ class _Recipes:
 
     def select(self, name: str, sl: _Slice) -> tuple[str, list[dict[str, Any]] | None]:
         """(status, the selection without Data-Juicer's fields, or None when it failed)."""
-        overrides = self._daar_overrides(name, sl) if name.startswith("daar") else {}
+        overrides = self._daar_overrides(sl) if name.startswith("daar") else {}
         res = run_method(name, RECIPES / RECIPE_METHODS[name], sl.path, self.out_dir / "select",
                          self.ratio, len(sl.records), self.timeout, overrides, reuse=True)
         if res["status"] != "ok":
@@ -100,14 +100,12 @@ class _Recipes:
         return res["status"], [{k: v for k, v in r.items() if not k.startswith("__dj__")}
                                for r in read_records(res["export"])]
 
-    def _daar_overrides(self, name: str, sl: _Slice) -> dict[str, dict[str, Any]]:
+    def _daar_overrides(self, sl: _Slice) -> dict[str, dict[str, Any]]:
+        """The probe checkpoint of both DaaR recipes (their budget, global or per domain, is the
+        recipe's ``select_ratio``, which :func:`~daar_ops.compare_methods.derive_recipe` sets)."""
         ckpt = Path(self.daar_checkpoint) if self.daar_checkpoint else ensure_daar_checkpoint(
             sl.train_pool, self.out_dir, self.model, self.daar_probe_size, progress=self.progress)
-        params: dict[str, Any] = {"checkpoint": str(Path(ckpt).resolve())}
-        if name == "daar_per_domain":  # the same budget inside every predicted domain
-            domains = json.loads((Path(ckpt) / "manifest.json").read_text())["domains"]
-            params["domain_ratios"] = {d: self.ratio for d in domains}
-        return {"diversity_reward_filter": params}
+        return {"diversity_reward_filter": {"checkpoint": str(Path(ckpt).resolve())}}
 
 
 def prepare_comparison(out_dir: str | Path, pool: str | Path | None = None, n: int = 5000,

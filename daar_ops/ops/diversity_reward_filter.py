@@ -291,8 +291,9 @@ class DiversityRewardSelector(StatsSelector):
     (the paper keeps the top 20%: ``select_ratio: 0.2``), a number of samples, or
     per-pseudo-domain quotas (``per_domain: true`` with ``select_ratio``, or ``domain_ratios``).
     On SmolLM2 the global top 20% leaned to one pseudo-domain and tuned a detectably worse model
-    than the per-domain quotas (docs/evaluation.md), so the shipped DaaR recipes and
-    ``daar-ops select`` use ``per_domain: true``.
+    than the per-domain quotas (docs/evaluation.md), so ``daar-ops select`` and the recipes in
+    ``recipes/daar`` and ``recipes/ray`` use ``per_domain: true`` (the sandbox keeps the paper's
+    rule as ``process_daar.yaml`` beside it).
 
     With ``checkpoint`` it first scores the samples that lack (or carry stale) reward stats,
     exactly as ``diversity_reward_filter`` does (same stats, same feature cache); without it, it
